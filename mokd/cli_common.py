@@ -1,0 +1,44 @@
+"""Options shared by every command, so that `--data`, `--out`, `--device`, `--seed` mean one thing everywhere."""
+
+from __future__ import annotations
+
+import click
+
+from mokd.data import DataSpec, parse_data_spec
+
+
+def _set_debug(ctx: click.Context, _param, value: bool) -> bool:
+    if value:
+        ctx.meta["mokd.debug"] = True
+    return value
+
+
+debug_option = click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug, is_eager=True,
+                            help="Show full tracebacks instead of one-line error messages.")
+
+
+def data_options(f):
+    """--data SPEC and --class-list FILE, parsed into a `DataSpec` passed as `data`."""
+    f = click.option("--class-list", "class_list", type=click.Path(dir_okay=False), default=None,
+                     help="Text file of class folder names (one a line) selecting a subset, e.g. ImageNet-100.")(f)
+    f = click.option("--data", "data", default=None, metavar="SPEC",
+                     help="Data set: an ImageFolder root (ROOT/train, ROOT/val), 'digits' (embedded, default), "
+                          "'cifar10:PATH' or 'cifar100:PATH' (python archive folders).")(f)
+    return f
+
+
+def resolve_data(data: str | None, class_list: str | None) -> DataSpec:
+    return parse_data_spec(data, class_list)
+
+
+def out_option(default: str):
+    return click.option("--out", "out", type=click.Path(file_okay=False), default=default, show_default=True,
+                        help="Output folder.")
+
+
+device_option = click.option("--device", default="auto", show_default=True,
+                             help="cpu, cuda, cuda:N, or auto (CUDA when available).")
+seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+batch_size_option = click.option("--batch-size", "batch_size", type=click.IntRange(min=1), default=None,
+                                 help="Batch size (global across ranks).")
+epochs_option = click.option("--epochs", type=click.IntRange(min=1), default=None, help="Number of epochs.")

@@ -1,0 +1,92 @@
+"""timm backbones and the adapter that gives MOKD a global and a local view of their features.
+
+global feature: CNN -> the model's own pooled (pre-logits) output; ViT -> CLS token after the final norm.
+local features: CNN -> the final feature map as H*W tokens; ViT -> the patch tokens.
+The backbone module *is* the timm model, so its state dict is a plain timm state dict.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import timm
+import torch
+from torch import nn
+
+from mokd.errors import UserError
+
+
+def create_backbone(name: str, kwargs: dict | None = None, small_stem: bool = False) -> nn.Module:
+    """timm.create_model(name, num_classes=0, **kwargs), with an optional small-image stem for CNNs.
+
+    The small stem keeps every parameter (so the state dict stays a timm state dict) but removes the
+    stem's downsampling: the first convolution gets stride 1 and a stem max-pool is dropped. At 32 px a
+    ResNet then ends on a 4x4 map instead of 1x1, which the T-Head needs as local features.
+    """
+    kwargs = dict(kwargs or {})
+    if name not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
+        hint = f" Close timm names: {', '.join(close)}." if close else ""
+        raise UserError(f"unknown architecture {name!r}: not a timm model name.{hint}")
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    except TypeError as e:
+        raise UserError(f"timm model {name!r} does not accept the arguments {kwargs}: {e}") from e
+    if small_stem:
+        if is_vit(model):
+            raise UserError(f"small_stem applies to CNNs; for the ViT {name!r} set img_size and patch_size instead")
+        apply_small_stem(model)
+    return model
+
+
+def apply_small_stem(model: nn.Module) -> None:
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is None:
+        raise UserError(f"{type(model).__name__} has no convolution to turn into a small-image stem")
+    first_conv.stride = (1, 1)
+    if isinstance(getattr(model, "maxpool", None), nn.Module):
+        model.maxpool = nn.Identity()
+
+
+def is_vit(model: nn.Module) -> bool:
+    """Token models (timm VisionTransformer and relatives) have patch_embed and a token prefix."""
+    return hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
+
+
+def global_dim(model: nn.Module) -> int:
+    """Width of the global feature (pre-logits; e.g. 1280 for MobileNetV3-Large, not its 960-channel map)."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def local_dim(model: nn.Module) -> int:
+    return int(model.num_features)
+
+
+def encode(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, 3, H, W] -> (global [B, Cg], local [B, N, C]) for any timm CNN or ViT."""
+    feats = model.forward_features(x)
+    if is_vit(model):
+        local = feats[:, model.num_prefix_tokens:]
+    else:
+        local = feats.flatten(2).transpose(1, 2)
+    glob = model.forward_head(feats, pre_logits=True)
+    return glob, local
+
+
+def feature_grid(model: nn.Module, image_size: int) -> tuple[int, int]:
+    """Spatial grid (h, w) of the local features at a given input size, found by a dry run."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(torch.zeros(1, 3, image_size, image_size,
+                                                   device=next(model.parameters()).device))
+    model.train(was_training)
+    if is_vit(model):
+        return tuple(model.patch_embed.grid_size) if image_size == model.patch_embed.img_size[0] else \
+            _vit_grid(model, image_size)
+    return int(feats.shape[-2]), int(feats.shape[-1])
+
+
+def _vit_grid(model: nn.Module, image_size: int) -> tuple[int, int]:
+    p = model.patch_embed.patch_size
+    return image_size // p[0], image_size // p[1]

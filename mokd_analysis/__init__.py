@@ -1,0 +1,1 @@
+"""Analyses of trained checkpoints: mean attention distance, prediction consistency, t-SNE."""

@@ -1,0 +1,42 @@
+"""`mokd eval ...`, `mokd report`. Each protocol's command lives beside the protocol and is imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+EVAL_COMMANDS = {
+    "knn": ("mokd_eval.knn", "knn_cmd"),
+    "linear": ("mokd_eval.linear", "linear_cmd"),
+    "semisup": ("mokd_eval.finetune", "semisup_cmd"),
+    "cifar": ("mokd_eval.finetune", "cifar_cmd"),
+    "detection": ("mokd_eval.detection.cli", "detection_cmd"),
+}
+
+
+class LazyGroup(click.Group):
+    def __init__(self, *args, lazy: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx, name):
+        if name in self.lazy:
+            module, attr = self.lazy[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group("eval", cls=LazyGroup, lazy=EVAL_COMMANDS)
+def eval_cli():
+    """Evaluate a checkpoint (ours or third-party) with a standard protocol."""
+
+
+@click.command("report")
+@click.argument("directory", type=click.Path(file_okay=False))
+def report_cmd(directory):
+    """Render the result records in DIRECTORY as Markdown and CSV tables."""
+    raise click.ClickException("report: not built yet")
