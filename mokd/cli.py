@@ -75,7 +75,7 @@ def train(config_file, overrides, resume, data, class_list, out, epochs, batch_s
     cfg = load_config(config_file, overrides)
     cfg = apply_cli_flags(cfg, data=data, class_list=class_list, out=out, epochs=epochs, batch_size=batch_size,
                           device=device if device != "auto" else None, seed=seed)
-    run_training(cfg, resume=resume)
+    run_training(cfg, resume_run=resume)
 
 
 def main() -> None:

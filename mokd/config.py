@@ -24,6 +24,7 @@ class DataConfig:
     spec: str = "digits"  # see mokd.data: digits | PATH | cifar10:PATH | cifar100:PATH
     class_list: str | None = None  # subset of classes (e.g. ImageNet-100)
     num_workers: int = 8
+    subset: int = 0  # train on this many images only (a seeded pick; 0 = all): for smoke tests and dry runs
 
 
 @dataclass
@@ -44,7 +45,7 @@ class NetConfig:
     lam: float = 1.0  # lambda_i, weight of this model's cross-distillation terms
     optimizer: str = "auto"  # auto (SGD for CNNs, AdamW for ViTs) | sgd | adamw
     lr: float | None = None  # base lr at batch 256; None -> 0.1 for SGD, 0.0003 for AdamW (paper Supp. A.1)
-    min_lr: float | None = None  # final lr of the cosine; None -> 0.0048 x lr/0.1 for SGD, 1e-6 for AdamW (DINO)
+    min_lr: float | None = None  # final lr of the cosine; None -> 0.016 x lr for SGD (DINO R50: 0.3 -> 0.0048), 1e-6 for AdamW
     weight_decay: float | None = None  # None -> 1e-4 for SGD, 0.04 for AdamW
     weight_decay_end: float | None = None  # None -> 1e-4 for SGD (constant), 0.4 for AdamW (DINO cosine)
     clip_grad: float = 3.0  # 0 disables clipping

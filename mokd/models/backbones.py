@@ -32,6 +32,9 @@ def create_backbone(name: str, kwargs: dict | None = None, small_stem: bool = Fa
         model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     except TypeError as e:
         raise UserError(f"timm model {name!r} does not accept the arguments {kwargs}: {e}") from e
+    if is_vit(model) and getattr(model, "dynamic_img_size", True) is False and "dynamic_img_size" not in kwargs:
+        # Multi-crop feeds ViTs several resolutions: let timm interpolate the position embedding per input.
+        model = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
     if small_stem:
         if is_vit(model):
             raise UserError(f"small_stem applies to CNNs; for the ViT {name!r} set img_size and patch_size instead")

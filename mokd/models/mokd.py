@@ -1,0 +1,195 @@
+"""MOKDModel: two student branches, their EMA teachers, the centres, and every MOKD loss term.
+
+A branch = timm backbone + DINO MLP head + T-Head. Code about "model i and the other model j" is written
+once (`_terms_for`) and called for (net1, net2) and (net2, net1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mokd.config import Config
+from mokd.losses import Center, dino_cross_entropy, paired_cross_entropy, sharpen
+from mokd.models.backbones import create_backbone, encode, feature_grid, global_dim, is_vit, local_dim
+from mokd.models.heads import DINOHead, THead
+
+NETS = ("net1", "net2")
+N_GLOBAL = 2
+
+
+@dataclass
+class BranchOutput:
+    mlp: torch.Tensor  # [V*B, K]
+    thead: torch.Tensor | None  # [V*B, K]
+    glob: list[torch.Tensor]  # V x [B, Cg]
+    local: list[torch.Tensor]  # V x [B, N_v, C]
+    is_vit: bool
+
+    def query_feature(self, v: int) -> torch.Tensor:
+        """The pooled feature a T-Head query is made from: ViT CLS token, CNN mean of the final map. [B, C]"""
+        return self.glob[v] if self.is_vit else self.local[v].mean(dim=1)
+
+
+class Branch(nn.Module):
+    """backbone + mlp_head (+ thead). forward(crops) runs every crop, grouping equal resolutions."""
+
+    def __init__(self, backbone: nn.Module, cfg: Config, grid: tuple[int, int] | None, channels_last: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        h = cfg.head
+        self.mlp_head = DINOHead(global_dim(backbone), h.out_dim, h.hidden_dim, h.bottleneck_dim, h.use_bn,
+                                 h.norm_last_layer)
+        t = cfg.thead
+        self.thead = None if grid is None else THead(local_dim(backbone), h.out_dim, grid, t.dim, t.depth,
+                                                     t.num_heads, t.mlp_ratio, h.norm_last_layer)
+        self.is_vit = is_vit(backbone)
+        self.channels_last = channels_last and not self.is_vit
+
+    def forward(self, crops: list[torch.Tensor]) -> BranchOutput:
+        glob, local = [], []
+        for group in _resolution_groups(crops):
+            x = torch.cat(group)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            g, l = encode(self.backbone, x)
+            glob.extend(g.chunk(len(group)))
+            local.extend(l.chunk(len(group)))
+        mlp = self.mlp_head(torch.cat(glob))
+        thead = None
+        if self.thead is not None:
+            thead = torch.cat([self.thead(torch.cat(local[a:b])) for a, b in _group_bounds(local)])
+        return BranchOutput(mlp, thead, glob, local, self.is_vit)
+
+
+def _group_bounds(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Index ranges of consecutive tensors with equal shape[1:]."""
+    bounds, start = [], 0
+    for i in range(1, len(tensors) + 1):
+        if i == len(tensors) or tensors[i].shape[1:] != tensors[start].shape[1:]:
+            bounds.append((start, i))
+            start = i
+    return bounds
+
+
+def _resolution_groups(crops: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    return [crops[a:b] for a, b in _group_bounds(crops)]
+
+
+def teacher_kwargs(kwargs: dict) -> dict:
+    """Teachers are built without stochastic depth or dropout (their weights come from the EMA)."""
+    return {k: v for k, v in kwargs.items() if k not in ("drop_path_rate", "drop_rate", "proj_drop_rate",
+                                                         "attn_drop_rate")}
+
+
+class MOKDModel(nn.Module):
+    """student/teacher x net1/net2; forward(crops, teacher_temp) -> dict of named loss terms."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.mokd = cfg.loss.mode == "mokd"
+        self.use_thead = self.mokd and (cfg.loss.st or cfg.loss.ct)
+        self.lam = {n: getattr(cfg, n).lam for n in NETS}
+        students, teachers = {}, {}
+        for n in NETS:
+            nc = getattr(cfg, n)
+            backbone = create_backbone(nc.arch, nc.kwargs, nc.small_stem)
+            grid = feature_grid(backbone, cfg.augment.global_size) if self.use_thead else None
+            students[n] = Branch(backbone, cfg, grid, cfg.train.channels_last)
+            teacher_backbone = create_backbone(nc.arch, teacher_kwargs(nc.kwargs), nc.small_stem)
+            teachers[n] = Branch(teacher_backbone, cfg, grid, cfg.train.channels_last)
+            teachers[n].load_state_dict(students[n].state_dict())
+            for p in teachers[n].parameters():
+                p.requires_grad = False
+        self.student = nn.ModuleDict(students)
+        self.teacher = nn.ModuleDict(teachers)
+        k, m = cfg.head.out_dim, cfg.loss.center_momentum
+        self.centers = nn.ModuleDict({f"{n}_{h}": Center(k, m) for n in NETS
+                                      for h in (("mlp", "thead") if self.use_thead else ("mlp",))})
+        # DDP wrappers of the students, when distributed (a plain dict: not part of the state dict).
+        self.student_forward = {n: self.student[n] for n in NETS}
+
+    def arch(self) -> dict:
+        return {n: {"name": getattr(self.cfg, n).arch, "kwargs": dict(getattr(self.cfg, n).kwargs),
+                    "small_stem": getattr(self.cfg, n).small_stem} for n in NETS}
+
+    def forward(self, crops: list[torch.Tensor], teacher_temp: float) -> dict[str, torch.Tensor]:
+        """crops: 2 global views then local views, each [B, 3, S, S]. Returns sm1, st1, cm1, ct1, sm2, ...
+
+        Teacher outputs are detached; centres move after the terms are computed (DINO's order).
+        """
+        students = {n: self.student_forward[n](crops) for n in NETS}
+        with torch.no_grad():
+            teachers = {n: self.teacher[n](crops[:N_GLOBAL]) for n in NETS}
+            probs = {(n, "mlp"): sharpen(teachers[n].mlp, teacher_temp, self.centers[f"{n}_mlp"].center)
+                     for n in NETS}
+            if self.use_thead:
+                probs.update({(n, "thead"): sharpen(teachers[n].thead, teacher_temp,
+                                                    self.centers[f"{n}_thead"].center) for n in NETS})
+        losses = {}
+        for i, j in (("net1", "net2"), ("net2", "net1")):
+            losses.update(self._terms_for(i, j, students, teachers, probs, teacher_temp, len(crops)))
+        for n in NETS:
+            self.centers[f"{n}_mlp"].update(teachers[n].mlp)
+            if self.use_thead:
+                self.centers[f"{n}_thead"].update(teachers[n].thead)
+        return losses
+
+    def _terms_for(self, i: str, j: str, students: dict, teachers: dict, probs: dict, teacher_temp: float,
+                   n_views: int) -> dict[str, torch.Tensor]:
+        """The terms of model i: L_sm, L_st (own teacher), L_cm, L_ct (the other model j's teacher)."""
+        lc, idx = self.cfg.loss, i[-1]
+        s = students[i]
+
+        def ce(student_logits, teacher_probs):
+            return dino_cross_entropy(student_logits, teacher_probs, lc.student_temp, n_views, N_GLOBAL)
+
+        out = {f"sm{idx}": ce(s.mlp, probs[(i, "mlp")])}
+        if not self.mokd:
+            return out
+        if lc.st:
+            out[f"st{idx}"] = ce(s.thead, probs[(i, "thead")])
+        if lc.cm:
+            out[f"cm{idx}"] = ce(s.mlp, probs[(j, "mlp")])
+        if lc.ct:
+            out[f"ct{idx}"] = self._feature_search_loss(i, j, s, teachers[j], teacher_temp, n_views)
+        return out
+
+    def _feature_search_loss(self, i: str, j: str, s: BranchOutput, t: BranchOutput, teacher_temp: float,
+                             n_views: int) -> torch.Tensor:
+        """L_ct: student i's T-Head output on view v against teacher j's T-Head run on teacher j's local
+        features of a global view with student i's (detached) query for view v prepended.
+
+        ct_views=local (official code): v = each local crop, keys from global view 1.
+        ct_views=global (paper's Algorithm 1): v = each global view, keys from the other global view.
+        """
+        views = list(range(N_GLOBAL, n_views)) if self.cfg.loss.ct_views == "local" else list(range(N_GLOBAL))
+        key_views = [0] * len(views) if self.cfg.loss.ct_views == "local" else [1 - v for v in views]
+        with torch.no_grad():
+            query = self.student[i].thead.query(torch.cat([s.query_feature(v) for v in views]).detach())
+            keys = torch.cat([t.local[kv] for kv in key_views])
+            target = sharpen(self.teacher[j].thead(keys, query=query), teacher_temp)
+        student_logits = torch.cat(s.thead.chunk(n_views)[views[0]:views[-1] + 1])
+        return paired_cross_entropy(student_logits, target, self.cfg.loss.student_temp)
+
+    def total_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """L_i = (L_sm_i + L_st_i) + lambda_i (L_cm_i + L_ct_i), for i = 1, 2."""
+        out = {}
+        for n in NETS:
+            k = n[-1]
+            self_terms = sum(losses[f"{t}{k}"] for t in ("sm", "st") if f"{t}{k}" in losses)
+            cross_terms = [losses[f"{t}{k}"] for t in ("cm", "ct") if f"{t}{k}" in losses]
+            out[f"loss{k}"] = self_terms + (self.lam[n] * sum(cross_terms) if cross_terms else 0.0)
+        return out
+
+    @torch.no_grad()
+    def update_teachers(self, momentum: dict[str, float]) -> None:
+        """teacher <- m * teacher + (1 - m) * student, per model (whole branch: backbone and heads)."""
+        for n in NETS:
+            t_params = list(self.teacher[n].parameters())
+            s_params = [p.detach() for p in self.student[n].parameters()]
+            torch._foreach_mul_(t_params, momentum[n])
+            torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum[n])

@@ -1,0 +1,72 @@
+"""Per-model optimisers and their schedules: SGD for CNNs, AdamW for ViTs (paper Sec. 3.4, Supp. A.1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from mokd.config import NetConfig, OptimConfig
+from mokd.schedules import cosine_schedule
+
+# Paper Supp. A.1 (lr, weight decay), DINO's main_dino.py (min lr, AdamW weight-decay end value).
+OPTIMIZER_DEFAULTS = {
+    "sgd": {"lr": 0.1, "weight_decay": 1e-4, "weight_decay_end": 1e-4},
+    "adamw": {"lr": 0.0003, "weight_decay": 0.04, "weight_decay_end": 0.4, "min_lr": 1e-6},
+}
+
+
+def resolve_optimizer(net: NetConfig, vit: bool) -> dict:
+    """Fill the net's None fields from the optimiser's defaults; returns the resolved settings."""
+    kind = net.optimizer if net.optimizer != "auto" else ("adamw" if vit else "sgd")
+    d = OPTIMIZER_DEFAULTS[kind]
+    lr = net.lr if net.lr is not None else d["lr"]
+    min_lr = net.min_lr if net.min_lr is not None else d.get("min_lr", 0.016 * lr)
+    wd = net.weight_decay if net.weight_decay is not None else d["weight_decay"]
+    wd_end = net.weight_decay_end if net.weight_decay_end is not None else (
+        d["weight_decay_end"] if net.weight_decay is None else wd)
+    return {"optimizer": kind, "lr": lr, "min_lr": min_lr, "weight_decay": wd, "weight_decay_end": wd_end}
+
+
+def param_groups(module: nn.Module) -> list[dict]:
+    """Two groups: weights with decay; biases and norm parameters (ndim <= 1) without."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+
+def build_optimizer(module: nn.Module, settings: dict, optim: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(module)
+    if settings["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=optim.sgd_momentum)
+    return torch.optim.AdamW(groups, lr=0.0)
+
+
+@dataclass
+class Schedules:
+    lr: np.ndarray  # [total_steps]
+    wd: np.ndarray
+    momentum: np.ndarray  # teacher EMA momentum
+
+
+def build_schedules(settings: dict, net: NetConfig, optim: OptimConfig, steps_per_epoch: int) -> Schedules:
+    """lr: warm-up then cosine, base scaled by batch/256; wd: cosine; teacher momentum: cosine to 1."""
+    base_lr = settings["lr"] * optim.batch_size / 256.0
+    e, w = optim.epochs, min(optim.warmup_epochs, optim.epochs - 1) if optim.epochs > 1 else 0
+    return Schedules(
+        lr=cosine_schedule(base_lr, settings["min_lr"], e, steps_per_epoch, w),
+        wd=cosine_schedule(settings["weight_decay"], settings["weight_decay_end"], e, steps_per_epoch),
+        momentum=cosine_schedule(net.momentum_teacher, 1.0, e, steps_per_epoch),
+    )
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, sched: Schedules, step: int) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = float(sched.lr[step])
+        if g.get("apply_wd"):
+            g["weight_decay"] = float(sched.wd[step])

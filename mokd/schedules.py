@@ -1,0 +1,31 @@
+"""Schedules as arrays indexed by global step, so that resuming at any step is exact by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int, warmup_epochs: int = 0,
+                    warmup_start: float = 0.0) -> np.ndarray:
+    """Linear warm-up from warmup_start to base over warmup_epochs, then cosine from base to final.
+
+    Returns [epochs * steps_per_epoch] float64 values; value[0] = warmup_start (or base without warm-up),
+    and the last value approaches final.
+    """
+    warmup_steps = warmup_epochs * steps_per_epoch
+    warmup = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps > 0 else np.array([])
+    steps = epochs * steps_per_epoch - warmup_steps
+    t = np.arange(steps)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(steps, 1)))
+    out = np.concatenate([warmup, cosine])
+    assert len(out) == epochs * steps_per_epoch
+    return out
+
+
+def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int,
+                          steps_per_epoch: int) -> np.ndarray:
+    """DINO's teacher temperature: linear over epochs from warmup_temp to temp, then constant; per step."""
+    warmup_epochs = min(warmup_epochs, epochs)
+    per_epoch = np.concatenate([np.linspace(warmup_temp, temp, warmup_epochs) if warmup_epochs > 0 else [],
+                                np.full(epochs - warmup_epochs, temp)])
+    return np.repeat(per_epoch, steps_per_epoch)

@@ -1,0 +1,155 @@
+"""The trainer end to end on CPU: learning, exact resume, 2-process gloo == 1 process, the CLI, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import TINY_OVERRIDES
+from mokd import distributed
+from mokd.cli import cli
+from mokd.checkpoint import load_file
+from mokd.trainer import build_loader, build_state, train
+
+TIMING_KEYS = {"img_per_s", "peak_mem_mb"}
+
+
+def read_log(path):
+    return [{k: v for k, v in json.loads(ln).items() if k not in TIMING_KEYS} for ln in open(path)]
+
+
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss(tiny_cfg):
+    cfg = tiny_cfg("net1.lr=0.5", "net2.lr=0.005", "optim.warmup_epochs=0", "net1.momentum_teacher=0.9",
+                   "net2.momentum_teacher=0.9")
+    torch.manual_seed(0)
+    loader, _ = build_loader(cfg, distributed.DistInfo())
+    state = build_state(cfg, torch.device("cpu"), len(loader), distributed.DistInfo())
+    crops, _ = next(iter(loader))
+    model = state.model
+    history = []
+    for step in range(8):
+        losses = model(crops, 0.04)
+        totals = model.total_losses(losses)
+        history.append((totals["loss1"].item(), totals["loss2"].item()))
+        for n, opt in state.optimizers.items():
+            opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = 0.05 if n == "net1" else 0.002
+            opt.zero_grad()
+        (totals["loss1"] + totals["loss2"]).backward()
+        for opt in state.optimizers.values():
+            opt.step()
+        model.update_teachers({"net1": 0.9, "net2": 0.9})
+    assert history[-1][0] < history[0][0] and history[-1][1] < history[0][1], history
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch):
+    full = tiny_cfg(out=str(tmp_path / "full"))
+    train(full)
+    import mokd.trainer as trainer
+
+    real_check = trainer._check_finite
+
+    def crash_in_second_epoch(losses, step, epoch):
+        if step == 4:  # 3 steps per epoch: the middle of epoch 2, after some of its log lines were written
+            raise KeyboardInterrupt("simulated preemption")
+        real_check(losses, step, epoch)
+
+    cut = tiny_cfg(out=str(tmp_path / "cut"))
+    monkeypatch.setattr(trainer, "_check_finite", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(cut)
+    assert load_file(tmp_path / "cut" / "last.pth")["epoch"] == 1
+    monkeypatch.setattr(trainer, "_check_finite", real_check)
+    train(cut, resume_run=True)
+
+    a, b = load_file(tmp_path / "full" / "last.pth"), load_file(tmp_path / "cut" / "last.pth")
+    assert a["epoch"] == b["epoch"] == 2
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert read_log(tmp_path / "full" / "log.jsonl") == read_log(tmp_path / "cut" / "log.jsonl")
+
+
+def test_non_finite_loss_stops_with_the_term_and_step_and_keeps_the_last_checkpoint(tiny_cfg, monkeypatch):
+    import mokd.models.mokd as mokd_model
+
+    calls = {"n": 0}
+    real = mokd_model.paired_cross_entropy
+
+    def poisoned(*args):
+        calls["n"] += 1
+        out = real(*args)
+        return out * float("nan") if calls["n"] == 7 else out  # 2 calls a step (ct1, ct2); 3 steps an epoch
+
+    monkeypatch.setattr(mokd_model, "paired_cross_entropy", poisoned)
+    cfg = tiny_cfg()
+    with pytest.raises(Exception, match=r"non-finite loss ct1 at step 3 \(epoch 2\)"):
+        train(cfg)
+    ckpt = load_file(os.path.join(cfg.train.output_dir, "last.pth"))
+    assert ckpt["epoch"] == 1
+
+
+def tiny_cli_args(out):
+    args = []
+    for o in TINY_OVERRIDES:
+        args += ["--set", o]
+    return args + ["--out", str(out)]
+
+
+def test_cli_help_and_one_epoch(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["train", "--help"])
+    assert res.exit_code == 0 and "--resume" in res.output and "--set" in res.output
+    res = runner.invoke(cli, ["train", *tiny_cli_args(tmp_path / "r"), "--epochs", "1", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    ckpt = load_file(tmp_path / "r" / "last.pth")
+    assert {"format", "version", "epoch", "step", "config", "arch", "model", "optimizer", "scaler", "rng",
+            "metrics"} <= set(ckpt)
+    assert ckpt["format"] == "mokd" and ckpt["epoch"] == 1 and ckpt["config"]["train"]["seed"] == 3
+    assert ckpt["arch"]["net2"] == {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8},
+                                    "small_stem": False}
+    assert any(k.startswith("teacher.net1.backbone.") for k in ckpt["model"])
+    steps = [r for r in read_log(tmp_path / "r" / "log.jsonl") if r["type"] == "step"]
+    assert {"sm1", "st1", "cm1", "ct1", "sm2", "st2", "cm2", "ct2", "lr_net1", "momentum_net2",
+            "teacher_temp"} <= set(steps[0])
+    assert (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_bad_data_path_and_unknown_architecture(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["train", *tiny_cli_args(tmp_path / "r"), "--data", str(tmp_path / "nope")])
+    assert res.exit_code != 0
+    assert "does not exist" in res.output and "ROOT/train/<class>/<image>" in res.output
+    assert "Traceback" not in res.output
+    res = runner.invoke(cli, ["train", *tiny_cli_args(tmp_path / "r"), "--set", "net1.arch=resnet51"])
+    assert res.exit_code != 0 and "unknown architecture 'resnet51'" in res.output and "resnet50" in res.output
+    res = runner.invoke(cli, ["train", *tiny_cli_args(tmp_path / "r"), "--set", "optim.epoch=3"])
+    assert res.exit_code != 0 and "optim.epoch" in res.output and "epochs" in res.output
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    """torchrun with 2 CPU processes and the same global batch ends where 1 process does."""
+    common = [a for o in TINY_OVERRIDES for a in ("--set", o)] + [
+        "--set", "net1.arch=test_vit", "--set", "net1.kwargs={img_size: 32, patch_size: 8}",
+        "--set", "net1.small_stem=false", "--set", "data.subset=32", "--epochs", "1", "--device", "cpu",
+        # SGD: AdamW's first steps are sign-like, so float noise in near-zero gradients flips whole updates.
+        "--set", "net1.optimizer=sgd", "--set", "net2.optimizer=sgd"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    one = subprocess.run([sys.executable, "-m", "mokd", "train", *common, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "mokd", "train", *common, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = load_file(tmp_path / "one" / "last.pth"), load_file(tmp_path / "two" / "last.pth")
+    for k, v in a["model"].items():
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-5, rtol=1e-4), k
+    la, lb = read_log(tmp_path / "one" / "log.jsonl"), read_log(tmp_path / "two" / "log.jsonl")
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    for ra, rb in zip(la, lb):
+        for key in ("sm1", "ct2", "loss"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4)
