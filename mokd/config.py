@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -192,7 +193,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
                 raise ValueError(value)
             return dict(value)
     except (TypeError, ValueError) as e:
-        raise UserError(f"config key {path!r} expects {text.replace('typing.', '')}, got {value!r}") from e
+        name = getattr(hint, "__name__", text.replace("typing.", ""))
+        raise UserError(f"config key {path!r} expects {name}, got {value!r}") from e
     return value
 
 
@@ -215,6 +217,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value):
+        value = float(value)  # YAML 1.1 reads '1e-4' (no dot) as a string
     return key.strip(), value
 
 

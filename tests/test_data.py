@@ -1,0 +1,65 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mokd.augment import MultiCrop, SeededCrops
+from mokd.config import AugmentConfig
+from mokd.data import build_dataset, parse_data_spec
+from mokd.errors import UserError
+
+
+def test_digits_is_the_embedded_default():
+    spec = parse_data_spec(None)
+    train, val = build_dataset(spec, "train"), build_dataset(spec, "val")
+    assert (len(train), len(val), len(train.classes)) == (1437, 360, 10)
+    img, label = train[0]
+    assert img.size == (32, 32) and img.mode == "RGB" and 0 <= label < 10
+
+
+def test_image_folder_with_class_list_and_bad_layouts(tmp_path):
+    for split in ("train", "val"):
+        for c in ("n01", "n02", "n03"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / split / c / f"{c}_1.JPEG")
+    (tmp_path / "classes.txt").write_text("n03\nn01\n")
+    ds = build_dataset(parse_data_spec(str(tmp_path), tmp_path / "classes.txt"), "train")
+    assert ds.classes == ["n01", "n03"] and len(ds) == 2
+    with pytest.raises(UserError, match="ROOT/train/<class>/<image>"):
+        parse_data_spec(str(tmp_path / "missing"))
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(UserError, match="no class folders"):
+        build_dataset(parse_data_spec(str(tmp_path / "empty")), "train")
+
+
+def test_cifar10_archive_folder(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    train = build_dataset(parse_data_spec(f"cifar10:{tmp_path}"), "train")
+    val = build_dataset(parse_data_spec(f"cifar10:{folder}"), "val")
+    assert len(train) == 20 and len(val) == 4 and train.classes[3] == "c3" and train[0][0].size == (32, 32)
+    (folder / "test_batch").unlink()
+    with pytest.raises(UserError, match="missing test_batch"):
+        build_dataset(parse_data_spec(f"cifar10:{tmp_path}"), "val")
+
+
+def test_multicrop_shapes_and_per_sample_determinism():
+    cfg = AugmentConfig(global_size=32, local_size=16, local_crops=3, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4))
+    ds = SeededCrops(build_dataset(parse_data_spec("digits"), "train"), MultiCrop(cfg), seed=0)
+    crops, _ = ds[5]
+    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    torch.manual_seed(123)  # the global RNG neither matters nor moves
+    state = torch.get_rng_state()
+    again, _ = ds[5]
+    assert all(torch.equal(a, b) for a, b in zip(crops, again))
+    assert torch.equal(state, torch.get_rng_state())
+    ds.set_epoch(1)
+    assert not torch.equal(ds[5][0][0], crops[0])
