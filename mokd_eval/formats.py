@@ -135,7 +135,8 @@ def _extract_mokd(obj: dict, req: Request) -> list[Candidate]:
     out = []
     for net in [req.model] if req.model else nets:
         state, _ = split_prefix(sd, f"{branch}.{net}.backbone.")
-        ignored = [k for k in sd if k.startswith(f"{branch}.{net}.") and not k.startswith(f"{branch}.{net}.backbone.")]
+        own, _ = split_prefix(sd, f"{branch}.{net}.")
+        ignored = [k for k in own if not k.startswith("backbone.")]
         a = obj["arch"][net]
         arch = {"name": a["name"], "kwargs": dict(a.get("kwargs") or {}), "small_stem": bool(a.get("small_stem"))}
         out.append(Candidate(f"{net}-{branch}", state, ignored, arch, net, branch, image_size,

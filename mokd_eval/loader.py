@@ -52,6 +52,18 @@ class LoadReport:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def as_dict_brief(self, n: int = 10) -> dict:
+        """Counts, and the first `n` keys of each list (for result records)."""
+        out: dict = {"matched": self.matched, "total": self.total}
+        for name in ("missing", "mismatched", "unexpected", "ignored"):
+            keys = getattr(self, name)
+            out[name] = len(keys)
+            if keys and name != "ignored":
+                out[f"{name}_keys"] = keys[:n]
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
+
     def summary(self) -> str:
         parts = [f"matched {self.matched}/{self.total} backbone tensors",
                  f"missing {len(self.missing)}", f"shape-mismatched {len(self.mismatched)}",
