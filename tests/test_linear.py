@@ -1,0 +1,125 @@
+"""Linear probe: full protocol on a frozen tiny backbone, the one-pass lr grid, and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mokd.data import ImageDataset
+from mokd.models.backbones import create_backbone
+from mokd_eval.linear import (LinearSettings, bank_accuracy, fast_linear_probe, probe_dim, probe_features,
+                              stratified_holdout, train_linear_bank, train_linear_probe)
+from mokd_eval.supervised import train_transform, upscale_transform, warmup_cosine
+
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 220), (230, 230, 40)]
+
+
+def colour_set(n_per_class: int, seed: int, transform) -> ImageDataset:
+    """Solid-colour 32 px images with pixel noise, one colour per class: separable by any random backbone."""
+    rng = np.random.default_rng(seed)
+    images, targets = [], []
+    for c, rgb in enumerate(COLOURS):
+        for _ in range(n_per_class):
+            arr = np.clip(np.array(rgb)[None, None] + rng.normal(0, 12, (32, 32, 3)), 0, 255).astype(np.uint8)
+            images.append(Image.fromarray(arr))
+            targets.append(c)
+    return ImageDataset([str(c) for c in range(len(COLOURS))], targets, lambda i: images[i], transform)
+
+
+def blobs(n: int, dim: int, classes: int, seed: int, spread: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, dim, generator=g) * 2.5
+    y = torch.randint(0, classes, (n,), generator=g)
+    return centers[y] + spread * torch.randn(n, dim, generator=g), y
+
+
+def test_warmup_cosine_shape():
+    s = warmup_cosine(1.0, 100, 10)
+    assert s.shape == (100,)
+    assert s[0] == pytest.approx(0.1) and s[9] == pytest.approx(1.0) and s[10] == pytest.approx(1.0)
+    assert np.all(np.diff(s[10:]) <= 1e-12) and s[-1] < 0.01
+
+
+def test_vit_features_are_last_blocks_cls_tokens():
+    vit = create_backbone("test_vit", {"img_size": 32, "patch_size": 4}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    f = probe_features(vit, x, n_last_blocks=2, avgpool=True)
+    assert f.shape == (2, probe_dim(vit, 2, True)) == (2, 3 * vit.embed_dim)
+    # independent: run the blocks by hand
+    with torch.no_grad():
+        t = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        outs = []
+        for blk in vit.blocks:
+            t = blk(t)
+            outs.append(vit.norm(t))
+    expect = torch.cat([outs[-2][:, 0], outs[-1][:, 0], outs[-1][:, 1:].mean(1)], dim=-1)
+    torch.testing.assert_close(f, expect, atol=1e-5, rtol=1e-5)
+    # the last block's CLS after the norm is the model's own global feature
+    torch.testing.assert_close(probe_features(vit, x, 1), vit(x), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_probe_learns_separable_set():
+    backbone = create_backbone("test_vit", {"img_size": 32, "patch_size": 4})
+    train = colour_set(16, 0, train_transform(32))
+    val = colour_set(8, 1, upscale_transform(32))
+    settings = LinearSettings(epochs=3, batch_size=32, lr=0.5, warmup_epochs=1, image_size=32)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    m = train_linear_probe(backbone, train, val, 4, settings=settings, device=torch.device("cpu"),
+                           precision="bf16", seed=0, log=lambda s: None)
+    assert m["top1"] >= 95.0 and m["top5"] == 100.0 and 1 <= m["best_epoch"] <= 3
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())  # frozen, BN stats too
+
+
+def test_fast_grid_picks_sensible_lr_and_matches_single_layer():
+    x, y = blobs(600, 32, 5, seed=0, spread=2.0)
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 32, generator=g) * 2.5  # same centres as blobs(seed=0)
+    vy = torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(9))
+    vx = centers[vy] + 2.0 * torch.randn(200, 32, generator=torch.Generator().manual_seed(10))
+    grid = (1e-6, 1e-4, 0.01, 0.1, 1.0)
+    s = LinearSettings(epochs=8, batch_size=64, warmup_epochs=1, lr_grid=grid, holdout=0.1)
+    m = fast_linear_probe(x, y, vx, vy, num_classes=5, settings=s, seed=3, log=lambda _: None)
+    assert m["best_lr"] in (0.01, 0.1, 1.0)  # a vanishing lr cannot win
+    assert m["grid"]["1e-06"]["holdout_top1"] < m["holdout_top1"]
+    assert m["top1"] > 90.0 and 55 <= m["n_holdout"] <= 65
+
+    # independent single layer: nn.Linear + torch.optim.SGD on the same batches, same seed
+    fit, _ = stratified_holdout(y, 0.1, 3)
+    fx, fy = x[fit], y[fit]
+    peak = m["best_lr"] * 64 / 256
+    torch.manual_seed(3)
+    layer = torch.nn.Linear(32, 5)
+    torch.nn.init.normal_(layer.weight, std=0.01)
+    torch.nn.init.zeros_(layer.bias)
+    opt = torch.optim.SGD(layer.parameters(), lr=peak, momentum=0.9)
+    steps = -(-fx.shape[0] // 64)
+    lrs = warmup_cosine(peak, 8 * steps, steps)
+    gen, k = torch.Generator().manual_seed(3), 0
+    for _ in range(8):
+        order = torch.randperm(fx.shape[0], generator=gen)
+        for i in range(steps):
+            idx = order[i * 64:(i + 1) * 64]
+            for group in opt.param_groups:
+                group["lr"] = lrs[k]
+            loss = F.cross_entropy(layer(fx[idx]), fy[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            k += 1
+    with torch.no_grad():
+        ref_top1 = (layer(vx).argmax(1) == vy).float().mean().item() * 100
+    assert ref_top1 == pytest.approx(m["top1"], abs=0.6)
+
+    bank = train_linear_bank(fx, fy, [peak], num_classes=5, epochs=8, batch_size=64, warmup_epochs=1, seed=3)
+    torch.testing.assert_close(bank.weight[0].detach(), layer.weight.detach(), atol=1e-5, rtol=1e-4)
+    assert bank_accuracy(bank, vx, vy)[0, 0].item() == pytest.approx(ref_top1, abs=0.6)
+
+
+def test_stratified_holdout_per_class():
+    y = torch.tensor([0] * 20 + [1] * 10 + [2] * 2)
+    keep, held = stratified_holdout(y, 0.1, 0)
+    assert sorted(torch.cat([keep, held]).tolist()) == list(range(32))
+    assert torch.bincount(y[held]).tolist() == [2, 1, 1]
