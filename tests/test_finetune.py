@@ -1,0 +1,85 @@
+"""Fine-tuning: an epoch on tiny data moves the backbone; split files select exactly the listed images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mokd.data import DataSpec, build_dataset
+from mokd.errors import UserError
+from mokd.models.backbones import create_backbone
+from mokd_eval.finetune import (FinetuneSettings, finetune, infer_percent, percent_subset, read_split_file,
+                                split_indices)
+from mokd_eval.supervised import train_transform, upscale_transform
+
+from tests.test_linear import colour_set
+
+
+def make_image_folder(root, classes=("n01", "n02", "n03"), per_class=4, size=16) -> dict[str, list[str]]:
+    """ROOT/{train,val}/<class>/<class>_<i>.JPEG, solid colours; returns the train file names by class."""
+    rng = np.random.default_rng(0)
+    names = {}
+    for split in ("train", "val"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class if split == "train" else 2):
+                arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{c}_{i}.JPEG")
+                if split == "train":
+                    names.setdefault(c, []).append(f"{c}_{i}.JPEG")
+    return names
+
+
+def test_finetune_epoch_changes_backbone():
+    backbone = create_backbone("test_resnet", {}, small_stem=True)
+    before = {k: v.clone() for k, v in backbone.state_dict().items() if v.is_floating_point()}
+    train = colour_set(4, 0, train_transform(32))
+    val = colour_set(2, 1, upscale_transform(32))
+    s = FinetuneSettings(epochs=1, batch_size=8, lr=0.05, warmup_epochs=0, image_size=32)
+    m = finetune(backbone, train, val, 4, settings=s, device=torch.device("cpu"), precision="bf16", seed=0,
+                 log=lambda _: None)
+    assert 0.0 <= m["top1"] <= 100.0 and m["best_epoch"] == 1
+    after = backbone.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    # the stem and the last block moved (timm zero-inits each block's last BN, so a block's inner conv
+    # only gets a gradient once that BN weight has moved: not every tensor changes in two steps)
+    assert {"conv1.0.weight", "layer4.0.conv2.weight", "layer4.0.bn2.weight"} <= set(changed)
+    assert len(changed) >= 0.8 * len(before)
+
+
+def test_split_file_selects_exactly_listed_images(tmp_path):
+    names = make_image_folder(tmp_path)
+    listed = [names["n01"][1], names["n03"][0], names["n03"][3]]
+    split = tmp_path / "1percent.txt"
+    split.write_text("\n".join([listed[0], "", f"n03/{listed[1]}", listed[2], "# comment"]) + "\n")
+    train = build_dataset(DataSpec("folder", tmp_path), "train")
+    idx = split_indices(train.paths, read_split_file(split))
+    sub = train.subset(idx)
+    assert sorted(p.rsplit("/", 1)[-1] for p in sub.paths) == sorted(listed)
+    assert [train.classes[t] for t in sub.targets] == ["n01", "n03", "n03"]
+    assert infer_percent(split) == 1 and infer_percent("10percent.txt") == 10 and infer_percent("x.txt") is None
+
+
+def test_split_file_unknown_names_error(tmp_path):
+    names = make_image_folder(tmp_path)
+    split = tmp_path / "split.txt"
+    split.write_text(f"{names['n01'][0]}\nn09999999_1.JPEG\nmissing_2.JPEG\n")
+    train = build_dataset(DataSpec("folder", tmp_path), "train")
+    with pytest.raises(UserError, match=r"2 of the 3 names.*n09999999_1\.JPEG, missing_2\.JPEG"):
+        split_indices(train.paths, read_split_file(split))
+    with pytest.raises(UserError, match="needs ImageFolder"):
+        split_indices(None, ["a.JPEG"])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# nothing\n")
+    with pytest.raises(UserError, match="lists no images"):
+        read_split_file(empty)
+
+
+def test_percent_subset_per_class_seeded():
+    targets = [0] * 50 + [1] * 30 + [2] * 3
+    a, b = percent_subset(targets, 10, seed=1), percent_subset(targets, 10, seed=1)
+    assert a == b and a != percent_subset(targets, 10, seed=2)
+    assert np.bincount([targets[i] for i in a]).tolist() == [5, 3, 1]
