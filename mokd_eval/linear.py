@@ -13,21 +13,29 @@ picks the learning rate, and the chosen layer's accuracy on val is reported.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import click
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mokd import distributed as dist
+from mokd.cli_common import batch_size_option, data_options, debug_option, device_option, epochs_option, \
+    out_option, seed_option
 from mokd.device import autocast
+from mokd.errors import UserError
 from mokd.models.backbones import global_dim, is_vit
+from mokd_eval.common import (checkpoint_options, data_record, echo, feature_options, load_eval_data,
+                              load_models_cli, precision_for, setup_run)
+from mokd_eval.features import eval_transform, features_for, fit_input_size, resolve_image_size
+from mokd_eval.records import write_record
+from mokd_eval.report import markdown_table
 from mokd_eval.supervised import (check_finite, eval_loader, evaluate, scaled_lr, set_lr, topk_correct,
-                                  train_loader, warmup_cosine)
+                                  train_loader, train_transform, warmup_cosine)
 
 BASE_LR_CNN = 0.08
 BASE_LR_VIT = 0.008
@@ -268,3 +276,133 @@ def fast_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch
             "grid": {f"{b:g}": {"holdout_top1": hold[i, 0].item(), "val_top1": val[i, 0].item()}
                      for i, b in enumerate(base)},
             "n_fit": int(fit_idx.numel()), "n_holdout": int(hold_idx.numel()), "headline": "top1"}
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def _parse_floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
+    if value in (None, ""):
+        return None
+    try:
+        out = tuple(float(v) for v in str(value).split(",") if v.strip())
+    except ValueError as e:
+        raise click.BadParameter(f"expected comma-separated numbers such as 0.001,0.01,0.1, got {value!r}") from e
+    if not out or min(out) <= 0:
+        raise click.BadParameter(f"expected positive learning rates, got {value!r}")
+    return out
+
+
+def fast_features(m, spec, split: str, dataset, *, n_last_blocks: int, avgpool: bool, **kw):
+    """Cached eval-transform features [N, D] in the probe's layout (see `probe_features`), via features_for.
+
+    The feature cache knows 'lastn' (n CLS tokens) and 'avgpool' (last CLS + mean patch token); DINO's
+    combination of both (n > 1 with --avgpool) is assembled from the two cached sets.
+    """
+    n = effective_blocks(m.backbone, n_last_blocks)
+    if not is_vit(m.backbone):
+        return features_for(m, spec, split, dataset=dataset, mode="cls", **kw)
+    if not avgpool:
+        return features_for(m, spec, split, dataset=dataset, mode="lastn", n_last_blocks=n, **kw)
+    pooled = features_for(m, spec, split, dataset=dataset, mode="avgpool", **kw)
+    if n == 1:
+        return pooled
+    cls = features_for(m, spec, split, dataset=dataset, mode="lastn", n_last_blocks=n, **kw)
+    width = m.backbone.embed_dim
+    out = copy.copy(cls)
+    out.features = torch.cat([cls.features, pooled.features[:, width:]], dim=1)  # [N, (n+1)*C]
+    return out
+
+
+@click.command("linear")
+@checkpoint_options
+@data_options
+@out_option(default="results")
+@device_option
+@seed_option
+@batch_size_option
+@epochs_option
+@feature_options
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Base learning rate, scaled by batch/256 [default: 0.08 for CNNs, 0.008 for ViTs].")
+@click.option("--warmup-epochs", "warmup_epochs", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True)
+@click.option("--weight-decay", "weight_decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--n-last-blocks", "n_last_blocks", type=click.IntRange(min=1), default=4, show_default=True,
+              help="ViTs: concatenate the CLS tokens of this many last blocks (capped at the depth).")
+@click.option("--avgpool", is_flag=True, help="ViTs: also append the mean patch token of the last block.")
+@click.option("--eval-every", "eval_every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Evaluate on val every N epochs (full protocol); the best epoch is reported.")
+@click.option("--fast", is_flag=True,
+              help="Train a grid of learning rates at once on cached eval-transform features and pick the best on "
+                   "a held-out part of the training set.")
+@click.option("--lr-grid", "lr_grid", callback=_parse_floats, default=None, metavar="LRS",
+              help="--fast: comma-separated base lrs [default: 1e-4 ... 1, 13 values].")
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+              show_default=True, help="--fast: fraction of each training class held out to pick the lr.")
+@debug_option
+def linear_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device,
+               seed, batch_size, epochs, image_size, precision, num_workers, cache_dir, no_cache, lr, warmup_epochs,
+               momentum, weight_decay, n_last_blocks, avgpool, eval_every, fast, lr_grid, holdout):
+    """Linear probe of CHECKPOINT's frozen features (paper Supp. A.2: SGD, batch 2048, 100 epochs, base lr
+    0.08 for CNNs / 0.008 for ViTs scaled by batch/256, 10 warm-up epochs, cosine, no weight decay).
+
+    --fast trains a grid of lrs together on cached features. Runs unchanged under torchrun.
+    """
+    dev = setup_run(device, seed)
+    prec = precision_for(precision, dev)
+    spec, train_ds, val_ds = load_eval_data(data, class_list)
+    echo(f"data: {spec}: {len(train_ds)} train / {len(val_ds)} val images, {len(train_ds.classes)} classes")
+    models = load_models_cli(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial)
+    num_classes = len(train_ds.classes)
+    rows = []
+    for m in models:
+        t0 = time.time()
+        size = resolve_image_size(spec, image_size, m.image_size)
+        s = LinearSettings(epochs=epochs or 100, batch_size=batch_size or 2048, lr=lr, warmup_epochs=warmup_epochs,
+                           momentum=momentum, weight_decay=weight_decay, n_last_blocks=n_last_blocks,
+                           avgpool=avgpool, image_size=size, eval_every=eval_every, workers=num_workers,
+                           lr_grid=lr_grid or DEFAULT_LR_GRID, holdout=holdout)
+        if s.warmup_epochs > s.epochs:
+            raise UserError(f"--warmup-epochs {s.warmup_epochs} is more than --epochs {s.epochs}")
+        n_eff = effective_blocks(m.backbone, n_last_blocks)
+        if is_vit(m.backbone) and n_eff < n_last_blocks:
+            echo(f"note: {m.label} has {n_eff} blocks; using the CLS tokens of all {n_eff}")
+        if fast:
+            echo(f"\nlinear --fast {m.label}: {len(s.lr_grid)} lrs, {s.epochs} epochs, batch {s.batch_size}, "
+                 f"{size} px, held-out {s.holdout:.0%}")
+            common = dict(device=dev, batch_size=max(1, s.batch_size // dist.world_size()), precision=prec,
+                          image_size=size, num_workers=num_workers, cache=cache_dir, use_cache=not no_cache,
+                          progress=True, log=echo)
+            tr = fast_features(m, spec, "train", train_ds, n_last_blocks=n_last_blocks, avgpool=avgpool, **common)
+            va = fast_features(m, spec, "val", val_ds, n_last_blocks=n_last_blocks, avgpool=avgpool, **common)
+            # every rank trains the same bank on the same features (cheap), so no rank waits on another
+            metrics = fast_linear_probe(tr.features, tr.labels, va.features, va.labels, num_classes=num_classes,
+                                        settings=s, seed=seed, device=dev, log=echo)
+            dim = tr.features.shape[1]
+        else:
+            base = s.lr if s.lr is not None else default_base_lr(m.backbone)
+            echo(f"\nlinear {m.label}: {s.epochs} epochs, batch {s.batch_size}, base lr {base:g} "
+                 f"(lr {scaled_lr(base, s.batch_size):g}), {size} px, {prec}")
+            fit_input_size(m.backbone, size)
+            tr_set, va_set = copy.copy(train_ds), copy.copy(val_ds)
+            tr_set.transform = train_transform(size)
+            va_set.transform = eval_transform(size, spec.native_size is not None)
+            metrics = train_linear_probe(m.backbone, tr_set, va_set, num_classes, settings=s, device=dev,
+                                         precision=prec, seed=seed, log=echo)
+            dim = probe_dim(m.backbone, n_last_blocks, avgpool)
+        settings = {**asdict(s), "mode": "fast" if fast else "full", "n_last_blocks": n_eff,
+                    "feature_dim": dim, "precision": prec, "seed": seed, "world_size": dist.world_size()}
+        if not fast:
+            settings.pop("lr_grid"), settings.pop("holdout")
+            settings["lr"] = metrics["base_lr"]
+        rows.append([m.label, m.checkpoint.get("arch"), metrics["top1"], metrics["top5"],
+                     metrics.get("best_lr", metrics.get("best_epoch"))])
+        if dist.is_main():
+            path = write_record(out, task="linear",
+                                checkpoint={**m.checkpoint, "load_report": m.report.as_dict_brief()},
+                                data=data_record(spec, train_ds, val_ds), settings=settings, metrics=metrics,
+                                wall_time_s=time.time() - t0, device=dev)
+            echo(f"record: {path}")
+    echo("")
+    echo(markdown_table(["model", "arch", "top-1 (%)", "top-5 (%)", "best lr" if fast else "best epoch"], rows))
+    dist.barrier()

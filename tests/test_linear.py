@@ -29,6 +29,18 @@ def colour_set(n_per_class: int, seed: int, transform) -> ImageDataset:
     return ImageDataset([str(c) for c in range(len(COLOURS))], targets, lambda i: images[i], transform)
 
 
+def colour_folder(root, n_train: int = 8, n_val: int = 4):
+    """An ImageFolder (ROOT/{train,val}/<class>/*.png) of the noisy solid colours, 32 px."""
+    for split, n, seed in (("train", n_train, 0), ("val", n_val, 1)):
+        ds = colour_set(n, seed, None)
+        for i in range(len(ds)):
+            img, label = ds[i]
+            d = root / split / f"c{label}"
+            d.mkdir(parents=True, exist_ok=True)
+            img.save(d / f"{split}_{i}.png")
+    return root
+
+
 def blobs(n: int, dim: int, classes: int, seed: int, spread: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(classes, dim, generator=g) * 2.5
@@ -123,3 +135,68 @@ def test_stratified_holdout_per_class():
     keep, held = stratified_holdout(y, 0.1, 0)
     assert sorted(torch.cat([keep, held]).tolist()) == list(range(32))
     assert torch.bincount(y[held]).tolist() == [2, 1, 1]
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+ARCH = {"net1": {"name": "test_resnet", "kwargs": {}, "small_stem": True},
+        "net2": {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 4}, "small_stem": False}}
+
+
+def make_mokd_checkpoint(path, arch: dict = ARCH, size: int = 32):
+    """A MOKD training checkpoint of two tiny backbones (teacher and student share the weights)."""
+    model = {}
+    for net, a in arch.items():
+        torch.manual_seed(0 if net == "net1" else 1)
+        sd = create_backbone(a["name"], a["kwargs"], a["small_stem"]).state_dict()
+        for branch in ("teacher", "student"):
+            model.update({f"{branch}.{net}.backbone.{k}": v.clone() for k, v in sd.items()})
+    torch.save({"format": "mokd", "version": 1, "epoch": 1, "step": 10, "arch": arch, "model": model,
+                "config": {"augment": {"global_size": size}, "loss": {"mode": "mokd"}}}, path)
+    return path
+
+
+def run_cli(args):
+    from click.testing import CliRunner
+
+    from mokd.cli import cli
+
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def read_records(out):
+    import json
+
+    return sorted((json.loads(p.read_text()) for p in out.glob("*.json")), key=lambda r: r["checkpoint"]["label"])
+
+
+def test_cli_linear_fast(tmp_path):
+    ckpt = make_mokd_checkpoint(tmp_path / "ckpt.pth")
+    out = tmp_path / "res"
+    data = colour_folder(tmp_path / "data")
+    res = run_cli(["eval", "linear", str(ckpt), "--data", str(data), "--fast", "--epochs", "10",
+                   "--batch-size", "16", "--warmup-epochs", "1", "--lr-grid", "0.01,0.1,1", "--holdout", "0.25",
+                   "--image-size", "32", "--out", str(out), "--device", "cpu", "--cache-dir", str(tmp_path / "c")])
+    recs = read_records(out)
+    assert [r["checkpoint"]["label"] for r in recs] == ["net1-teacher", "net2-teacher"]
+    for r in recs:
+        assert r["task"] == "linear" and r["metrics"]["headline"] == "top1"
+        assert r["metrics"]["best_lr"] in (0.01, 0.1, 1.0) and 0 <= r["metrics"]["top1"] <= 100
+        assert r["settings"]["mode"] == "fast" and r["data"]["train_size"] == 32
+    assert recs[1]["settings"]["feature_dim"] == 4 * 64  # ViT: CLS of the last 4 blocks
+    assert "best lr" in res.output and "net2-teacher" in res.output
+
+
+def test_cli_linear_full(tmp_path):
+    ckpt = make_mokd_checkpoint(tmp_path / "ckpt.pth")
+    out = tmp_path / "res"
+    data = colour_folder(tmp_path / "data")
+    run_cli(["eval", "linear", str(ckpt), "--data", str(data), "--model", "net2", "--epochs", "2",
+             "--warmup-epochs", "0", "--batch-size", "16", "--lr", "0.5", "--image-size", "32", "--out", str(out),
+             "--device", "cpu", "--avgpool", "--n-last-blocks", "2"])
+    (r,) = read_records(out)
+    assert r["settings"]["mode"] == "full" and r["settings"]["lr"] == 0.5 and r["settings"]["epochs"] == 2
+    assert r["settings"]["feature_dim"] == 3 * 64 and r["settings"]["image_size"] == 32
+    assert r["metrics"]["top1"] >= 75.0 and r["metrics"]["best_epoch"] in (1, 2)
