@@ -12,6 +12,7 @@ CIFAR: the same, but 100 epochs with 10 warm-up epochs, images upscaled to the m
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -24,12 +25,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from mokd import distributed as dist
+from mokd.cli_common import batch_size_option, data_options, debug_option, device_option, epochs_option, \
+    out_option, seed_option
 from mokd.device import autocast, grad_scaler
 from mokd.errors import UserError
 from mokd.models.backbones import global_dim
+from mokd_eval.common import (checkpoint_options, data_record, echo, load_eval_data, load_models_cli,
+                              precision_for, setup_run)
+from mokd_eval.features import eval_transform, fit_input_size, resolve_image_size
 from mokd_eval.linear import new_linear
-from mokd_eval.supervised import (check_finite, eval_loader, evaluate, scaled_lr, set_lr, train_loader,
-                                  warmup_cosine)
+from mokd_eval.records import write_record
+from mokd_eval.report import markdown_table
+from mokd_eval.supervised import (check_finite, default_workers, eval_loader, evaluate, scaled_lr, set_lr,
+                                  train_loader, train_transform, warmup_cosine)
 
 SEMISUP_EPOCHS = {1: 60, 10: 30}
 
@@ -175,3 +183,153 @@ def infer_percent(path: str | Path) -> int | None:
     """1 or 10 from a split file's name (`1percent.txt`, `10percent.txt`, `imagenet_1pct.txt`, ...), else None."""
     m = re.search(r"(?<!\d)(1|10)[\s_-]*(percent|pct|perc|%)", Path(path).name, flags=re.IGNORECASE)
     return int(m.group(1)) if m else None
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def finetune_options(warmup: int):
+    """Options shared by `semisup` and `cifar` (the warm-up default differs: 5 and 10 epochs)."""
+    options = [
+        checkpoint_options, data_options, out_option(default="results"), device_option, seed_option,
+        batch_size_option, epochs_option,
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
+                     help="Base lr of the backbone, scaled by batch/256 (the paper searched it per model)."),
+        click.option("--head-lr-mult", "head_lr_mult", type=click.FloatRange(min=0), default=10.0,
+                     show_default=True, help="The new linear head's lr is this multiple of the backbone's."),
+        click.option("--warmup-epochs", "warmup_epochs", type=click.IntRange(min=0), default=warmup,
+                     show_default=True),
+        click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True),
+        click.option("--weight-decay", "weight_decay", type=click.FloatRange(min=0), default=0.0,
+                     show_default=True),
+        click.option("--image-size", "image_size", type=click.IntRange(min=8), default=None,
+                     help="Training and evaluation resolution (see the command's help for the default)."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                     show_default=True, help="Autocast precision (fp16 uses a grad scaler; CUDA only)."),
+        click.option("--num-workers", "num_workers", type=click.IntRange(min=0), default=None,
+                     help="Data-loading worker processes [default: 0 for the embedded digits, else up to 8]."),
+        click.option("--eval-every", "eval_every", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Evaluate on val every N epochs; the best epoch is reported."),
+        debug_option,
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def run_finetune(task: str, *, checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, spec, train_ds,
+                 val_ds, full_train_size: int, data_extra: dict, out, dev, seed, batch_size, epochs, lr,
+                 head_lr_mult, warmup_epochs, momentum, weight_decay, image_size, prec, num_workers, eval_every,
+                 size_for: Callable) -> list[dict]:
+    """Fine-tune every model of `checkpoint` on `train_ds`, evaluate on `val_ds`, write one record each."""
+    if warmup_epochs > epochs:
+        raise UserError(f"--warmup-epochs {warmup_epochs} is more than --epochs {epochs}")
+    models = load_models_cli(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial)
+    num_classes = len(val_ds.classes)
+    workers = default_workers(spec.kind) if num_workers is None else num_workers
+    native = spec.native_size is not None
+    data = {**data_record(spec, train_ds, val_ds), "train_size_full": full_train_size, **data_extra}
+    rows, results = [], []
+    for m in models:
+        t0 = time.time()
+        size = size_for(m)
+        s = FinetuneSettings(epochs=epochs, batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult,
+                             warmup_epochs=warmup_epochs, momentum=momentum, weight_decay=weight_decay,
+                             image_size=size, eval_every=eval_every, workers=workers)
+        echo(f"\n{task} {m.label}: {len(train_ds)} training images, {s.epochs} epochs, batch {s.batch_size}, "
+             f"lr {scaled_lr(s.lr, s.batch_size):g} (head x{s.head_lr_mult:g}), {size} px, {prec}")
+        fit_input_size(m.backbone, size)
+        tr, va = copy.copy(train_ds), copy.copy(val_ds)
+        tr.transform, va.transform = train_transform(size), eval_transform(size, native)
+        metrics = finetune(m.backbone, tr, va, num_classes, settings=s, device=dev, precision=prec, seed=seed,
+                           log=echo)
+        settings = {**asdict(s), "precision": prec, "seed": seed, "world_size": dist.world_size()}
+        rows.append([m.label, m.checkpoint.get("arch"), metrics["top1"], metrics["top5"], metrics["best_epoch"]])
+        if dist.is_main():
+            path = write_record(out, task=task, checkpoint={**m.checkpoint, "load_report": m.report.as_dict_brief()},
+                                data=data, settings=settings, metrics=metrics, wall_time_s=time.time() - t0,
+                                device=dev)
+            echo(f"record: {path}")
+        results.append(metrics)
+        m.backbone.to("cpu")  # free the accelerator for the next model
+    echo("")
+    echo(markdown_table(["model", "arch", "top-1 (%)", "top-5 (%)", "best epoch"], rows))
+    dist.barrier()
+    return results
+
+
+@click.command("semisup")
+@finetune_options(warmup=5)
+@click.option("--split-file", "split_file", type=click.Path(dir_okay=False), default=None,
+              help="Subset of the training split: one image file name a line (e.g. the standard 1percent.txt, "
+                   "10percent.txt); matched by file name within ROOT/train/<class>/.")
+@click.option("--percent", type=click.FloatRange(0, 100, min_open=True), default=None,
+              help="1 or 10: sets the epochs (60 / 30) [default: from the split file's name]. Without a split "
+                   "file, a seeded PERCENT% of every class is drawn (default 10).")
+def semisup_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device,
+                seed, batch_size, epochs, lr, head_lr_mult, warmup_epochs, momentum, weight_decay, image_size,
+                precision, num_workers, eval_every, split_file, percent):
+    """Semi-supervised fine-tuning of CHECKPOINT on a 1% or 10% subset (paper Supp. A.3).
+
+    Batch 1024, 60 epochs (1%) or 30 (10%), 5 warm-up epochs, cosine, SGD momentum 0.9. Resolution: --image-size,
+    else the native size of small-image data, else the checkpoint's training resolution, else 224.
+    Runs unchanged under torchrun.
+    """
+    dev = setup_run(device, seed)
+    prec = precision_for(precision, dev)
+    spec, train_ds, val_ds = load_eval_data(data, class_list)
+    if split_file is not None:
+        names = read_split_file(split_file)
+        idx = split_indices(train_ds.paths, names, source=f"split file {split_file}")
+        inferred = infer_percent(split_file)
+        if percent is not None and inferred is not None and percent != inferred:
+            echo(f"note: --percent {percent:g} overrides the {inferred}% in the split file's name")
+        percent = percent if percent is not None else inferred
+        subset = f"split file {Path(split_file).name}: {len(idx)} images"
+    else:
+        percent = 10.0 if percent is None else percent
+        idx = percent_subset(train_ds.targets, percent, seed)
+        subset = f"seeded {percent:g}% of every class: {len(idx)} images (no split file given)"
+    if epochs is None:
+        if percent not in SEMISUP_EPOCHS:
+            raise UserError("cannot tell the number of epochs: pass --percent 1 or 10 (60 or 30 epochs), or --epochs N"
+                            + (f" (the split file's name {Path(split_file).name!r} says neither 1% nor 10%)"
+                               if split_file and percent is None else ""))
+        epochs = SEMISUP_EPOCHS[int(percent)]
+    echo(f"data: {spec}: {subset} of {len(train_ds)} train / {len(val_ds)} val, {len(train_ds.classes)} classes")
+    train_sub = train_ds.subset(idx)
+    run_finetune("semisup", checkpoint=checkpoint, model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs,
+                 key=key, allow_partial=allow_partial, spec=spec, train_ds=train_sub, val_ds=val_ds,
+                 full_train_size=len(train_ds),
+                 data_extra={"split_file": str(split_file) if split_file else None, "percent": percent},
+                 out=out, dev=dev, seed=seed, batch_size=batch_size or 1024, epochs=epochs, lr=lr,
+                 head_lr_mult=head_lr_mult, warmup_epochs=warmup_epochs, momentum=momentum,
+                 weight_decay=weight_decay, image_size=image_size, prec=prec, num_workers=num_workers,
+                 eval_every=eval_every, size_for=lambda m: resolve_image_size(spec, image_size, m.image_size))
+
+
+@click.command("cifar")
+@finetune_options(warmup=10)
+def cifar_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device,
+              seed, batch_size, epochs, lr, head_lr_mult, warmup_epochs, momentum, weight_decay, image_size,
+              precision, num_workers, eval_every):
+    """Transfer: fine-tune CHECKPOINT on CIFAR-10/100 (paper Supp. A.4), --data cifar10:PATH or cifar100:PATH.
+
+    As semisup, but 100 epochs with 10 warm-up epochs on the full training set. Images are upscaled to
+    --image-size [default: the checkpoint's training resolution, else 224]. Any ImageFolder works too; with no
+    --data, the embedded digits. Runs unchanged under torchrun.
+    """
+    dev = setup_run(device, seed)
+    prec = precision_for(precision, dev)
+    spec, train_ds, val_ds = load_eval_data(data, class_list)
+    echo(f"data: {spec}: {len(train_ds)} train / {len(val_ds)} val images, {len(train_ds.classes)} classes")
+    run_finetune("cifar", checkpoint=checkpoint, model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs,
+                 key=key, allow_partial=allow_partial, spec=spec, train_ds=train_ds, val_ds=val_ds,
+                 full_train_size=len(train_ds), data_extra={}, out=out, dev=dev, seed=seed,
+                 batch_size=batch_size or 1024, epochs=epochs or 100, lr=lr, head_lr_mult=head_lr_mult,
+                 warmup_epochs=warmup_epochs, momentum=momentum, weight_decay=weight_decay, image_size=image_size,
+                 prec=prec, num_workers=num_workers, eval_every=eval_every,
+                 size_for=lambda m: int(image_size or m.image_size or 224))

@@ -32,16 +32,6 @@ def train_transform(size: int) -> Callable:
     ])
 
 
-def upscale_transform(size: int) -> Callable:
-    """Evaluation transform for small images (CIFAR, digits) shown to a model at `size`: a plain bicubic resize
-    of the whole image (no centre crop, which would cut the object out of a 32 px picture)."""
-    return T.Compose([
-        T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
 def scaled_lr(base_lr: float, batch_size: int) -> float:
     """The linear scaling rule: lr = base_lr * global batch / 256."""
     return base_lr * batch_size / 256.0

@@ -12,7 +12,8 @@ from mokd.data import ImageDataset
 from mokd.models.backbones import create_backbone
 from mokd_eval.linear import (LinearSettings, bank_accuracy, fast_linear_probe, probe_dim, probe_features,
                               stratified_holdout, train_linear_bank, train_linear_probe)
-from mokd_eval.supervised import train_transform, upscale_transform, warmup_cosine
+from mokd_eval.features import eval_transform
+from mokd_eval.supervised import train_transform, warmup_cosine
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 220), (230, 230, 40)]
 
@@ -76,7 +77,7 @@ def test_vit_features_are_last_blocks_cls_tokens():
 def test_linear_probe_learns_separable_set():
     backbone = create_backbone("test_vit", {"img_size": 32, "patch_size": 4})
     train = colour_set(16, 0, train_transform(32))
-    val = colour_set(8, 1, upscale_transform(32))
+    val = colour_set(8, 1, eval_transform(32, native=True))
     settings = LinearSettings(epochs=3, batch_size=32, lr=0.5, warmup_epochs=1, image_size=32)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     m = train_linear_probe(backbone, train, val, 4, settings=settings, device=torch.device("cpu"),
