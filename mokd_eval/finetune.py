@@ -197,10 +197,11 @@ def finetune_options(warmup: int):
         click.option("--head-lr-mult", "head_lr_mult", type=click.FloatRange(min=0), default=10.0,
                      show_default=True, help="The new linear head's lr is this multiple of the backbone's."),
         click.option("--warmup-epochs", "warmup_epochs", type=click.IntRange(min=0), default=warmup,
-                     show_default=True),
-        click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True),
+                     show_default=True, help="Epochs of linear lr warm-up before the cosine decay."),
+        click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+                     help="SGD momentum."),
         click.option("--weight-decay", "weight_decay", type=click.FloatRange(min=0), default=0.0,
-                     show_default=True),
+                     show_default=True, help="SGD weight decay."),
         click.option("--image-size", "image_size", type=click.IntRange(min=8), default=None,
                      help="Training and evaluation resolution (see the command's help for the default)."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
@@ -274,9 +275,10 @@ def semisup_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial
                 precision, num_workers, eval_every, split_file, percent):
     """Semi-supervised fine-tuning of CHECKPOINT on a 1% or 10% subset (paper Supp. A.3).
 
-    Batch 1024, 60 epochs (1%) or 30 (10%), 5 warm-up epochs, cosine, SGD momentum 0.9. Resolution: --image-size,
-    else the native size of small-image data, else the checkpoint's training resolution, else 224.
-    Runs unchanged under torchrun.
+    Batch 1024, 60 epochs (1%) or 30 (10%), 5 warm-up epochs, cosine, SGD momentum 0.9. The paper searched the
+    base lr per model; the default 0.01 (x batch/256, head x10, no weight decay) is a starting point for that
+    search. Resolution: --image-size, else the native size of small-image data, else the checkpoint's training
+    resolution, else 224. Runs unchanged under torchrun.
     """
     dev = setup_run(device, seed)
     prec = precision_for(precision, dev)

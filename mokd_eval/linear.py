@@ -271,6 +271,8 @@ def fast_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch
     for i, b in enumerate(base):
         log(f"  lr {b:<8g} held-out top1 {hold[i, 0].item():6.2f}   val top1 {val[i, 0].item():6.2f}"
             f"{'  <- chosen' if i == best else ''}")
+    if len(base) > 1 and base[best] in (min(base), max(base)):
+        log(f"  note: the chosen lr {base[best]:g} is at the edge of the grid; a wider --lr-grid may do better")
     return {"top1": val[best, 0].item(), "top5": val[best, 1].item(), "best_lr": base[best],
             "best_lr_scaled": peaks[best], "holdout_top1": hold[best, 0].item(),
             "grid": {f"{b:g}": {"holdout_top1": hold[i, 0].item(), "val_top1": val[i, 0].item()}
@@ -324,9 +326,11 @@ def fast_features(m, spec, split: str, dataset, *, n_last_blocks: int, avgpool: 
 @feature_options
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Base learning rate, scaled by batch/256 [default: 0.08 for CNNs, 0.008 for ViTs].")
-@click.option("--warmup-epochs", "warmup_epochs", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True)
-@click.option("--weight-decay", "weight_decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--warmup-epochs", "warmup_epochs", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Epochs of linear lr warm-up before the cosine decay.")
+@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--weight-decay", "weight_decay", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="SGD weight decay (the paper uses none).")
 @click.option("--n-last-blocks", "n_last_blocks", type=click.IntRange(min=1), default=4, show_default=True,
               help="ViTs: concatenate the CLS tokens of this many last blocks (capped at the depth).")
 @click.option("--avgpool", is_flag=True, help="ViTs: also append the mean patch token of the last block.")
@@ -396,7 +400,7 @@ def linear_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial,
             settings.pop("lr_grid"), settings.pop("holdout")
             settings["lr"] = metrics["base_lr"]
         rows.append([m.label, m.checkpoint.get("arch"), metrics["top1"], metrics["top5"],
-                     metrics.get("best_lr", metrics.get("best_epoch"))])
+                     f"{metrics['best_lr']:g}" if fast else metrics["best_epoch"]])
         if dist.is_main():
             path = write_record(out, task="linear",
                                 checkpoint={**m.checkpoint, "load_report": m.report.as_dict_brief()},
