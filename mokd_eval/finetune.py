@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -221,38 +221,45 @@ def finetune_options(warmup: int):
     return decorate
 
 
-def run_finetune(task: str, *, checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, spec, train_ds,
-                 val_ds, full_train_size: int, data_extra: dict, out, dev, seed, batch_size, epochs, lr,
-                 head_lr_mult, warmup_epochs, momentum, weight_decay, image_size, prec, num_workers, eval_every,
-                 size_for: Callable) -> list[dict]:
-    """Fine-tune every model of `checkpoint` on `train_ds`, evaluate on `val_ds`, write one record each."""
-    if warmup_epochs > epochs:
-        raise UserError(f"--warmup-epochs {warmup_epochs} is more than --epochs {epochs}")
-    models = load_models_cli(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial)
-    num_classes = len(val_ds.classes)
-    workers = default_workers(spec.kind) if num_workers is None else num_workers
+LOAD_OPTIONS = ("model", "branch", "arch", "arch_kwargs", "key", "allow_partial")
+
+
+def settings_from_options(opts: dict, *, epochs: int, data_kind: str) -> FinetuneSettings:
+    """FinetuneSettings from the shared command options (image_size is filled in per model)."""
+    workers = default_workers(data_kind) if opts["num_workers"] is None else opts["num_workers"]
+    s = FinetuneSettings(epochs=epochs, batch_size=opts["batch_size"] or 1024, lr=opts["lr"],
+                         head_lr_mult=opts["head_lr_mult"], warmup_epochs=opts["warmup_epochs"],
+                         momentum=opts["momentum"], weight_decay=opts["weight_decay"], image_size=0,
+                         eval_every=opts["eval_every"], workers=workers)
+    if s.warmup_epochs > s.epochs:
+        raise UserError(f"--warmup-epochs {s.warmup_epochs} is more than --epochs {s.epochs}")
+    return s
+
+
+def run_finetune(task: str, checkpoint: str, load_args: dict, spec, train_ds, val_ds, data: dict,
+                 settings: FinetuneSettings, *, size_for: Callable, out: str, device: torch.device, precision: str,
+                 seed: int) -> list[dict]:
+    """Fine-tune every model of `checkpoint` on `train_ds` (at `size_for(model)` px), evaluate on `val_ds`,
+    write one record each and print a table. Returns the metrics, one dict per model."""
+    models = load_models_cli(checkpoint, *(load_args[k] for k in LOAD_OPTIONS))
     native = spec.native_size is not None
-    data = {**data_record(spec, train_ds, val_ds), "train_size_full": full_train_size, **data_extra}
     rows, results = [], []
     for m in models:
         t0 = time.time()
-        size = size_for(m)
-        s = FinetuneSettings(epochs=epochs, batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult,
-                             warmup_epochs=warmup_epochs, momentum=momentum, weight_decay=weight_decay,
-                             image_size=size, eval_every=eval_every, workers=workers)
+        s = replace(settings, image_size=size_for(m))
         echo(f"\n{task} {m.label}: {len(train_ds)} training images, {s.epochs} epochs, batch {s.batch_size}, "
-             f"lr {scaled_lr(s.lr, s.batch_size):g} (head x{s.head_lr_mult:g}), {size} px, {prec}")
-        fit_input_size(m.backbone, size)
+             f"lr {scaled_lr(s.lr, s.batch_size):g} (head x{s.head_lr_mult:g}), {s.image_size} px, {precision}")
+        fit_input_size(m.backbone, s.image_size)
         tr, va = copy.copy(train_ds), copy.copy(val_ds)
-        tr.transform, va.transform = train_transform(size), eval_transform(size, native)
-        metrics = finetune(m.backbone, tr, va, num_classes, settings=s, device=dev, precision=prec, seed=seed,
-                           log=echo)
-        settings = {**asdict(s), "precision": prec, "seed": seed, "world_size": dist.world_size()}
+        tr.transform, va.transform = train_transform(s.image_size), eval_transform(s.image_size, native)
+        metrics = finetune(m.backbone, tr, va, len(val_ds.classes), settings=s, device=device, precision=precision,
+                           seed=seed, log=echo)
+        record_settings = {**asdict(s), "precision": precision, "seed": seed, "world_size": dist.world_size()}
         rows.append([m.label, m.checkpoint.get("arch"), metrics["top1"], metrics["top5"], metrics["best_epoch"]])
         if dist.is_main():
             path = write_record(out, task=task, checkpoint={**m.checkpoint, "load_report": m.report.as_dict_brief()},
-                                data=data, settings=settings, metrics=metrics, wall_time_s=time.time() - t0,
-                                device=dev)
+                                data=data, settings=record_settings, metrics=metrics, wall_time_s=time.time() - t0,
+                                device=device)
             echo(f"record: {path}")
         results.append(metrics)
         m.backbone.to("cpu")  # free the accelerator for the next model
@@ -270,9 +277,8 @@ def run_finetune(task: str, *, checkpoint, model, branch, arch, arch_kwargs, key
 @click.option("--percent", type=click.FloatRange(0, 100, min_open=True), default=None,
               help="1 or 10: sets the epochs (60 / 30) [default: from the split file's name]. Without a split "
                    "file, a seeded PERCENT% of every class is drawn (default 10).")
-def semisup_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device,
-                seed, batch_size, epochs, lr, head_lr_mult, warmup_epochs, momentum, weight_decay, image_size,
-                precision, num_workers, eval_every, split_file, percent):
+def semisup_cmd(checkpoint, split_file, percent, data, class_list, out, device, seed, epochs, image_size, precision,
+                **opts):
     """Semi-supervised fine-tuning of CHECKPOINT on a 1% or 10% subset (paper Supp. A.3).
 
     Batch 1024, 60 epochs (1%) or 30 (10%), 5 warm-up epochs, cosine, SGD momentum 0.9. The paper searched the
@@ -284,8 +290,7 @@ def semisup_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial
     prec = precision_for(precision, dev)
     spec, train_ds, val_ds = load_eval_data(data, class_list)
     if split_file is not None:
-        names = read_split_file(split_file)
-        idx = split_indices(train_ds.paths, names, source=f"split file {split_file}")
+        idx = split_indices(train_ds.paths, read_split_file(split_file), source=f"split file {split_file}")
         inferred = infer_percent(split_file)
         if percent is not None and inferred is not None and percent != inferred:
             echo(f"note: --percent {percent:g} overrides the {inferred}% in the split file's name")
@@ -301,23 +306,19 @@ def semisup_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial
                             + (f" (the split file's name {Path(split_file).name!r} says neither 1% nor 10%)"
                                if split_file and percent is None else ""))
         epochs = SEMISUP_EPOCHS[int(percent)]
+    settings = settings_from_options(opts, epochs=epochs, data_kind=spec.kind)
     echo(f"data: {spec}: {subset} of {len(train_ds)} train / {len(val_ds)} val, {len(train_ds.classes)} classes")
     train_sub = train_ds.subset(idx)
-    run_finetune("semisup", checkpoint=checkpoint, model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs,
-                 key=key, allow_partial=allow_partial, spec=spec, train_ds=train_sub, val_ds=val_ds,
-                 full_train_size=len(train_ds),
-                 data_extra={"split_file": str(split_file) if split_file else None, "percent": percent},
-                 out=out, dev=dev, seed=seed, batch_size=batch_size or 1024, epochs=epochs, lr=lr,
-                 head_lr_mult=head_lr_mult, warmup_epochs=warmup_epochs, momentum=momentum,
-                 weight_decay=weight_decay, image_size=image_size, prec=prec, num_workers=num_workers,
-                 eval_every=eval_every, size_for=lambda m: resolve_image_size(spec, image_size, m.image_size))
+    data_rec = {**data_record(spec, train_sub, val_ds), "train_size_full": len(train_ds),
+                "split_file": str(split_file) if split_file else None, "percent": percent}
+    run_finetune("semisup", checkpoint, opts, spec, train_sub, val_ds, data_rec, settings,
+                 size_for=lambda m: resolve_image_size(spec, image_size, m.image_size), out=out, device=dev,
+                 precision=prec, seed=seed)
 
 
 @click.command("cifar")
 @finetune_options(warmup=10)
-def cifar_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device,
-              seed, batch_size, epochs, lr, head_lr_mult, warmup_epochs, momentum, weight_decay, image_size,
-              precision, num_workers, eval_every):
+def cifar_cmd(checkpoint, data, class_list, out, device, seed, epochs, image_size, precision, **opts):
     """Transfer: fine-tune CHECKPOINT on CIFAR-10/100 (paper Supp. A.4), --data cifar10:PATH or cifar100:PATH.
 
     As semisup, but 100 epochs with 10 warm-up epochs on the full training set. Images are upscaled to
@@ -327,11 +328,8 @@ def cifar_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, 
     dev = setup_run(device, seed)
     prec = precision_for(precision, dev)
     spec, train_ds, val_ds = load_eval_data(data, class_list)
+    settings = settings_from_options(opts, epochs=epochs or 100, data_kind=spec.kind)
     echo(f"data: {spec}: {len(train_ds)} train / {len(val_ds)} val images, {len(train_ds.classes)} classes")
-    run_finetune("cifar", checkpoint=checkpoint, model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs,
-                 key=key, allow_partial=allow_partial, spec=spec, train_ds=train_ds, val_ds=val_ds,
-                 full_train_size=len(train_ds), data_extra={}, out=out, dev=dev, seed=seed,
-                 batch_size=batch_size or 1024, epochs=epochs or 100, lr=lr, head_lr_mult=head_lr_mult,
-                 warmup_epochs=warmup_epochs, momentum=momentum, weight_decay=weight_decay, image_size=image_size,
-                 prec=prec, num_workers=num_workers, eval_every=eval_every,
-                 size_for=lambda m: int(image_size or m.image_size or 224))
+    run_finetune("cifar", checkpoint, opts, spec, train_ds, val_ds, data_record(spec, train_ds, val_ds), settings,
+                 size_for=lambda m: int(image_size or m.image_size or 224), out=out, device=dev, precision=prec,
+                 seed=seed)

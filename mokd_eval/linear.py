@@ -39,6 +39,7 @@ from mokd_eval.supervised import (check_finite, eval_loader, evaluate, scaled_lr
 
 BASE_LR_CNN = 0.08
 BASE_LR_VIT = 0.008
+EXTRACT_BATCH = 256  # images per rank per forward when caching features (--batch-size is the training batch)
 DEFAULT_LR_GRID = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
@@ -374,7 +375,7 @@ def linear_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial,
         if fast:
             echo(f"\nlinear --fast {m.label}: {len(s.lr_grid)} lrs, {s.epochs} epochs, batch {s.batch_size}, "
                  f"{size} px, held-out {s.holdout:.0%}")
-            common = dict(device=dev, batch_size=max(1, s.batch_size // dist.world_size()), precision=prec,
+            common = dict(device=dev, batch_size=EXTRACT_BATCH, precision=prec,
                           image_size=size, num_workers=num_workers, cache=cache_dir, use_cache=not no_cache,
                           progress=True, log=echo)
             tr = fast_features(m, spec, "train", train_ds, n_last_blocks=n_last_blocks, avgpool=avgpool, **common)
@@ -399,6 +400,7 @@ def linear_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial,
         if not fast:
             settings.pop("lr_grid"), settings.pop("holdout")
             settings["lr"] = metrics["base_lr"]
+        m.backbone.to("cpu")  # free the accelerator for the next model
         rows.append([m.label, m.checkpoint.get("arch"), metrics["top1"], metrics["top5"],
                      f"{metrics['best_lr']:g}" if fast else metrics["best_epoch"]])
         if dist.is_main():
