@@ -221,11 +221,9 @@ def _extract_dino(obj: dict, req: Request) -> list[Candidate]:
 
 
 def _state_with(obj: Any, prefixes: tuple[str, ...]) -> StateDict | None:
-    if isinstance(obj, dict) and is_state_dict(obj.get("state_dict")):
-        sd = obj["state_dict"]
-        if first_prefix(sd, prefixes):
-            return sd
-    return None
+    """The state dict of `obj` (wrapped in "state_dict" or not) if it has keys under one of `prefixes`."""
+    sd = _unwrap_state(obj)
+    return sd if sd is not None and first_prefix(sd, prefixes) else None
 
 
 _MOCO3 = ("module.base_encoder.", "base_encoder.", "module.momentum_encoder.", "momentum_encoder.")
@@ -235,14 +233,14 @@ _MOCO2 = ("module.encoder_q.", "encoder_q.")
 def _extract_moco(obj: dict, req: Request, v3: bool) -> list[Candidate]:
     # MoCo's own linear evaluation uses the query (base) encoder, so that is the default here.
     branch = _branch(req, "student")
-    sd = obj["state_dict"]
+    sd = _unwrap_state(obj)
     names = ("base_encoder", "momentum_encoder") if v3 else ("encoder_q", "encoder_k")
     enc = names[0] if branch == "student" else names[1]
     prefix = first_prefix(sd, (f"module.{enc}.", f"{enc}."))
     if prefix is None:
         raise UserError(f"this MoCo checkpoint has no '{enc}' weights (asked for by --branch {branch})")
     state, ignored = split_prefix(sd, prefix)
-    name = obj.get("arch")
+    name = obj.get("arch") if isinstance(obj.get("arch"), str) else None
     # MoCo v3's ViT-S has 12 heads (timm's vit_small has 6): same weight shapes, different computation.
     arch = arch_from_name(name, 16, 12 if v3 and name == "vit_small" else None)
     return [Candidate(enc, state, ignored, arch, None, branch)]
@@ -253,7 +251,8 @@ def _extract_moco(obj: dict, req: Request, v3: bool) -> list[Candidate]:
 
 
 def _detect_solo(obj: Any) -> bool:
-    return _state_with(obj, ("backbone.",)) is not None
+    return isinstance(obj, dict) and is_state_dict(obj.get("state_dict")) and \
+        first_prefix(obj["state_dict"], ("backbone.",)) is not None
 
 
 def _extract_solo(obj: dict, req: Request) -> list[Candidate]:

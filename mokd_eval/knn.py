@@ -46,7 +46,8 @@ def search(bank: torch.Tensor, queries: torch.Tensor, k: int, *, backend: str = 
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact inner-product search: bank [N, D], queries [M, D] -> (similarities [M, k], indices [M, k]), best first.
 
-    backend: "faiss", "torch" (chunked matmul, on the tensors' device) or "auto" (FAISS when installed).
+    backend: "faiss", "torch" (chunked matmul) or "auto" (FAISS when installed). Both run on the bank's device
+    (FAISS: a GPU index when the bank is on CUDA and faiss-gpu is installed).
     """
     if backend == "auto":
         backend = "faiss" if faiss_available() else "torch"
@@ -58,7 +59,7 @@ def search(bank: torch.Tensor, queries: torch.Tensor, k: int, *, backend: str = 
         if log:
             log(f"k-NN search (faiss): bank {n} x {d} float32 = {_mib(4 * n * d)}, results {m} x {k}")
         index = faiss.IndexFlatIP(d)
-        if bank.is_cuda and hasattr(faiss, "StandardGpuResources"):
+        if bank.is_cuda and hasattr(faiss, "StandardGpuResources"):  # faiss-gpu build and a CUDA device
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), bank.device.index or 0, index)
         index.add(bank.detach().float().cpu().contiguous().numpy())
         sims, idx = index.search(queries.detach().float().cpu().contiguous().numpy(), k)
@@ -69,7 +70,7 @@ def search(bank: torch.Tensor, queries: torch.Tensor, k: int, *, backend: str = 
     if log:
         log(f"k-NN search (torch, chunked): bank {n} x {d} float32 = {_mib(4 * n * d)}, "
             f"similarity blocks of {chunk} x {n} = {_mib(4 * chunk * n)}")
-    bank_t = bank.float().t().contiguous()
+    bank_t = bank.float().t()  # a view: BLAS multiplies by the transpose without a copy
     sims, idx = [], []
     for start in range(0, m, chunk):
         s = queries[start:start + chunk].float() @ bank_t  # [chunk, N]
@@ -105,10 +106,12 @@ def vote(neighbour_sims: torch.Tensor, neighbour_labels: torch.Tensor, k: int, t
 
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, *,
                 ks: Sequence[int] = DEFAULT_KS, temperature: float = 0.07, num_classes: int, backend: str = "auto",
-                chunk_size: int | None = None, log: Callable[[str], None] | None = print) -> dict[int, torch.Tensor]:
+                chunk_size: int | None = None, device: torch.device | str | None = None,
+                log: Callable[[str], None] | None = print) -> dict[int, torch.Tensor]:
     """Features [N, D] / labels [N] / queries [M, D] -> {k: top-5 predicted labels [M, min(5, C)]} (column 0 = top-1).
 
-    Ks larger than N are clamped to N (see `clamp_ks`); the dict is keyed by the k actually used.
+    Ks larger than N are clamped to N (see `clamp_ks`); the dict is keyed by the k actually used. The search
+    runs on `device` (default: where `train_features` are).
     """
     if train_features.shape[0] == 0:
         raise UserError("k-NN needs a non-empty training set")
@@ -118,7 +121,7 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     for note in notes:
         if log:
             log(f"note: {note}")
-    bank = F.normalize(train_features.float(), dim=1)
+    bank = F.normalize(train_features.float().to(device or train_features.device), dim=1)
     queries = F.normalize(test_features.float().to(bank.device), dim=1)
     sims, idx = search(bank, queries, max(ks), backend=backend, chunk_size=chunk_size, log=log)
     labels = train_labels.cpu().long()[idx]  # [M, kmax]
@@ -128,11 +131,11 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
 def knn_evaluate(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, *, ks: Sequence[int] = DEFAULT_KS, temperature: float = 0.07,
                  num_classes: int, backend: str = "auto", chunk_size: int | None = None,
-                 log: Callable[[str], None] | None = print) -> dict:
+                 device: torch.device | str | None = None, log: Callable[[str], None] | None = print) -> dict:
     """Accuracies in % -> {"top1": {k: %}, "top5": {k: %}, "best_top1": %, "best_k": k, "notes": [...]}."""
     _, notes = clamp_ks(ks, train_features.shape[0])
     preds = knn_predict(train_features, train_labels, test_features, ks=ks, temperature=temperature,
-                        num_classes=num_classes, backend=backend, chunk_size=chunk_size, log=log)
+                        num_classes=num_classes, backend=backend, chunk_size=chunk_size, device=device, log=log)
     y = test_labels.cpu().long()[:, None]
     top1 = {k: 100.0 * (p[:, :1] == y).any(1).float().mean().item() for k, p in preds.items()}
     top5 = {k: 100.0 * (p[:, :5] == y).any(1).float().mean().item() for k, p in preds.items()}
@@ -187,15 +190,21 @@ def knn_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, da
     spec, train_ds, val_ds = load_eval_data(data, class_list)
     echo(f"data: {spec}: {len(train_ds)} train / {len(val_ds)} val images, {len(train_ds.classes)} classes")
     models = load_models_cli(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial)
-    bs = batch_size or 256
+    bs = batch_size or 256  # global; each rank extracts bs / world_size at a time
+    common = dict(device=dev, batch_size=max(1, bs // dist.world_size()), precision=prec, image_size=image_size,
+                  num_workers=num_workers, cache=cache_dir, use_cache=not no_cache, progress=True, log=echo)
+    # Every rank extracts (sharded) for every model first; only then does rank 0 search, so that no rank
+    # waits in a collective while another one runs a long search.
+    extracted = []
     for m in models:
         t0 = time.time()
-        common = dict(device=dev, batch_size=bs, precision=prec, image_size=image_size, num_workers=num_workers,
-                      cache=cache_dir, use_cache=not no_cache, progress=True, log=echo)
         train = features_for(m, spec, "train", dataset=train_ds, **common)
         test = features_for(m, spec, "val", dataset=val_ds, **common)
-        if not dist.is_main():
-            continue
+        extracted.append((m, train, test, time.time() - t0))
+    if not dist.is_main():
+        return
+    for m, train, test, extract_s in extracted:
+        t0 = time.time()
         if dump_features:
             folder = Path(dump_features) / (m.label if len(models) > 1 else "")
             folder.mkdir(parents=True, exist_ok=True)
@@ -205,7 +214,7 @@ def knn_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, da
             echo(f"features saved to {folder}")
         metrics = knn_evaluate(train.features, train.labels, test.features, test.labels, ks=ks_list,
                                temperature=temperature, num_classes=len(train_ds.classes), backend=backend,
-                               log=echo)
+                               device=dev, log=echo)
         echo(f"\nk-NN {m.label} ({m.checkpoint['arch']}, features {train.features.shape[1]}-d, "
              f"{train.image_size} px):")
         echo(markdown_table(["k", "top-1 (%)", "top-5 (%)"],
@@ -216,6 +225,5 @@ def knn_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, da
                     "batch_size": bs, "seed": seed, "features_cached": train.from_cache and test.from_cache}
         path = write_record(out, task="knn", checkpoint={**m.checkpoint, "load_report": m.report.as_dict_brief()},
                             data=data_record(spec, train_ds, val_ds), settings=settings, metrics=metrics,
-                            wall_time_s=time.time() - t0, device=dev)
+                            wall_time_s=extract_s + time.time() - t0, device=dev)
         echo(f"record: {path}\n")
-    dist.barrier()

@@ -103,6 +103,10 @@ def test_mocov3(tmp_path):
     assert "head.0.weight" in m.report.ignored
     (t,) = load_models(tmp_path / "mocov3.pth.tar", branch="teacher")
     assert_same_weights(t.backbone, momentum)
+    torch.save(sd, tmp_path / "mocov3_flat.pth")  # the same weights without the training wrapper
+    (f,) = load_models(tmp_path / "mocov3_flat.pth", arch="test_vit")
+    assert f.checkpoint["format"] == "mocov3"
+    assert_same_weights(f.backbone, base)
 
 
 def test_mocov2(tmp_path):
