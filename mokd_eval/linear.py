@@ -108,16 +108,19 @@ def new_linear(dim: int, num_classes: int) -> nn.Linear:
 
 def train_linear_probe(backbone: nn.Module, train_set, val_set, num_classes: int, *, settings: LinearSettings,
                        device: torch.device, precision: str = "bf16", seed: int = 0,
-                       log: Callable[[str], None] = print) -> dict:
+                       log: Callable[[str], None] = print, layer: nn.Linear | None = None) -> dict:
     """Train one linear layer on the frozen `backbone` (datasets yield (image [3,H,W], label)).
 
-    Returns metrics: top1/top5 (%) at the best epoch (by val top-1), best_epoch, final_top1/final_top5, lr.
+    `layer` (optional) is trained in place instead of a freshly initialised one. Returns metrics: top1/top5 (%)
+    at the best epoch (by val top-1), best_epoch, final_top1/final_top5, base_lr, lr.
     """
     backbone = backbone.to(device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
     torch.manual_seed(seed)
-    layer = new_linear(probe_dim(backbone, settings.n_last_blocks, settings.avgpool), num_classes).to(device)
+    if layer is None:
+        layer = new_linear(probe_dim(backbone, settings.n_last_blocks, settings.avgpool), num_classes)
+    layer = layer.to(device)
     head: nn.Module = layer
     if dist.world_size() > 1:
         head = nn.parallel.DistributedDataParallel(layer, device_ids=[device.index] if device.type == "cuda" else None)

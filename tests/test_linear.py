@@ -201,3 +201,26 @@ def test_cli_linear_full(tmp_path):
     assert r["settings"]["mode"] == "full" and r["settings"]["lr"] == 0.5 and r["settings"]["epochs"] == 2
     assert r["settings"]["feature_dim"] == 3 * 64 and r["settings"]["image_size"] == 32
     assert r["metrics"]["top1"] >= 75.0 and r["metrics"]["best_epoch"] in (1, 2)
+
+
+@pytest.mark.slow
+def test_linear_probe_ddp_matches_single_process(tmp_path):
+    """Two gloo ranks, each half of one full batch: DDP's averaged gradient is the full-batch gradient, so the
+    layer and the all-reduced accuracies equal a single process's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from tests.dist_linear_worker import ddp_worker, train
+
+    single, layer = train()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(ddp_worker, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"r.{rank}", weights_only=True)
+        torch.testing.assert_close(r["weight"], layer.weight.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(r["bias"], layer.bias.detach(), atol=1e-5, rtol=1e-5)
+        assert r["metrics"]["top1"] == pytest.approx(single["top1"]) and r["metrics"]["top5"] == single["top5"]
+    assert single["top1"] > 25.0  # it learned something, so the comparison is not between two untouched layers
