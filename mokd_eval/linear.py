@@ -83,8 +83,12 @@ def probe_features(backbone: nn.Module, x: torch.Tensor, n_last_blocks: int = 4,
     n = effective_blocks(backbone, n_last_blocks)
     out = backbone.forward_intermediates(x, indices=n, return_prefix_tokens=True, norm=True, output_fmt="NLC",
                                          intermediates_only=True, stop_early=True)
-    # each entry: (patch tokens [B, N, C], prefix tokens [B, P, C]); models without a CLS token use the mean
-    cls = [prefix[:, 0] if prefix is not None and prefix.shape[1] else tokens.mean(1) for tokens, prefix in out]
+    # each entry: (patch tokens [B, N, C], prefix tokens [B, P, C]), or bare patch tokens for models without
+    # prefix tokens, whose "CLS" is then the mean token through the model's own pooled-feature norm
+    out = [o if isinstance(o, tuple) else (o, None) for o in out]
+    fc_norm = getattr(backbone, "fc_norm", nn.Identity())
+    cls = [prefix[:, 0] if prefix is not None and prefix.shape[1] else fc_norm(tokens.mean(1))
+           for tokens, prefix in out]
     if avgpool:
         cls.append(out[-1][0].mean(dim=1))
     return torch.cat(cls, dim=-1)

@@ -72,6 +72,9 @@ def test_vit_features_are_last_blocks_cls_tokens():
     torch.testing.assert_close(f, expect, atol=1e-5, rtol=1e-5)
     # the last block's CLS after the norm is the model's own global feature
     torch.testing.assert_close(probe_features(vit, x, 1), vit(x), atol=1e-5, rtol=1e-5)
+    # a ViT without a CLS token: its own pooled feature (mean token through fc_norm)
+    gap = create_backbone("test_vit", {"img_size": 32, "patch_size": 4, "class_token": False, "global_pool": "avg"})
+    torch.testing.assert_close(probe_features(gap.eval(), x, 1), gap(x), atol=1e-5, rtol=1e-5)
 
 
 def test_linear_probe_learns_separable_set():
