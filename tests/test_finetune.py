@@ -123,7 +123,7 @@ def test_cli_semisup_split_file(tmp_path):
     out = tmp_path / "res"
     res = run_cli(["eval", "semisup", str(ckpt), "--data", str(data), "--split-file", str(split), "--model", "net2",
                    "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8", "--out", str(out),
-                   "--device", "cpu"])
+                   "--device", "cpu", "--num-workers", "0"])
     (r,) = read_records(out)
     assert r["task"] == "semisup" and r["data"]["train_size"] == len(names) == 8
     assert r["data"]["percent"] == 10 and r["settings"]["epochs"] == 1 and r["metrics"]["headline"] == "top1"
@@ -162,7 +162,8 @@ def test_cli_cifar_both_models(tmp_path):
     data = write_cifar10(tmp_path / "cifar")
     out = tmp_path / "res"
     res = run_cli(["eval", "cifar", str(ckpt), "--data", f"cifar10:{data}", "--epochs", "1", "--warmup-epochs", "0",
-                   "--batch-size", "10", "--image-size", "16", "--out", str(out), "--device", "cpu"])
+                   "--batch-size", "10", "--image-size", "16", "--out", str(out), "--device", "cpu",
+                   "--num-workers", "0"])
     recs = read_records(out)
     assert [r["checkpoint"]["label"] for r in recs] == ["net1-teacher", "net2-teacher"]
     for r in recs:
