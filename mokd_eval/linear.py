@@ -1,0 +1,421 @@
+"""Linear probe: one linear layer on a frozen backbone's features (the paper's Supp. A.2, DINO's recipe).
+
+Full protocol: SGD (momentum 0.9, no weight decay), global batch 2048, lr = base * batch/256 with base 0.08 for
+ResNets and 0.008 for ViTs, 10 warm-up epochs then cosine, 100 epochs, RandomResizedCrop + flip; the frozen
+backbone runs under bf16 autocast, only the layer trains (DDP under torchrun). ViT features are the CLS tokens
+of the last 4 blocks (after the final norm) concatenated, optionally with the mean patch token of the last
+block (`--avgpool`); CNN features are the pooled output. No batch norm in front of the layer.
+
+Fast mode: features are extracted once with the evaluation transform (and cached); a bank of linear layers,
+one per learning rate of a grid, trains in one pass on the same batches; a held-out part of the training set
+picks the learning rate, and the chosen layer's accuracy on val is reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import click
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mokd import distributed as dist
+from mokd.cli_common import batch_size_option, data_options, debug_option, device_option, epochs_option, \
+    out_option, seed_option
+from mokd.device import autocast
+from mokd.errors import UserError
+from mokd.models.backbones import global_dim, is_vit
+from mokd_eval.common import (checkpoint_options, data_record, echo, feature_options, load_eval_data,
+                              load_models_cli, precision_for, setup_run)
+from mokd_eval.features import eval_transform, features_for, fit_input_size, resolve_image_size
+from mokd_eval.records import write_record
+from mokd_eval.report import markdown_table
+from mokd_eval.supervised import (check_finite, eval_loader, evaluate, scaled_lr, set_lr, topk_correct,
+                                  train_loader, train_transform, warmup_cosine)
+
+BASE_LR_CNN = 0.08
+BASE_LR_VIT = 0.008
+EXTRACT_BATCH = 256  # images per rank per forward when caching features (--batch-size is the training batch)
+DEFAULT_LR_GRID = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass
+class LinearSettings:
+    """Every knob of the probe; defaults are the paper's (lr None = 0.08 for CNNs, 0.008 for ViTs)."""
+    epochs: int = 100
+    batch_size: int = 2048
+    lr: float | None = None  # base lr, scaled by batch_size/256
+    warmup_epochs: int = 10
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    n_last_blocks: int = 4
+    avgpool: bool = False
+    image_size: int = 224
+    eval_every: int = 1
+    workers: int = 0
+    # fast mode
+    lr_grid: tuple[float, ...] = field(default=DEFAULT_LR_GRID)
+    holdout: float = 0.1
+
+
+def default_base_lr(backbone: nn.Module) -> float:
+    return BASE_LR_VIT if is_vit(backbone) else BASE_LR_CNN
+
+
+def effective_blocks(backbone: nn.Module, n_last_blocks: int) -> int:
+    """n_last_blocks capped at the ViT's depth (1 for CNNs, where it does not apply)."""
+    return min(n_last_blocks, len(backbone.blocks)) if is_vit(backbone) else 1
+
+
+def probe_features(backbone: nn.Module, x: torch.Tensor, n_last_blocks: int = 4,
+                   avgpool: bool = False) -> torch.Tensor:
+    """x [B, 3, H, W] -> features [B, D] for the linear layer.
+
+    ViT: CLS tokens of the last n blocks, each through the final norm, concatenated (D = n*C), plus the mean
+    patch token of the last block when `avgpool` (D = (n+1)*C), as in DINO's eval_linear. CNN: pooled output.
+    """
+    if not is_vit(backbone):
+        return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
+    n = effective_blocks(backbone, n_last_blocks)
+    out = backbone.forward_intermediates(x, indices=n, return_prefix_tokens=True, norm=True, output_fmt="NLC",
+                                         intermediates_only=True, stop_early=True)
+    # each entry: (patch tokens [B, N, C], prefix tokens [B, P, C]), or bare patch tokens for models without
+    # prefix tokens, whose "CLS" is then the mean token through the model's own pooled-feature norm
+    out = [o if isinstance(o, tuple) else (o, None) for o in out]
+    fc_norm = getattr(backbone, "fc_norm", nn.Identity())
+    cls = [prefix[:, 0] if prefix is not None and prefix.shape[1] else fc_norm(tokens.mean(1))
+           for tokens, prefix in out]
+    if avgpool:
+        cls.append(out[-1][0].mean(dim=1))
+    return torch.cat(cls, dim=-1)
+
+
+def probe_dim(backbone: nn.Module, n_last_blocks: int = 4, avgpool: bool = False) -> int:
+    if not is_vit(backbone):
+        return global_dim(backbone)
+    return backbone.embed_dim * (effective_blocks(backbone, n_last_blocks) + int(avgpool))
+
+
+def new_linear(dim: int, num_classes: int) -> nn.Linear:
+    """DINO's init: weights N(0, 0.01), zero bias."""
+    layer = nn.Linear(dim, num_classes)
+    nn.init.normal_(layer.weight, std=0.01)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+# ----------------------------------------------------------------------------------------------- full protocol
+
+def train_linear_probe(backbone: nn.Module, train_set, val_set, num_classes: int, *, settings: LinearSettings,
+                       device: torch.device, precision: str = "bf16", seed: int = 0,
+                       log: Callable[[str], None] = print, layer: nn.Linear | None = None) -> dict:
+    """Train one linear layer on the frozen `backbone` (datasets yield (image [3,H,W], label)).
+
+    `layer` (optional) is trained in place instead of a freshly initialised one. Returns metrics: top1/top5 (%)
+    at the best epoch (by val top-1), best_epoch, final_top1/final_top5, base_lr, lr.
+    """
+    backbone = backbone.to(device).eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(seed)
+    if layer is None:
+        layer = new_linear(probe_dim(backbone, settings.n_last_blocks, settings.avgpool), num_classes)
+    layer = layer.to(device)
+    head: nn.Module = layer
+    if dist.world_size() > 1:
+        head = nn.parallel.DistributedDataParallel(layer, device_ids=[device.index] if device.type == "cuda" else None)
+    base_lr = settings.lr if settings.lr is not None else default_base_lr(backbone)
+    peak = scaled_lr(base_lr, settings.batch_size)
+    opt = torch.optim.SGD(layer.parameters(), lr=peak, momentum=settings.momentum,
+                          weight_decay=settings.weight_decay)
+    loader, sampler = train_loader(train_set, settings.batch_size, seed=seed, workers=settings.workers)
+    val = eval_loader(val_set, settings.batch_size, workers=settings.workers)
+    steps = len(loader)
+    schedule = warmup_cosine(peak, settings.epochs * steps, settings.warmup_epochs * steps)
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(device, precision):
+            f = probe_features(backbone, images, settings.n_last_blocks, settings.avgpool)
+        return f.float()
+
+    best = {"top1": -1.0, "top5": 0.0, "epoch": 0}
+    last = {"top1": 0.0, "top5": 0.0}
+    step = 0
+    for epoch in range(settings.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        head.train()
+        loss_sum, n_seen = torch.zeros((), device=device), 0
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            set_lr(opt, float(schedule[step]))
+            loss = F.cross_entropy(head(features(images)), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * labels.numel()
+            n_seen += labels.numel()
+            step += 1
+        check_finite(loss_sum, "linear probe")
+        if (epoch + 1) % settings.eval_every == 0 or epoch + 1 == settings.epochs:
+            head.eval()
+            last = evaluate(lambda x: layer(features(x)), val, device, "fp32")
+            if last["top1"] > best["top1"]:
+                best = {**last, "epoch": epoch + 1}
+            log(f"  epoch {epoch + 1}/{settings.epochs}  loss {loss_sum.item() / max(n_seen, 1):.4f}  "
+                f"val top1 {last['top1']:.2f}  top5 {last['top5']:.2f}  (best {best['top1']:.2f} @ {best['epoch']})")
+    return {"top1": best["top1"], "top5": best["top5"], "best_epoch": best["epoch"],
+            "final_top1": last["top1"], "final_top5": last["top5"], "base_lr": base_lr, "lr": peak,
+            "headline": "top1"}
+
+
+# ----------------------------------------------------------------------------------------------- fast mode
+
+class LinearBank(nn.Module):
+    """L independent linear layers [L, C, D] applied to the same input: x [B, D] -> logits [L, B, C].
+
+    Every layer starts from the same DINO-style init (drawn once from the seeded RNG), so layer l is exactly
+    the layer a single-lr run with that seed would train.
+    """
+
+    def __init__(self, n_layers: int, dim: int, num_classes: int):
+        super().__init__()
+        ref = new_linear(dim, num_classes)
+        self.weight = nn.Parameter(ref.weight.detach()[None].repeat(n_layers, 1, 1))
+        self.bias = nn.Parameter(ref.bias.detach()[None].repeat(n_layers, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bd,lcd->lbc", x, self.weight) + self.bias[:, None, :]
+
+
+def train_linear_bank(x: torch.Tensor, y: torch.Tensor, lrs: Sequence[float], *, num_classes: int, epochs: int,
+                      batch_size: int, warmup_epochs: int, momentum: float = 0.9, weight_decay: float = 0.0,
+                      seed: int = 0, device: torch.device | str = "cpu") -> LinearBank:
+    """Train one linear layer per peak lr in `lrs` on features x [N, D], labels y [N], all on the same batches.
+
+    Each layer follows SGD with momentum (torch.optim.SGD's update, no dampening) on its own cross-entropy,
+    with its own warm-up + cosine schedule; the batches come from a generator seeded with `seed`.
+    """
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    bank = LinearBank(len(lrs), x.shape[1], num_classes).to(device)
+    x, y = x.to(device), y.to(device)
+    n = x.shape[0]
+    steps = -(-n // batch_size)
+    unit = warmup_cosine(1.0, epochs * steps, warmup_epochs * steps)  # schedule shape; scaled per layer
+    peaks = torch.tensor(list(lrs), dtype=torch.float32, device=device)
+    bufs = [torch.zeros_like(p) for p in bank.parameters()]
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).to(device)
+        for i in range(steps):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            logits = bank(x[idx])  # [L, b, C]
+            # sum of the layers' mean losses: each layer gets exactly the gradient of its own loss
+            loss = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(len(lrs)), reduction="sum") / idx.numel()
+            bank.zero_grad(set_to_none=True)
+            loss.backward()
+            lr = peaks * float(unit[step])
+            with torch.no_grad():
+                for p, buf in zip(bank.parameters(), bufs):
+                    g = p.grad + weight_decay * p if weight_decay else p.grad
+                    buf.mul_(momentum).add_(g)
+                    p.sub_(lr.view(-1, *([1] * (p.dim() - 1))) * buf)
+            step += 1
+    return bank
+
+
+@torch.no_grad()
+def bank_accuracy(bank: LinearBank, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Top-1 and top-5 accuracy (%) of every layer: x [N, D], y [N] -> [L, 2]."""
+    dev = bank.weight.device
+    hits = torch.zeros(bank.weight.shape[0], 2, device=dev)
+    for s in range(0, x.shape[0], chunk):
+        logits = bank(x[s:s + chunk].to(dev))  # [L, b, C]
+        yy = y[s:s + chunk].to(dev)
+        hits += torch.stack([topk_correct(lg, yy) for lg in logits])
+    return 100.0 * hits / max(x.shape[0], 1)
+
+
+def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices of labels [N] into (train [N - M], held out [M]): `fraction` of every class, seeded,
+    at least one held-out sample per class that has two or more."""
+    gen = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        m = int(round(fraction * idx.numel()))
+        m = min(max(m, 1 if idx.numel() > 1 else 0), idx.numel() - 1)
+        held.append(idx[:m])
+        keep.append(idx[m:])
+    return torch.cat(keep).sort().values, torch.cat(held).sort().values
+
+
+def fast_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
+                      num_classes: int, settings: LinearSettings, seed: int = 0,
+                      device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> dict:
+    """Grid-search the lr on cached features: train_x [N, D], val_x [M, D] (labels [N], [M]).
+
+    A `settings.holdout` fraction of the training features (stratified, seeded) picks the best base lr of
+    `settings.lr_grid`; its layer's val accuracy is the result.
+    """
+    fit_idx, hold_idx = stratified_holdout(train_y, settings.holdout, seed)
+    base = list(settings.lr_grid)
+    peaks = [scaled_lr(b, settings.batch_size) for b in base]
+    bank = train_linear_bank(train_x[fit_idx], train_y[fit_idx], peaks, num_classes=num_classes,
+                             epochs=settings.epochs, batch_size=settings.batch_size,
+                             warmup_epochs=settings.warmup_epochs, momentum=settings.momentum,
+                             weight_decay=settings.weight_decay, seed=seed, device=device)
+    hold = bank_accuracy(bank, train_x[hold_idx], train_y[hold_idx])  # [L, 2]
+    # best held-out top-1; ties go to the better top-5, then the smaller lr
+    best = max(range(len(base)), key=lambda i: (hold[i, 0].item(), hold[i, 1].item(), -base[i]))
+    val = bank_accuracy(bank, val_x, val_y)
+    for i, b in enumerate(base):
+        log(f"  lr {b:<8g} held-out top1 {hold[i, 0].item():6.2f}   val top1 {val[i, 0].item():6.2f}"
+            f"{'  <- chosen' if i == best else ''}")
+    if len(base) > 1 and base[best] in (min(base), max(base)):
+        log(f"  note: the chosen lr {base[best]:g} is at the edge of the grid; a wider --lr-grid may do better")
+    return {"top1": val[best, 0].item(), "top5": val[best, 1].item(), "best_lr": base[best],
+            "best_lr_scaled": peaks[best], "holdout_top1": hold[best, 0].item(),
+            "grid": {f"{b:g}": {"holdout_top1": hold[i, 0].item(), "val_top1": val[i, 0].item()}
+                     for i, b in enumerate(base)},
+            "n_fit": int(fit_idx.numel()), "n_holdout": int(hold_idx.numel()), "headline": "top1"}
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def _parse_floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
+    if value in (None, ""):
+        return None
+    try:
+        out = tuple(float(v) for v in str(value).split(",") if v.strip())
+    except ValueError as e:
+        raise click.BadParameter(f"expected comma-separated numbers such as 0.001,0.01,0.1, got {value!r}") from e
+    if not out or min(out) <= 0:
+        raise click.BadParameter(f"expected positive learning rates, got {value!r}")
+    return out
+
+
+def fast_features(m, spec, split: str, dataset, *, n_last_blocks: int, avgpool: bool, **kw):
+    """Cached eval-transform features [N, D] in the probe's layout (see `probe_features`), via features_for.
+
+    The feature cache knows 'lastn' (n CLS tokens) and 'avgpool' (last CLS + mean patch token); DINO's
+    combination of both (n > 1 with --avgpool) is assembled from the two cached sets.
+    """
+    n = effective_blocks(m.backbone, n_last_blocks)
+    if not is_vit(m.backbone):
+        return features_for(m, spec, split, dataset=dataset, mode="cls", **kw)
+    if not avgpool:
+        return features_for(m, spec, split, dataset=dataset, mode="lastn", n_last_blocks=n, **kw)
+    pooled = features_for(m, spec, split, dataset=dataset, mode="avgpool", **kw)
+    if n == 1:
+        return pooled
+    cls = features_for(m, spec, split, dataset=dataset, mode="lastn", n_last_blocks=n, **kw)
+    width = m.backbone.embed_dim
+    out = copy.copy(cls)
+    out.features = torch.cat([cls.features, pooled.features[:, width:]], dim=1)  # [N, (n+1)*C]
+    return out
+
+
+@click.command("linear")
+@checkpoint_options
+@data_options
+@out_option(default="results")
+@device_option
+@seed_option
+@batch_size_option
+@epochs_option
+@feature_options
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Base learning rate, scaled by batch/256 [default: 0.08 for CNNs, 0.008 for ViTs].")
+@click.option("--warmup-epochs", "warmup_epochs", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Epochs of linear lr warm-up before the cosine decay.")
+@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--weight-decay", "weight_decay", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="SGD weight decay (the paper uses none).")
+@click.option("--n-last-blocks", "n_last_blocks", type=click.IntRange(min=1), default=4, show_default=True,
+              help="ViTs: concatenate the CLS tokens of this many last blocks (capped at the depth).")
+@click.option("--avgpool", is_flag=True, help="ViTs: also append the mean patch token of the last block.")
+@click.option("--eval-every", "eval_every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Evaluate on val every N epochs (full protocol); the best epoch is reported.")
+@click.option("--fast", is_flag=True,
+              help="Train a grid of learning rates at once on cached eval-transform features and pick the best on "
+                   "a held-out part of the training set.")
+@click.option("--lr-grid", "lr_grid", callback=_parse_floats, default=None, metavar="LRS",
+              help="--fast: comma-separated base lrs [default: 1e-4 ... 1, 13 values].")
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+              show_default=True, help="--fast: fraction of each training class held out to pick the lr.")
+@debug_option
+def linear_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device,
+               seed, batch_size, epochs, image_size, precision, num_workers, cache_dir, no_cache, lr, warmup_epochs,
+               momentum, weight_decay, n_last_blocks, avgpool, eval_every, fast, lr_grid, holdout):
+    """Linear probe of CHECKPOINT's frozen features (paper Supp. A.2: SGD, batch 2048, 100 epochs, base lr
+    0.08 for CNNs / 0.008 for ViTs scaled by batch/256, 10 warm-up epochs, cosine, no weight decay).
+
+    --fast trains a grid of lrs together on cached features. Runs unchanged under torchrun.
+    """
+    dev = setup_run(device, seed)
+    prec = precision_for(precision, dev)
+    spec, train_ds, val_ds = load_eval_data(data, class_list)
+    echo(f"data: {spec}: {len(train_ds)} train / {len(val_ds)} val images, {len(train_ds.classes)} classes")
+    models = load_models_cli(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial)
+    num_classes = len(train_ds.classes)
+    rows = []
+    for m in models:
+        t0 = time.time()
+        size = resolve_image_size(spec, image_size, m.image_size)
+        s = LinearSettings(epochs=epochs or 100, batch_size=batch_size or 2048, lr=lr, warmup_epochs=warmup_epochs,
+                           momentum=momentum, weight_decay=weight_decay, n_last_blocks=n_last_blocks,
+                           avgpool=avgpool, image_size=size, eval_every=eval_every, workers=num_workers,
+                           lr_grid=lr_grid or DEFAULT_LR_GRID, holdout=holdout)
+        if s.warmup_epochs > s.epochs:
+            raise UserError(f"--warmup-epochs {s.warmup_epochs} is more than --epochs {s.epochs}")
+        n_eff = effective_blocks(m.backbone, n_last_blocks)
+        if is_vit(m.backbone) and n_eff < n_last_blocks:
+            echo(f"note: {m.label} has {n_eff} blocks; using the CLS tokens of all {n_eff}")
+        if fast:
+            echo(f"\nlinear --fast {m.label}: {len(s.lr_grid)} lrs, {s.epochs} epochs, batch {s.batch_size}, "
+                 f"{size} px, held-out {s.holdout:.0%}")
+            common = dict(device=dev, batch_size=EXTRACT_BATCH, precision=prec,
+                          image_size=size, num_workers=num_workers, cache=cache_dir, use_cache=not no_cache,
+                          progress=True, log=echo)
+            tr = fast_features(m, spec, "train", train_ds, n_last_blocks=n_last_blocks, avgpool=avgpool, **common)
+            va = fast_features(m, spec, "val", val_ds, n_last_blocks=n_last_blocks, avgpool=avgpool, **common)
+            # every rank trains the same bank on the same features (cheap), so no rank waits on another
+            metrics = fast_linear_probe(tr.features, tr.labels, va.features, va.labels, num_classes=num_classes,
+                                        settings=s, seed=seed, device=dev, log=echo)
+            dim = tr.features.shape[1]
+        else:
+            base = s.lr if s.lr is not None else default_base_lr(m.backbone)
+            echo(f"\nlinear {m.label}: {s.epochs} epochs, batch {s.batch_size}, base lr {base:g} "
+                 f"(lr {scaled_lr(base, s.batch_size):g}), {size} px, {prec}")
+            fit_input_size(m.backbone, size)
+            tr_set, va_set = copy.copy(train_ds), copy.copy(val_ds)
+            tr_set.transform = train_transform(size)
+            va_set.transform = eval_transform(size, spec.native_size is not None)
+            metrics = train_linear_probe(m.backbone, tr_set, va_set, num_classes, settings=s, device=dev,
+                                         precision=prec, seed=seed, log=echo)
+            dim = probe_dim(m.backbone, n_last_blocks, avgpool)
+        settings = {**asdict(s), "mode": "fast" if fast else "full", "n_last_blocks": n_eff,
+                    "feature_dim": dim, "precision": prec, "seed": seed, "world_size": dist.world_size()}
+        if not fast:
+            settings.pop("lr_grid"), settings.pop("holdout")
+            settings["lr"] = metrics["base_lr"]
+        m.backbone.to("cpu")  # free the accelerator for the next model
+        rows.append([m.label, m.checkpoint.get("arch"), metrics["top1"], metrics["top5"],
+                     f"{metrics['best_lr']:g}" if fast else metrics["best_epoch"]])
+        if dist.is_main():
+            path = write_record(out, task="linear",
+                                checkpoint={**m.checkpoint, "load_report": m.report.as_dict_brief()},
+                                data=data_record(spec, train_ds, val_ds), settings=settings, metrics=metrics,
+                                wall_time_s=time.time() - t0, device=dev)
+            echo(f"record: {path}")
+    echo("")
+    echo(markdown_table(["model", "arch", "top-1 (%)", "top-5 (%)", "best lr" if fast else "best epoch"], rows))
+    dist.barrier()
