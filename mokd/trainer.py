@@ -22,7 +22,7 @@ from mokd.config import Config, save_yaml, to_dict
 from mokd.data import build_dataset, parse_data_spec
 from mokd.device import autocast, grad_scaler, resolve_device, resolve_precision
 from mokd.errors import UserError
-from mokd.models.backbones import is_vit
+from mokd.models.backbones import is_vit, set_fused_attention
 from mokd.models.mokd import NETS, MOKDModel
 from mokd.optim import Schedules, apply_schedules, build_optimizer, build_schedules, resolve_optimizer
 from mokd.runlog import RunLog, peak_memory_mb
@@ -73,6 +73,8 @@ def build_loader(cfg: Config, dist_info: distributed.DistInfo) -> tuple[torch.ut
 def build_state(cfg: Config, device: torch.device, steps_per_epoch: int, dist_info: distributed.DistInfo) -> TrainState:
     model = MOKDModel(cfg).to(device)
     precision = resolve_precision(cfg.optim.precision, device)
+    if device.type == "cpu" and precision == "bf16":
+        set_fused_attention(model, False)
     for n in NETS:
         branch = model.student[n]
         if branch.channels_last:
@@ -106,6 +108,34 @@ def last_layer_params(branch: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def train_step(state: TrainState, crops: list[torch.Tensor], step: int, freeze_last_layer: bool,
+               cfg: Config) -> dict[str, torch.Tensor]:
+    """One optimisation step of both models on one batch of crops; returns the named losses (8 terms + totals)."""
+    model = state.model
+    for n in NETS:
+        apply_schedules(state.optimizers[n], state.schedules[n], step)
+    with autocast(state.device, state.precision):
+        losses = model(crops, float(state.teacher_temp[step]))
+    losses.update(model.total_losses(losses))
+    _check_finite(losses, step, step // state.steps_per_epoch)
+
+    for opt in state.optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    state.scaler.scale(losses["loss1"] + losses["loss2"]).backward()
+    for n in NETS:
+        state.scaler.unscale_(state.optimizers[n])
+        clip = getattr(cfg, n).clip_grad
+        if clip > 0:
+            nn.utils.clip_grad_norm_(model.student[n].parameters(), clip)
+        if freeze_last_layer:
+            for p in last_layer_params(model.student[n]):
+                p.grad = None
+        state.scaler.step(state.optimizers[n])
+    state.scaler.update()
+    model.update_teachers({n: float(state.schedules[n].momentum[step]) for n in NETS})
+    return losses
+
+
 def train_one_epoch(state: TrainState, loader, epoch: int, cfg: Config, log: RunLog) -> dict[str, float]:
     """One pass over the loader; returns the epoch's mean of every logged quantity."""
     model, device = state.model, state.device
@@ -116,29 +146,8 @@ def train_one_epoch(state: TrainState, loader, epoch: int, cfg: Config, log: Run
     progress = _progress(loader, epoch, cfg.optim.epochs, show)
     for it, (crops, _) in enumerate(progress):
         step = epoch * state.steps_per_epoch + it
-        for n in NETS:
-            apply_schedules(state.optimizers[n], state.schedules[n], step)
         crops = [c.to(device, non_blocking=True) for c in crops]
-        with autocast(device, state.precision):
-            losses = model(crops, float(state.teacher_temp[step]))
-        losses.update(model.total_losses(losses))
-        _check_finite(losses, step, epoch)
-
-        for opt in state.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        state.scaler.scale(losses["loss1"] + losses["loss2"]).backward()
-        for n in NETS:
-            state.scaler.unscale_(state.optimizers[n])
-            clip = getattr(cfg, n).clip_grad
-            if clip > 0:
-                nn.utils.clip_grad_norm_(model.student[n].parameters(), clip)
-            if epoch < cfg.optim.freeze_last_layer:
-                for p in last_layer_params(model.student[n]):
-                    p.grad = None
-            state.scaler.step(state.optimizers[n])
-        state.scaler.update()
-        model.update_teachers({n: float(state.schedules[n].momentum[step]) for n in NETS})
-
+        losses = train_step(state, crops, step, freeze_last_layer=epoch < cfg.optim.freeze_last_layer, cfg=cfg)
         values = {k: v.detach().float() for k, v in losses.items()}
         stacked = distributed.all_reduce_mean(torch.stack(list(values.values())))
         record = dict(zip(values, stacked.tolist()))
@@ -166,7 +175,8 @@ def _progress(loader, epoch: int, epochs: int, show: bool):
         return loader
     from tqdm import tqdm
 
-    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (cluster logs), the per-epoch line stays
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True, disable=None)
 
 
 def _check_finite(losses: dict[str, torch.Tensor], step: int, epoch: int) -> None:
@@ -227,7 +237,7 @@ def knn_monitor(state: TrainState, cfg: Config, epoch: int, log: RunLog) -> dict
         backbone.train(was_training)
         if distributed.is_main():
             res = knn_evaluate(train_f, train_l, test_f, test_l, ks=(cfg.train.knn_k,),
-                               num_classes=len(train_set.classes))
+                               num_classes=len(train_set.classes), log=None)
             out[n] = res["top1"][cfg.train.knn_k]
     if distributed.is_main():
         when = "initialisation" if epoch == 0 else f"epoch {epoch}"

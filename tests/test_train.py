@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import TINY_OVERRIDES
+from tests.tiny import TINY_OVERRIDES
 from mokd import distributed
 from mokd.cli import cli
 from mokd.checkpoint import load_file

@@ -93,3 +93,17 @@ def feature_grid(model: nn.Module, image_size: int) -> tuple[int, int]:
 def _vit_grid(model: nn.Module, image_size: int) -> tuple[int, int]:
     p = model.patch_embed.patch_size
     return image_size // p[0], image_size // p[1]
+
+
+def set_fused_attention(module: nn.Module, enabled: bool) -> int:
+    """Switch timm's fused scaled-dot-product attention on or off in every attention layer; returns the count.
+
+    On the CPU, the fused kernel's bf16 backward is slower than the explicit q.k softmax path (whose matrix
+    products use AMX), so CPU training in bf16 turns it off.
+    """
+    n = 0
+    for m in module.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = enabled
+            n += 1
+    return n

@@ -1,0 +1,13 @@
+"""A tiny CNN + ViT pair on 48 digits at 32 px: the configuration most trainer tests start from."""
+
+TINY_OVERRIDES = [
+    "net1.arch=test_resnet", "net1.small_stem=true", "net1.kwargs={}",
+    "net2.arch=test_vit", "net2.kwargs={img_size: 32, patch_size: 8}", "net2.small_stem=false",
+    "augment.global_size=32", "augment.local_size=16", "augment.local_crops=2",
+    "head.out_dim=64", "head.hidden_dim=32", "head.bottleneck_dim=16",
+    "thead.dim=32", "thead.num_heads=2", "thead.depth=1",
+    "optim.epochs=2", "optim.batch_size=16", "optim.warmup_epochs=1", "optim.precision=fp32",
+    "loss.warmup_teacher_temp_epochs=1",
+    "data.spec=digits", "data.num_workers=0", "data.subset=48",
+    "train.knn_every=0", "train.progress=false", "train.log_every=1", "train.save_every=0",
+]
