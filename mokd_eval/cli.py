@@ -6,6 +6,8 @@ import importlib
 
 import click
 
+from mokd.cli_common import debug_option
+
 EVAL_COMMANDS = {
     "knn": ("mokd_eval.knn", "knn_cmd"),
     "linear": ("mokd_eval.linear", "linear_cmd"),
@@ -37,6 +39,11 @@ def eval_cli():
 
 @click.command("report")
 @click.argument("directory", type=click.Path(file_okay=False))
+@debug_option
 def report_cmd(directory):
-    """Render the result records in DIRECTORY as Markdown and CSV tables."""
-    raise click.ClickException("report: not built yet")
+    """Render the result records in DIRECTORY as Markdown and CSV tables (DIRECTORY/report.md, report.csv)."""
+    from mokd_eval.report import write_report
+
+    md, md_path, csv_path = write_report(directory)
+    click.echo(md)
+    click.echo(f"written: {md_path}, {csv_path}")

@@ -1,0 +1,142 @@
+"""CLI plumbing shared by every `mokd eval` protocol: checkpoint and feature options, loading with a printed
+report, device/distributed set-up, and the data split pair with its class check.
+
+A protocol command reads:
+
+    @click.command("knn")
+    @checkpoint_options
+    @data_options
+    @feature_options
+    ...
+    def knn_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, ...):
+        device = setup_run(device, seed)
+        spec, train_ds, val_ds = load_eval_data(data, class_list)
+        for m in load_models_cli(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial): ...
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import click
+import numpy as np
+import torch
+
+from mokd import distributed as dist
+from mokd.cli_common import resolve_data
+from mokd.data import DataSpec, ImageDataset, build_dataset, check_same_classes
+from mokd.device import resolve_device, resolve_precision
+from mokd.errors import UserError
+from mokd_eval.loader import LoadedModel, load_models
+
+
+def echo(message: str = "") -> None:
+    """click.echo on rank 0 only."""
+    if dist.is_main():
+        click.echo(message)
+
+
+def _parse_kwargs(ctx, param, value):
+    if value in (None, ""):
+        return None
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError:
+        out = {}
+        for item in value.split(","):
+            k, sep, v = item.partition("=")
+            if not sep:
+                raise click.BadParameter(f"expected JSON or key=value,... such as img_size=32,patch_size=4; got {value!r}")
+            try:
+                out[k.strip()] = json.loads(v)
+            except json.JSONDecodeError:
+                out[k.strip()] = v.strip()
+    if not isinstance(out, dict):
+        raise click.BadParameter(f"expected a mapping, got {value!r}")
+    return out
+
+
+def checkpoint_options(f):
+    """CKPT argument plus --model, --branch, --arch, --arch-kwargs, --key, --allow-partial."""
+    options = [
+        click.argument("checkpoint", type=click.Path(dir_okay=False)),
+        click.option("--model", default=None, metavar="NAME",
+                     help="MOKD checkpoints: net1 or net2 (default: both); official MOKD files: cnn or vit."),
+        click.option("--branch", type=click.Choice(["teacher", "student"]), default=None,
+                     help="Which branch to load (default: teacher; MoCo and solo-learn: the query/online encoder)."),
+        click.option("--arch", default=None, metavar="TIMM_NAME",
+                     help="timm architecture when the file does not name it (official MOKD files: CNN,VIT)."),
+        click.option("--arch-kwargs", "arch_kwargs", default=None, callback=_parse_kwargs, metavar="KWARGS",
+                     help="Extra timm.create_model arguments, as JSON or k=v,... (e.g. img_size=32,patch_size=4)."),
+        click.option("--key", default=None, metavar="NAME",
+                     help="Sub-dict (dotted) or key prefix holding the backbone weights, for unknown layouts."),
+        click.option("--allow-partial", "allow_partial", is_flag=True,
+                     help="Evaluate even if not every backbone tensor matched (the rest keep their random init)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def feature_options(f):
+    """--image-size, --precision, --num-workers, --cache-dir, --no-cache."""
+    options = [
+        click.option("--image-size", "image_size", type=click.IntRange(min=8), default=None,
+                     help="Evaluation crop size (default: 224 for image folders, the native size for small images)."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                     show_default=True, help="Autocast precision of feature extraction."),
+        click.option("--num-workers", "num_workers", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Data-loading worker processes."),
+        click.option("--cache-dir", "cache_dir", type=click.Path(file_okay=False), default=None,
+                     help="Feature cache folder (default: $MOKD_CACHE or ~/.cache/mokd/features)."),
+        click.option("--no-cache", "no_cache", is_flag=True, help="Neither read nor write the feature cache."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def setup_run(device: str | None, seed: int = 0) -> torch.device:
+    """Resolve the device, join the torchrun process group if there is one, seed every RNG."""
+    dev = resolve_device(device)
+    dist.init_distributed(dev.type)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return dev
+
+
+def precision_for(precision: str, device: torch.device) -> str:
+    return resolve_precision(precision, device)
+
+
+def load_eval_data(data: str | None, class_list: str | None) -> tuple[DataSpec, ImageDataset, ImageDataset]:
+    """Both splits of --data, checked to share one class list (no images are decoded here)."""
+    spec = resolve_data(data, class_list)
+    train, val = build_dataset(spec, "train"), build_dataset(spec, "val")
+    check_same_classes(train, val)
+    if len(train) == 0 or len(val) == 0:
+        raise UserError(f"{spec}: the {'train' if len(train) == 0 else 'val'} split holds no images")
+    return spec, train, val
+
+
+def data_record(spec: DataSpec, train: ImageDataset, val: ImageDataset) -> dict:
+    """The result record's `data` field."""
+    return {"spec": str(spec), "kind": spec.kind, "train_size": len(train), "val_size": len(val),
+            "num_classes": len(train.classes), "classes": list(train.classes)}
+
+
+def load_models_cli(checkpoint: str, model: str | None, branch: str | None, arch: str | None,
+                    arch_kwargs: dict | None, key: str | None, allow_partial: bool) -> list[LoadedModel]:
+    """load_models, printing one load report per model (rank 0)."""
+    models = load_models(checkpoint, model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs, key=key,
+                         allow_partial=allow_partial)
+    for m in models:
+        c = m.checkpoint
+        echo(f"loaded {m.label}: {c['arch']} from {checkpoint} [{c['format']}"
+             f"{', ' + c['branch'] if c.get('branch') else ''}]")
+        echo(f"  {m.report.summary()}")
+        for note in m.report.notes:
+            echo(f"  note: {note}")
+    return models

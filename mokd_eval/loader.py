@@ -1,0 +1,218 @@
+"""Any SSL checkpoint -> timm backbone(s) with a report of what matched.
+
+    models = load_models("dino_deitsmall16_pretrain_full_checkpoint.pth", arch="vit_small_patch16_224")
+    print(models[0].report.summary())
+
+The file is read with `torch.load(weights_only=True)` (argparse.Namespace, which DINO and the official MOKD
+code store as `args`, is allowed as well: it holds plain values only). Its layout is recognised by the
+detectors in `mokd_eval.formats.FORMATS`; the backbone weights are matched by name and shape against the
+timm model, heads (fc, head, projector, prototypes, ...) are ignored and reported, and anything short of
+every backbone tensor matched is an error unless `allow_partial`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mokd.checkpoint import load_file
+from mokd.errors import UserError
+from mokd.models.backbones import create_backbone
+from mokd_eval.formats import FORMATS, Candidate, Request, detect, select_key
+
+# Keys that belong to a classifier or an SSL head rather than to the backbone.
+HEAD_PREFIXES = ("fc.", "head.", "heads.", "head_dist.", "classifier.", "projector.", "projection_head.",
+                 "projection.", "predictor.", "prototypes.", "prototype.", "mlp_head.", "thead.", "last_layer.")
+# Buffers that carry no information for inference; old checkpoints lack them.
+OPTIONAL_SUFFIXES = ("num_batches_tracked",)
+
+
+@dataclass
+class LoadReport:
+    """Outcome of matching a checkpoint's backbone tensors to a model's state dict."""
+
+    matched: int
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]  # "key: file shape vs model shape"
+    total: int  # tensors in the model's state dict
+    ignored: list[str] = field(default_factory=list)  # heads and other parts of the file left out on purpose
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.mismatched
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def as_dict_brief(self, n: int = 10) -> dict:
+        """Counts, and the first `n` keys of each list (for result records)."""
+        out: dict = {"matched": self.matched, "total": self.total}
+        for name in ("missing", "mismatched", "unexpected", "ignored"):
+            keys = getattr(self, name)
+            out[name] = len(keys)
+            if keys and name != "ignored":
+                out[f"{name}_keys"] = keys[:n]
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
+
+    def summary(self) -> str:
+        parts = [f"matched {self.matched}/{self.total} backbone tensors",
+                 f"missing {len(self.missing)}", f"shape-mismatched {len(self.mismatched)}",
+                 f"unexpected {len(self.unexpected)}", f"ignored {len(self.ignored)}{_ignored_groups(self.ignored)}"]
+        return "; ".join(parts)
+
+
+@dataclass
+class LoadedModel:
+    backbone: nn.Module  # timm model, eval mode, num_classes=0, weights loaded
+    label: str  # "net1-teacher" for ours, "<file stem>" (or "<stem>:<part>") for third-party files
+    arch: dict  # {"name", "kwargs", "small_stem"}
+    report: LoadReport
+    checkpoint: dict  # result-record field: {"path", "sha256", "format", "model", "branch", "arch", "label", ...}
+    image_size: int | None  # training resolution when known (ours: config.augment.global_size)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """load_file with argparse.Namespace allowed (DINO/MOKD `args`); still weights_only."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return load_file(path)
+
+
+def load_models(path: str | Path, *, model: str | None = None, branch: str | None = None, arch: str | None = None,
+                arch_kwargs: dict | None = None, key: str | None = None, allow_partial: bool = False
+                ) -> list[LoadedModel]:
+    """Load the backbone(s) of a checkpoint file.
+
+    Ours: both models' teachers by default (`model=None`), or the one named; `branch` picks teacher/student.
+    Third-party: one model; `arch` names the timm architecture when the file does not; `key` selects a
+    sub-dict (or key prefix) by hand. Raises UserError for unreadable files, unknown layouts, unknown or
+    ill-fitting architectures, and (unless `allow_partial`) any backbone tensor left unmatched.
+    """
+    path = Path(path)
+    obj = read_checkpoint(path)
+    req = Request(model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs)
+    if key is not None:
+        state, ignored = select_key(obj, key)
+        fmt, candidates = f"key:{key}", [Candidate(key, state, ignored, None, None, branch)]
+    else:
+        fmt = detect(obj)
+        if fmt is None:
+            raise UserError(f"{path}: unknown checkpoint layout. Top-level keys: {_describe_keys(obj)}. Formats "
+                            f"tried: {', '.join(FORMATS)}. Use --key NAME to pick the sub-dict (or key prefix) "
+                            f"that holds the backbone weights.")
+        candidates = FORMATS[fmt].extract(obj, req)
+        if path.suffix == ".safetensors":
+            fmt = "safetensors"
+    if model is not None and fmt not in ("mokd", "mokd-official"):
+        raise UserError(f"--model applies to MOKD checkpoints (two models in one file); {path.name} is {fmt}")
+    sha = file_sha256(path)
+    out = []
+    for cand in candidates:
+        a = _resolve_arch(cand, req, fmt, path)
+        backbone = create_backbone(a["name"], a["kwargs"], a["small_stem"])
+        report = match_and_load(backbone, cand.state, cand.ignored)
+        label = cand.label if fmt == "mokd" else f"{path.stem}" + (f":{cand.label}" if len(candidates) > 1 else "")
+        _check(report, a["name"], path, label, allow_partial, _arch_hint(cand.state))
+        backbone.eval()
+        ckpt = {"path": str(path.resolve()), "sha256": sha, "format": fmt, "model": cand.model,
+                "branch": cand.branch, "arch": a["name"], "arch_kwargs": a["kwargs"], "label": label,
+                **{k: v for k, v in cand.extra.items() if v is not None}}
+        out.append(LoadedModel(backbone, label, a, report, ckpt, cand.image_size))
+    return out
+
+
+def _resolve_arch(cand: Candidate, req: Request, fmt: str, path: Path) -> dict:
+    if fmt != "mokd" and req.arch and fmt != "mokd-official":
+        return {"name": req.arch, "kwargs": dict(req.arch_kwargs or {}), "small_stem": False}
+    if cand.arch is not None and cand.arch.get("name"):
+        a = dict(cand.arch)
+        if req.arch_kwargs and fmt != "mokd":
+            a["kwargs"] = {**a.get("kwargs", {}), **req.arch_kwargs}
+        return a
+    raise UserError(f"{path.name} ({fmt}) does not name its architecture: pass --arch with the timm model name "
+                    f"(e.g. resnet50, vit_small_patch16_224){_arch_hint(cand.state)}")
+
+
+def _arch_hint(state: dict) -> str:
+    """A guess from the tensors, to help choose --arch."""
+    if "pos_embed" in state and "patch_embed.proj.weight" in state:
+        w = state["patch_embed.proj.weight"]
+        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        return f"; the weights look like a ViT with width {w.shape[0]}, patch {w.shape[-1]}, depth {depth}"
+    if "layer1.0.conv1.weight" in state:
+        blocks = [len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
+        bottleneck = "layer1.0.conv3.weight" in state
+        return f"; the weights look like a ResNet with blocks {blocks} ({'bottleneck' if bottleneck else 'basic'})"
+    return ""
+
+
+def match_and_load(backbone: nn.Module, state: dict[str, torch.Tensor], ignored: list[str] | None = None
+                   ) -> LoadReport:
+    """Copy every tensor of `state` whose name and shape fit `backbone`; report the rest."""
+    target = backbone.state_dict()
+    matched, mismatched, unexpected, ignored = {}, [], [], list(ignored or [])
+    for k, v in state.items():
+        if k in target:
+            if tuple(v.shape) == tuple(target[k].shape):
+                matched[k] = v
+            else:
+                mismatched.append(f"{k}: {tuple(v.shape)} in file vs {tuple(target[k].shape)} in model")
+        elif k.startswith(HEAD_PREFIXES):
+            ignored.append(k)
+        else:
+            unexpected.append(k)
+    mismatched_keys = {m.split(":")[0] for m in mismatched}
+    missing = [k for k in target if k not in matched and k not in mismatched_keys and not k.endswith(OPTIONAL_SUFFIXES)]
+    backbone.load_state_dict(matched, strict=False)
+    return LoadReport(len(matched), missing, unexpected, mismatched, len(target), ignored)
+
+
+def _check(report: LoadReport, arch: str, path: Path, label: str, allow_partial: bool, hint: str = "") -> None:
+    if report.matched == 0 or (report.mismatched and report.matched < report.total // 2):
+        detail = "; ".join(report.mismatched[:3]) or f"file keys such as {', '.join(report.unexpected[:3])}"
+        raise UserError(f"{path.name} ({label}) does not fit architecture {arch!r}: {report.summary()}. "
+                        f"For example: {detail}. Check --arch (and --arch-kwargs such as img_size/patch_size)"
+                        f"{hint}.")
+    if report.complete or allow_partial:
+        if not report.complete:
+            report.notes.append("partial load allowed (--allow-partial): unmatched tensors keep their random init")
+        return
+    bad = report.missing[:5] + report.mismatched[:3]
+    raise UserError(f"{path.name} ({label}) fits {arch!r} only partly: {report.summary()}. Not matched: "
+                    f"{', '.join(bad)}{' ...' if len(report.missing) + len(report.mismatched) > len(bad) else ''}. "
+                    f"Use --allow-partial to evaluate anyway.")
+
+
+def _describe_keys(obj: Any, n: int = 15) -> str:
+    if not isinstance(obj, dict):
+        return f"(not a dict: {type(obj).__name__})"
+    keys = [str(k) for k in obj]
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _ignored_groups(keys: list[str]) -> str:
+    if not keys:
+        return ""
+    groups: dict[str, int] = {}
+    for k in keys:
+        g = k.split(".")[0] + ".*"
+        groups[g] = groups.get(g, 0) + 1
+    shown = ", ".join(f"{g}: {n}" for g, n in list(groups.items())[:6])
+    return f" ({shown}{', ...' if len(groups) > 6 else ''})"
