@@ -24,6 +24,7 @@ from torch import nn
 
 from mokd.cli_common import debug_option
 from mokd.errors import UserError
+from mokd_eval.common import checkpoint_options
 
 TARGETS = ("detectron2", "timm", "torchvision")
 RESNET_DEPTHS = {(2, 2, 2, 2, "basic"): 18, (3, 4, 6, 3, "basic"): 34, (3, 4, 6, 3, "bottleneck"): 50,
@@ -203,46 +204,31 @@ def _is_plain_resnet(backbone: nn.Module) -> bool:
         return False
 
 
-def load_one(checkpoint: str, *, target: str, model: str | None, branch: str, arch: str | None, key: str | None,
-             allow_partial: bool):
-    from mokd_eval.loader import load_models
+def load_one(checkpoint: str, *, target: str, model: str | None, branch: str | None, arch: str | None,
+             arch_kwargs: dict | None, key: str | None, allow_partial: bool):
+    """The loader's models for CHECKPOINT (report printed), narrowed to the one `target` takes."""
+    from mokd_eval.common import load_models_cli
 
-    models = load_models(checkpoint, model=model, branch=branch, arch=arch, key=key, allow_partial=allow_partial)
+    models = load_models_cli(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial)
     return pick_model(models, target, model)
 
 
-def model_options(f):
-    """--model/--branch/--arch/--key/--allow-partial: which backbone of a checkpoint, as the loader takes them."""
-    f = click.option("--allow-partial", is_flag=True,
-                     help="Accept a checkpoint that fills only part of the backbone (below the match threshold).")(f)
-    f = click.option("--key", default=None,
-                     help="Sub-dict of a third-party checkpoint holding the weights (e.g. state_dict).")(f)
-    f = click.option("--arch", default=None,
-                     help="timm architecture of a third-party checkpoint (ours record it), e.g. resnet50.")(f)
-    f = click.option("--branch", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True,
-                     help="Which branch of a MOKD checkpoint.")(f)
-    f = click.option("--model", "model", type=click.Choice(["net1", "net2"]), default=None,
-                     help="Which model of a MOKD pair (default: the only one that fits the target).")(f)
-    return f
-
-
 @click.command("export")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@checkpoint_options
 @click.option("--to", "target", type=click.Choice(TARGETS), required=True,
               help="detectron2: ResNet weights pickled for detectron2 (.pkl); timm: safetensors + JSON sidecar; "
                    "torchvision: torchvision ResNet state dict (.pth).")
 @click.argument("out", type=click.Path(dir_okay=False))
-@model_options
 @debug_option
-def export_cmd(checkpoint, target, out, model, branch, arch, key, allow_partial):
+def export_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, target, out):
     """Export the backbone in CHECKPOINT (ours or any format the loader reads) to OUT.
 
     \b
     mokd export run/last.pth --to detectron2 r34.pkl --model net1
     mokd export dino_resnet50.pth --to torchvision r50.pth --arch resnet50
     """
-    loaded = load_one(checkpoint, target=target, model=model, branch=branch, arch=arch, key=key,
-                      allow_partial=allow_partial)
+    loaded = load_one(checkpoint, target=target, model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs,
+                      key=key, allow_partial=allow_partial)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         files = export_backbone(loaded.backbone, loaded.arch, target, out)
