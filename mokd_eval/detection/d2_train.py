@@ -14,7 +14,7 @@ INSTALL_HINT = (
     "detectron2 is not installed (it is not on PyPI). Install it from source against your torch and CUDA, "
     "as its install guide says (https://detectron2.readthedocs.io/en/latest/tutorials/install.html): "
     "python -m pip install 'git+https://github.com/facebookresearch/detectron2.git' "
-    "(needs a C++ compiler and the CUDA toolkit matching torch). Or run the torchvision re-implementation "
+    "(needs gcc and g++ >= 5.4, and for GPUs the CUDA toolkit matching torch). Or run the torchvision re-implementation "
     "with --backend torchvision (its numbers are not comparable with detectron2's).")
 
 TRAIN_NAME, VAL_NAME = "mokd_coco_train", "mokd_coco_val"

@@ -1,0 +1,174 @@
+"""Detection transfer: the torchvision C4 backend end to end on a tiny drawn COCO set, the schedule and model
+shape against the paper's protocol, the shipped detectron2 configs, and the errors users meet first."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from detection_data import make_tiny_coco
+from mokd.cli import cli
+from mokd.errors import UserError
+from mokd.models.backbones import create_backbone
+from mokd_eval.detection import d2_ext
+from mokd_eval.detection.coco import METRIC_NAMES, resolve_coco
+from mokd_eval.detection.d2_config import DEPTHS, file_name, paper_config
+from mokd_eval.detection.d2_train import detectron2_available, metrics_from_d2
+from mokd_eval.detection.tv_c4 import Schedule, build_c4_mask_rcnn
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NARROW = {"channels": [16, 32, 64, 128]}  # resnet18 at 1/4 width: same structure, a fraction of the cost
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    return make_tiny_coco(tmp_path_factory.mktemp("coco"))
+
+
+def narrow_pair(path):
+    arch = {"net1": {"name": "resnet18", "kwargs": NARROW, "small_stem": True},
+            "net2": {"name": "test_vit", "kwargs": {}, "small_stem": False}}
+    model = {}
+    for net, a in arch.items():
+        bb = create_backbone(a["name"], a["kwargs"], a["small_stem"])
+        model.update({f"teacher.{net}.backbone.{k}": v for k, v in bb.state_dict().items()})
+        model.update({f"student.{net}.backbone.{k}": v for k, v in bb.state_dict().items()})
+    torch.save({"format": "mokd", "version": 1, "epoch": 1, "step": 1, "arch": arch, "model": model,
+                "config": {"augment": {"global_size": 32}}}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_torchvision_backend_trains_and_reports_six_metrics(tmp_path, coco):
+    ckpt = narrow_pair(tmp_path / "pair.pth")
+    out = tmp_path / "results"
+    res = CliRunner().invoke(cli, [
+        "eval", "detection", str(ckpt), "--model", "net1", "--coco", str(coco), "--backend", "torchvision",
+        "--out", str(out), "--iters", "3", "--batch-size", "2", "--train-sizes", "64,96", "--test-size", "96",
+        "--rois-per-image", "32", "--test-proposals", "50", "--num-workers", "0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    records = list(out.glob("*.json"))
+    assert len(records) == 1
+    record = json.loads(records[0].read_text())
+    assert record["task"] == "detection" and record["checkpoint"]["label"] == "net1-teacher"
+    metrics = record["metrics"]
+    assert metrics["headline"] == "APb"
+    for name in METRIC_NAMES:
+        v = metrics[name]
+        assert math.isfinite(v) and (0.0 <= v <= 100.0 or v == -1.0), (name, v)
+    s = record["settings"]
+    assert s["backend"] == "torchvision" and s["iters"] == 3 and s["steps"] == [2, 3]
+    assert s["lr"] == pytest.approx(0.02 * 2 / 16)
+    assert record["data"]["classes"] == 2 and record["data"]["train_images"] == 8
+
+
+def test_c4_layout_shares_res5_between_boxes_and_masks():
+    resnet = create_backbone("resnet18", NARROW, small_stem=True)
+    layer4 = resnet.layer4
+    model = build_c4_mask_rcnn(resnet, num_classes=2, train_sizes=(64, 96), test_size=96)
+    heads = model.roi_heads
+    assert heads.box_head.res5 is layer4 and heads.mask_head is layer4
+    assert resnet.conv1.stride == (2, 2) and isinstance(resnet.maxpool, torch.nn.MaxPool2d)  # standard stem back
+    with torch.no_grad():
+        feat = model.backbone(torch.zeros(1, 3, 64, 64))
+    assert feat.shape == (1, 64, 4, 4)  # res4: stride 16, width of layer3
+    assert heads.box_roi_pool.output_size == (14, 14)
+    assert heads.box_predictor.cls_score.out_features == 3  # 2 classes + background
+    assert heads.mask_predictor.conv5_mask.stride == (2, 2)  # 7x7 res5 output -> 14x14 masks
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # FrozenBN throughout
+    assert model.transform.min_size == (64, 89, 96)
+
+
+def test_schedule_is_the_2x_shape_scaled():
+    s = Schedule()
+    assert s.steps == (120_000, 160_000) and s.lr == 0.02
+    assert s.lr_at(0) == pytest.approx(0.02 * 0.001)
+    assert s.lr_at(1000) == pytest.approx(0.02)
+    assert s.lr_at(119_999) == pytest.approx(0.02) and s.lr_at(120_000) == pytest.approx(0.002)
+    assert s.lr_at(160_000) == pytest.approx(0.0002)
+    assert Schedule(batch_size=8).lr == pytest.approx(0.01)
+    assert Schedule(iters=90, base_lr=0.1).steps == (60, 80)
+
+
+def test_shipped_detectron2_configs_match_the_protocol():
+    for depth in DEPTHS:
+        path = REPO / "configs" / "detection" / file_name(depth)
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg == paper_config(depth), f"{path} is stale: python -m mokd_eval.detection.d2_config"
+    cfg = paper_config(34)
+    assert cfg["SOLVER"]["MAX_ITER"] == 180_000 and cfg["SOLVER"]["STEPS"] == [120_000, 160_000]
+    assert cfg["SOLVER"]["BASE_LR"] == 0.02 and cfg["SOLVER"]["IMS_PER_BATCH"] == 16
+    assert cfg["INPUT"]["MIN_SIZE_TRAIN"] == [600, 800] and cfg["INPUT"]["MIN_SIZE_TEST"] == 800
+    assert cfg["INPUT"]["FORMAT"] == "RGB" and cfg["MODEL"]["PIXEL_STD"] == [58.395, 57.12, 57.375]
+    assert cfg["MODEL"]["RESNETS"]["NORM"] == "SyncBN" and cfg["MODEL"]["RESNETS"]["RES2_OUT_CHANNELS"] == 64
+    assert cfg["MODEL"]["ROI_HEADS"]["NAME"] == "MokdRes5ROIHeads" and cfg["MODEL"]["MASK_ON"] is True
+    assert paper_config(50)["MODEL"]["RESNETS"]["RES2_OUT_CHANNELS"] == 256
+    assert d2_ext.BASIC_RES5_BLOCKS == {18: 2, 34: 3}
+    assert d2_ext.AVAILABLE == detectron2_available()
+
+
+def test_detectron2_results_to_metrics():
+    r = {"bbox": {"AP": 40.1, "AP50": 60.2, "AP75": 43.3, "APs": 1.0}, "segm": {"AP": 35.0, "AP50": 57.0, "AP75": 37.0}}
+    assert metrics_from_d2(r) == {"APb": 40.1, "APb50": 60.2, "APb75": 43.3, "APs": 35.0, "APs50": 57.0,
+                                  "APs75": 37.0}
+
+
+def _eval(args):
+    return CliRunner().invoke(cli, ["eval", "detection", *args])
+
+
+def _assert_clean_error(res, *needles):
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output, res.output
+    for n in needles:
+        assert n in res.output, res.output
+
+
+def test_bad_coco_folders(tmp_path, coco):
+    ckpt = narrow_pair(tmp_path / "pair.pth")
+    base = [str(ckpt), "--model", "net1", "--backend", "torchvision"]
+    _assert_clean_error(_eval(base + ["--coco", str(tmp_path / "nothere")]), "does not exist",
+                        "annotations/instances_train2017.json")
+    _assert_clean_error(_eval(base), "--coco")
+
+    partial = tmp_path / "partial"
+    (partial / "annotations").mkdir(parents=True)
+    (partial / "train2017").mkdir()
+    (partial / "annotations" / "instances_train2017.json").write_text((coco / "annotations" / "instances_train2017.json").read_text())
+    _assert_clean_error(_eval(base + ["--coco", str(partial)]), "instances_val2017.json", "val2017/")
+
+    (partial / "val2017").mkdir()
+    (partial / "annotations" / "instances_val2017.json").write_text("{not json")
+    _assert_clean_error(_eval(base + ["--coco", str(partial)]), "not a readable JSON file")
+    (partial / "annotations" / "instances_val2017.json").write_text(json.dumps({"images": []}))
+    _assert_clean_error(_eval(base + ["--coco", str(partial)]), "not a COCO instances file")
+
+
+def test_custom_paths_override_the_layout(tmp_path, coco):
+    splits = resolve_coco(None, train_json=coco / "annotations" / "instances_train2017.json",
+                          val_json=coco / "annotations" / "instances_val2017.json",
+                          train_images=coco / "train2017", val_images=coco / "val2017")
+    assert splits.val_images == coco / "val2017"
+    with pytest.raises(UserError, match="val2017"):
+        resolve_coco(coco, val_images=tmp_path / "missing")
+
+
+def test_non_resnet_backbone_is_a_clear_error(tmp_path, coco):
+    ckpt = narrow_pair(tmp_path / "pair.pth")
+    res = _eval([str(ckpt), "--model", "net2", "--coco", str(coco), "--backend", "torchvision"])
+    _assert_clean_error(res, "not a plain ResNet")
+
+
+@pytest.mark.skipif(detectron2_available(), reason="detectron2 is installed")
+def test_missing_detectron2_says_how_to_install(tmp_path, coco):
+    ckpt = narrow_pair(tmp_path / "pair.pth")
+    res = _eval([str(ckpt), "--model", "net1", "--coco", str(coco)])
+    _assert_clean_error(res, "detectron2 is not installed", "git+https://github.com/facebookresearch/detectron2.git",
+                        "--backend torchvision")
