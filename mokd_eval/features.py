@@ -27,13 +27,19 @@ from mokd import distributed as dist
 from mokd.checkpoint import save_atomic
 from mokd.data import DataSpec, ImageDataset, build_dataset
 from mokd.device import autocast
-from mokd.models.backbones import is_vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("cls", "lastn", "avgpool")
 DEFAULT_CACHE = Path("~/.cache/mokd/features")
 CACHE_VERSION = 1
+
+
+def is_vit(model: nn.Module) -> bool:
+    # Imported on use: mokd.models.backbones pulls in timm, which worker processes need not pay for.
+    from mokd.models.backbones import is_vit as _is_vit
+
+    return _is_vit(model)
 
 
 def eval_transform(image_size: int, native: bool) -> Callable:

@@ -1,0 +1,37 @@
+"""A torchrun-like worker for the sharded-extraction test, kept apart so spawned processes import little."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class Numbers(torch.utils.data.Dataset):
+    """Image i is the constant i: the features reveal the order they were produced in."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.full((3, 4, 4), float(i)), i % 3
+
+
+class MeanNet(torch.nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+def sharded_worker(rank: int, world: int, port: int, n: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from mokd.distributed import cleanup, init_distributed
+    from mokd_eval.features import extract_features
+
+    init_distributed("cpu")
+    feats, labels = extract_features(MeanNet(), Numbers(n), device="cpu", batch_size=2, precision="fp32")
+    torch.save((feats, labels), f"{out}.{rank}")
+    cleanup()

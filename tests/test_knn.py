@@ -1,0 +1,111 @@
+"""k-NN: equal to a brute-force weighted vote written here independently, on both search backends."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mokd_eval.knn import clamp_ks, knn_evaluate, knn_predict, search
+
+
+def brute_force_knn(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, k: int, t: float,
+                    num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plain loops in float64: cosine similarity, k most similar, class score = sum exp(s / t).
+
+    Returns (top-5 classes [M, 5], their scores [M, 5]); classes with score 0 are tied, so not ranked.
+    """
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    test = test / np.linalg.norm(test, axis=1, keepdims=True)
+    out, out_scores = [], []
+    for q in test:
+        sims = train @ q
+        nearest = np.argsort(-sims, kind="stable")[:k]
+        scores = np.zeros(num_classes)
+        for i in nearest:
+            scores[train_labels[i]] += math.exp(sims[i] / t)
+        top = np.argsort(-scores, kind="stable")[: min(5, num_classes)]
+        out.append(top)
+        out_scores.append(scores[top])
+    return np.stack(out), np.stack(out_scores)
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(400, 24, generator=g)
+    labels = torch.randint(0, 9, (400,), generator=g)
+    test = torch.randn(60, 24, generator=g)
+    test_labels = torch.randint(0, 9, (60,), generator=g)
+    return train, labels, test, test_labels
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_matches_brute_force(data, backend):
+    train, labels, test, _ = data
+    ks = (1, 10, 20, 100, 200)
+    preds = knn_predict(train, labels, test, ks=ks, temperature=0.07, num_classes=9, backend=backend,
+                        chunk_size=7, log=None)
+    assert list(preds) == list(ks)
+    for k in ks:
+        expected, scores = brute_force_knn(train.numpy().astype(np.float64), labels.numpy(),
+                                           test.numpy().astype(np.float64), k, 0.07, 9)
+        assert preds[k].shape == (60, 5)
+        np.testing.assert_array_equal(preds[k][:, 0].numpy(), expected[:, 0], err_msg=f"top-1, k={k}")
+        ranked = scores > 0  # zero-score classes (fewer than 5 classes among the neighbours) are ties
+        if k >= 20:
+            assert ranked.all()
+        np.testing.assert_array_equal(preds[k].numpy()[ranked], expected[ranked], err_msg=f"top-5, k={k}")
+
+
+def test_faiss_and_torch_agree_and_search_is_exact(data):
+    train, labels, test, test_labels = data
+    s_f, i_f = search(torch.nn.functional.normalize(train), torch.nn.functional.normalize(test), 50,
+                      backend="faiss", log=None)
+    s_t, i_t = search(torch.nn.functional.normalize(train), torch.nn.functional.normalize(test), 50,
+                      backend="torch", chunk_size=16, log=None)
+    torch.testing.assert_close(s_f, s_t, atol=1e-5, rtol=0)
+    assert torch.equal(i_f, i_t)
+    a = knn_evaluate(train, labels, test, test_labels, num_classes=9, backend="faiss", log=None)
+    b = knn_evaluate(train, labels, test, test_labels, num_classes=9, backend="torch", log=None)
+    assert a == b
+
+
+def test_near_perfect_on_separable_classes():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(10, 32, generator=g) * 5
+    ytr, yte = torch.arange(1000) % 10, torch.arange(300) % 10
+    train = centres[ytr] + torch.randn(1000, 32, generator=g)
+    test = centres[yte] + torch.randn(300, 32, generator=g)
+    m = knn_evaluate(train, ytr, test, yte, num_classes=10, log=None)
+    assert set(m["top1"]) == {10, 20, 100, 200}
+    assert m["best_top1"] >= 99.0 and all(v == 100.0 for v in m["top5"].values())
+    assert m["best_top1"] == max(m["top1"].values()) and m["top1"][m["best_k"]] == m["best_top1"]
+
+
+def test_k_larger_than_bank_is_clamped_with_a_note(data):
+    train, labels, test, test_labels = data
+    messages = []
+    m = knn_evaluate(train[:30], labels[:30], test, test_labels, ks=(10, 100, 200), num_classes=9, log=messages.append)
+    assert list(m["top1"]) == [10, 30]
+    assert any("k=100" in n for n in m["notes"]) and any("note: k=100" in s for s in messages)
+    assert clamp_ks((5, 50, 60), 40) == ([5, 40], ["k=50 is larger than the training set (40 images): using k=40",
+                                                  "k=60 is larger than the training set (40 images): using k=40"])
+
+
+def test_memory_needed_is_printed_before_search(data):
+    train, labels, test, _ = data
+    messages = []
+    knn_predict(train, labels, test, ks=(10,), num_classes=9, backend="torch", chunk_size=8, log=messages.append)
+    assert "similarity blocks of 8 x 400" in messages[0] and "MiB" in messages[0]
+    messages.clear()
+    knn_predict(train, labels, test, ks=(10,), num_classes=9, backend="faiss", log=messages.append)
+    assert "bank 400 x 24" in messages[0]
+
+
+def test_fewer_than_five_classes():
+    train, labels = torch.randn(50, 8), torch.arange(50) % 3
+    preds = knn_predict(train, labels, torch.randn(4, 8), ks=(5,), num_classes=3, log=None)
+    assert preds[5].shape == (4, 3)
