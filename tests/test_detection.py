@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
 
-from detection_data import make_tiny_coco
 from mokd.cli import cli
 from mokd.errors import UserError
 from mokd.models.backbones import create_backbone
@@ -20,9 +20,8 @@ from mokd_eval.detection.coco import METRIC_NAMES, resolve_coco
 from mokd_eval.detection.d2_config import DEPTHS, file_name, paper_config
 from mokd_eval.detection.d2_train import detectron2_available, metrics_from_d2
 from mokd_eval.detection.tv_c4 import Schedule, build_c4_mask_rcnn
-
-from pathlib import Path
-
+from tests.ckpt_factory import make_mokd_checkpoint
+from tests.detection_data import make_tiny_coco
 REPO = Path(__file__).resolve().parents[1]
 NARROW = {"channels": [16, 32, 64, 128]}  # resnet18 at 1/4 width: same structure, a fraction of the cost
 
@@ -32,16 +31,10 @@ def coco(tmp_path_factory):
     return make_tiny_coco(tmp_path_factory.mktemp("coco"))
 
 
-def narrow_pair(path):
-    arch = {"net1": {"name": "resnet18", "kwargs": NARROW, "small_stem": True},
-            "net2": {"name": "test_vit", "kwargs": {}, "small_stem": False}}
-    model = {}
-    for net, a in arch.items():
-        bb = create_backbone(a["name"], a["kwargs"], a["small_stem"])
-        model.update({f"teacher.{net}.backbone.{k}": v for k, v in bb.state_dict().items()})
-        model.update({f"student.{net}.backbone.{k}": v for k, v in bb.state_dict().items()})
-    torch.save({"format": "mokd", "version": 1, "epoch": 1, "step": 1, "arch": arch, "model": model,
-                "config": {"augment": {"global_size": 32}}}, path)
+def narrow_pair(path: Path) -> Path:
+    """A MOKD pair: net1 a narrow resnet18 trained with a small stem, net2 a ViT."""
+    make_mokd_checkpoint(path, net1={"name": "resnet18", "kwargs": NARROW, "small_stem": True},
+                         net2={"name": "test_vit", "kwargs": {}, "small_stem": False})
     return path
 
 

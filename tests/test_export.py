@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mokd.cli import cli
-from mokd.models.backbones import create_backbone
+from tests.ckpt_factory import make_mokd_checkpoint
 
 # ResNet (He et al. 2016, Table 1): blocks per stage and block type; widths of res2..res5 outputs.
 RESNETS = {"resnet18": ((2, 2, 2, 2), "basic"), "resnet34": ((3, 4, 6, 3), "basic"),
@@ -48,18 +48,8 @@ def expected_detectron2(depths, block) -> dict[str, tuple]:
     return out
 
 
-def mokd_checkpoint(path, net1="resnet18", net2="test_vit", kwargs2=None, small_stem1=True):
-    """A MOKD training checkpoint as the trainer writes it, with random backbones."""
-    arch = {"net1": {"name": net1, "kwargs": {}, "small_stem": small_stem1},
-            "net2": {"name": net2, "kwargs": kwargs2 or {}, "small_stem": False}}
-    model = {}
-    for net, a in arch.items():
-        for branch in ("student", "teacher"):
-            bb = create_backbone(a["name"], a["kwargs"], a["small_stem"])
-            model.update({f"{branch}.{net}.backbone.{k}": v for k, v in bb.state_dict().items()})
-    torch.save({"format": "mokd", "version": 1, "epoch": 1, "step": 10, "arch": arch, "model": model,
-                "config": {"augment": {"global_size": 32}}}, path)
-    return model
+R18_SMALL = {"name": "resnet18", "kwargs": {}, "small_stem": True}
+VIT = {"name": "test_vit", "kwargs": {}, "small_stem": False}
 
 
 @pytest.mark.parametrize("name", sorted(RESNETS))
@@ -87,8 +77,8 @@ def test_detectron2_names_and_shapes(tmp_path, name):
 
 def test_mokd_checkpoint_to_all_targets(tmp_path):
     ckpt = tmp_path / "pair.pth"
-    model = mokd_checkpoint(ckpt)
-    teacher = {k[len("teacher.net1.backbone."):]: v for k, v in model.items() if k.startswith("teacher.net1.backbone.")}
+    states = make_mokd_checkpoint(ckpt, net1=R18_SMALL, net2=VIT)
+    teacher = states[("net1", "teacher")]
     runner = CliRunner()
 
     # the pair holds a ViT too: detectron2 picks the only ResNet by itself
@@ -114,7 +104,7 @@ def test_mokd_checkpoint_to_all_targets(tmp_path):
     tv = torchvision.models.resnet18()
     result = tv.load_state_dict(state, strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and result.unexpected_keys == []
-    student = {k[len("student.net1.backbone."):]: v for k, v in model.items() if k.startswith("student.net1.backbone.")}
+    student = states[("net1", "student")]
     for k, v in tv.state_dict().items():
         if not k.startswith("fc."):
             assert torch.equal(v, student[k]), k
@@ -129,7 +119,7 @@ def test_mokd_checkpoint_to_all_targets(tmp_path):
 @pytest.mark.parametrize("target", ["detectron2", "torchvision"])
 def test_non_resnet_is_a_clear_error(tmp_path, target):
     ckpt = tmp_path / "pair.pth"
-    mokd_checkpoint(ckpt)
+    make_mokd_checkpoint(ckpt, net1=R18_SMALL, net2=VIT)
     out = tmp_path / "out.bin"
     res = CliRunner().invoke(cli, ["export", str(ckpt), "--to", target, str(out), "--model", "net2"])
     assert res.exit_code != 0
@@ -139,6 +129,6 @@ def test_non_resnet_is_a_clear_error(tmp_path, target):
 
 def test_two_resnets_need_model(tmp_path):
     ckpt = tmp_path / "pair.pth"
-    mokd_checkpoint(ckpt, net2="resnet18")
+    make_mokd_checkpoint(ckpt, net1=R18_SMALL, net2=R18_SMALL)
     res = CliRunner().invoke(cli, ["export", str(ckpt), "--to", "detectron2", str(tmp_path / "x.pkl")])
     assert res.exit_code != 0 and "--model" in res.output and "Traceback" not in res.output
