@@ -8,6 +8,7 @@ the torchvision export is the timm state dict checked against `torchvision.model
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -53,7 +54,22 @@ def resnet_structure(state_dict: dict[str, torch.Tensor]) -> dict:
     depths = tuple(len({int(m.group(2)) for k in keys if (m := _BLOCK.match(k)) and m.group(1) == str(i)})
                    for i in range(1, 5))
     block = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
-    return {"depths": depths, "block": block, "depth": RESNET_DEPTHS.get((*depths, block))}
+    return {"depths": depths, "block": block, "depth": RESNET_DEPTHS.get((*depths, block)),
+            "standard_widths": _standard_widths(state_dict, block)}
+
+
+def _standard_widths(state_dict: dict[str, torch.Tensor], block: str) -> bool:
+    """conv1 64 wide, stage widths 64/128/256/512 (x4 out for bottlenecks), no groups: what detectron2 builds."""
+    if state_dict["conv1.weight"].shape[0] != 64:
+        return False
+    for i in range(4):
+        width = 64 * 2 ** i
+        conv2 = state_dict[f"layer{i + 1}.0.conv2.weight"]
+        if state_dict[f"layer{i + 1}.0.conv1.weight"].shape[0] != width or tuple(conv2.shape[:2]) != (width, width):
+            return False
+        if block == "bottleneck" and state_dict[f"layer{i + 1}.0.conv3.weight"].shape[0] != 4 * width:
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ renaming
@@ -173,6 +189,9 @@ def export_backbone(backbone: nn.Module, arch: dict, target: str, out: str | Pat
     out = Path(out)
     state_dict = backbone.state_dict()
     if target == "detectron2":
+        if not resnet_structure(state_dict)["standard_widths"]:
+            warnings.warn("the ResNet's widths differ from the standard ones (64/128/256/512 per stage); detectron2's "
+                          "ResNet configs build the standard widths and would skip these tensors", stacklevel=2)
         if arch.get("small_stem"):
             warnings.warn("the backbone was trained with a small-image stem (stride-1 conv1, no max-pool); "
                           "detectron2 uses the standard stride-4 stem, so the stem sees other scales", stacklevel=2)
@@ -204,6 +223,16 @@ def _is_plain_resnet(backbone: nn.Module) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def echo_warnings():
+    """Show the warnings raised inside as one-line `warning: ...` messages (stderr) instead of Python warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+
+
 def load_one(checkpoint: str, *, target: str, model: str | None, branch: str | None, arch: str | None,
              arch_kwargs: dict | None, key: str | None, allow_partial: bool):
     """The loader's models for CHECKPOINT (report printed), narrowed to the one `target` takes."""
@@ -229,9 +258,6 @@ def export_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial,
     """
     loaded = load_one(checkpoint, target=target, model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs,
                       key=key, allow_partial=allow_partial)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with echo_warnings():
         files = export_backbone(loaded.backbone, loaded.arch, target, out)
-    for w in caught:
-        click.echo(f"warning: {w.message}", err=True)
     click.echo(f"{loaded.label} ({loaded.arch['name']}) -> {target}: " + ", ".join(str(p) for p in files))

@@ -165,3 +165,90 @@ def test_missing_detectron2_says_how_to_install(tmp_path, coco):
     res = _eval([str(ckpt), "--model", "net1", "--coco", str(coco)])
     _assert_clean_error(res, "detectron2 is not installed", "git+https://github.com/facebookresearch/detectron2.git",
                         "--backend torchvision")
+
+
+def test_detectron2_run_plumbing_without_detectron2(tmp_path, coco, monkeypatch):
+    """The detectron2 path up to launch: exported weights, the run's config, the record (launch is faked)."""
+    import pickle
+
+    from mokd_eval.detection import d2_train
+
+    seen = {}
+
+    def fake_run(cfg, splits, out_dir):
+        seen["cfg"], seen["out_dir"] = cfg, out_dir
+        return metrics_from_d2({"bbox": {"AP": 1.0, "AP50": 2.0, "AP75": 3.0}, "segm": {"AP": 4.0, "AP50": 5.0, "AP75": 6.0}})
+
+    monkeypatch.setattr(d2_train, "detectron2_available", lambda: True)
+    monkeypatch.setattr(d2_train, "run_detectron2", fake_run)
+    narrow = narrow_pair(tmp_path / "narrow.pth")
+    res = _eval([str(narrow), "--coco", str(coco), "--out", str(tmp_path / "res")])
+    _assert_clean_error(res, "non-standard widths", "--backend torchvision")
+
+    ckpt = tmp_path / "pair.pth"
+    make_mokd_checkpoint(ckpt, net1={"name": "resnet18", "kwargs": {}, "small_stem": True},
+                         net2={"name": "test_vit", "kwargs": {}, "small_stem": False})
+    res = _eval([str(ckpt), "--coco", str(coco), "--out", str(tmp_path / "res"), "--iters", "90", "--batch-size", "8"])
+    assert res.exit_code == 0, res.output
+    cfg = seen["cfg"]
+    assert cfg["MODEL"]["RESNETS"]["DEPTH"] == 18 and cfg["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] == 2
+    assert cfg["SOLVER"]["MAX_ITER"] == 90 and cfg["SOLVER"]["STEPS"] == [60, 80]
+    assert cfg["SOLVER"]["BASE_LR"] == pytest.approx(0.01) and cfg["SOLVER"]["IMS_PER_BATCH"] == 8
+    assert cfg["DATASETS"] == {"TRAIN": [d2_train.TRAIN_NAME], "TEST": [d2_train.VAL_NAME]}
+    with open(cfg["MODEL"]["WEIGHTS"], "rb") as f:
+        assert "res5.1.conv2.norm.running_var" in pickle.load(f)["model"]
+    record = json.loads(next((tmp_path / "res").glob("*.json")).read_text())
+    assert record["metrics"]["APs75"] == 6.0 and record["settings"]["backend"] == "detectron2"
+
+
+def test_basic_block_res5_head_with_a_stand_in_detectron2(monkeypatch):
+    """d2_ext against stand-ins for the few detectron2 names it uses: R34 gets 3 basic blocks 256 -> 512,
+    the first with stride 2; R50 falls back to the stock bottleneck head."""
+    import importlib
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    calls = []
+
+    class Res5ROIHeads:
+        @classmethod
+        def _build_res5_block(cls, cfg):
+            return "stock", 2048
+
+    class ResNet:
+        @staticmethod
+        def make_stage(block_class, num_blocks, **kwargs):
+            calls.append((block_class, num_blocks, kwargs))
+            return [torch.nn.Identity() for _ in range(num_blocks)]
+
+    class Registry(dict):
+        def register(self, obj):
+            self[obj.__name__] = obj
+
+    registry = Registry()
+    modules = {"detectron2": types.ModuleType("detectron2"),
+               "detectron2.modeling": types.ModuleType("detectron2.modeling"),
+               "detectron2.modeling.backbone": types.ModuleType("detectron2.modeling.backbone"),
+               "detectron2.modeling.backbone.resnet": SimpleNamespace(BasicBlock="BasicBlock", ResNet=ResNet),
+               "detectron2.modeling.roi_heads": SimpleNamespace(ROI_HEADS_REGISTRY=registry,
+                                                                Res5ROIHeads=Res5ROIHeads)}
+    for name, mod in modules.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "detectron2" else None)
+    try:
+        ext = importlib.reload(d2_ext)
+        head = registry["MokdRes5ROIHeads"]
+        cfg = SimpleNamespace(MODEL=SimpleNamespace(RESNETS=SimpleNamespace(DEPTH=34, RES2_OUT_CHANNELS=64,
+                                                                              NORM="SyncBN")))
+        res5, channels = head._build_res5_block(cfg)
+        assert channels == 512 and len(res5) == 3
+        assert calls == [("BasicBlock", 3, {"stride_per_block": [2, 1, 1], "in_channels": 256, "out_channels": 512,
+                                             "norm": "SyncBN"})]
+        cfg.MODEL.RESNETS.DEPTH = 50
+        assert head._build_res5_block(cfg) == ("stock", 2048)
+        assert ext.AVAILABLE
+    finally:
+        monkeypatch.undo()
+        importlib.reload(d2_ext)
+    assert d2_ext.AVAILABLE == detectron2_available()

@@ -100,6 +100,9 @@ def _run_torchvision(loaded, splits, iters, batch_size, lr, train_sizes, test_si
     from mokd_eval.detection.tv_c4 import Schedule, run_torchvision
 
     dev = resolve_device(device)
+    if loaded.arch.get("small_stem"):
+        echo("note: the backbone was trained with a small-image stem; detection fine-tunes it with the standard "
+             "stride-4 stem (stride-2 conv1 and max-pool)")
     schedule = Schedule(iters=iters, batch_size=batch_size, base_lr=lr)
     result = run_torchvision(loaded.backbone, splits, schedule=schedule, train_sizes=train_sizes,
                              test_size=test_size, rois_per_image=rois_per_image, test_proposals=test_proposals,
@@ -112,12 +115,17 @@ def _run_detectron2(loaded, structure, splits, run_dir, iters, batch_size, lr, t
     from mokd_eval.detection.coco import check_annotations
     from mokd_eval.detection.d2_config import paper_config
     from mokd_eval.detection.d2_train import run_config, run_detectron2
-    from mokd_eval.export import export_backbone
+    from mokd_eval.export import echo_warnings, export_backbone
 
     if structure["depth"] not in (18, 34, 50, 101):
         raise UserError(f"detectron2 configs exist for ResNet-18/34/50/101; this backbone has {structure['block']} "
                         f"blocks {structure['depths']}")
-    weights = export_backbone(loaded.backbone, loaded.arch, "detectron2", run_dir / "backbone_d2.pkl")[0]
+    if not structure["standard_widths"]:
+        raise UserError(f"{loaded.arch['name']} with {loaded.arch.get('kwargs')} has non-standard widths; the detectron2 "
+                        "configs build the standard ResNet (64/128/256/512 channels per stage). Use --backend "
+                        "torchvision, or a detectron2 config of your own with the exported weights")
+    with echo_warnings():
+        weights = export_backbone(loaded.backbone, loaded.arch, "detectron2", run_dir / "backbone_d2.pkl")[0]
     num_classes = len(check_annotations(splits.train_json)["categories"])
     cfg = run_config(paper_config(structure["depth"]), weights=weights, splits=splits, out_dir=run_dir,
                      iters=iters, batch_size=batch_size, lr=lr, seed=seed, num_classes=num_classes)
