@@ -197,6 +197,9 @@ def export_backbone(backbone: nn.Module, arch: dict, target: str, out: str | Pat
                           "detectron2 uses the standard stride-4 stem, so the stem sees other scales", stacklevel=2)
         return [export_detectron2(state_dict, out)]
     if target == "timm":
+        if out.suffix == ".json":
+            raise UserError(f"{out}: the timm export writes safetensors weights plus a .json sidecar beside them; "
+                            "name the weights file e.g. model.safetensors")
         return list(export_timm(state_dict, arch, out))
     if target == "torchvision":
         return [export_torchvision(state_dict, out)]

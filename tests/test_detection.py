@@ -87,7 +87,12 @@ def test_schedule_is_the_2x_shape_scaled():
     assert s.lr_at(119_999) == pytest.approx(0.02) and s.lr_at(120_000) == pytest.approx(0.002)
     assert s.lr_at(160_000) == pytest.approx(0.0002)
     assert Schedule(batch_size=8).lr == pytest.approx(0.01)
-    assert Schedule(iters=90, base_lr=0.1).steps == (60, 80)
+    assert Schedule(iters=90, base_lr=0.1).steps == (60, 80) and Schedule(iters=90).warmup == 9
+    from mokd_eval.detection.d2_config import schedule as d2_schedule
+
+    for iters in (3, 90, 1000, 180_000):  # both backends share the schedule's shape
+        d2 = d2_schedule(iters)
+        assert d2["STEPS"] == list(Schedule(iters=iters).steps) and d2["WARMUP_ITERS"] == Schedule(iters=iters).warmup
 
 
 def test_shipped_detectron2_configs_match_the_protocol():

@@ -44,11 +44,15 @@ class Schedule:
     def steps(self) -> tuple[int, int]:
         return round(self.iters * 2 / 3), round(self.iters * 8 / 9)
 
+    @property
+    def warmup(self) -> int:
+        """Linear warm-up length: warmup_iters, but at most a tenth of a shortened run."""
+        return min(self.warmup_iters, max(1, self.iters // 10))
+
     def lr_at(self, it: int) -> float:
-        warmup = min(self.warmup_iters, max(1, self.iters // 10))
         factor = self.gamma ** sum(it >= s for s in self.steps)
-        if it < warmup:
-            alpha = it / warmup
+        if it < self.warmup:
+            alpha = it / self.warmup
             factor *= self.warmup_factor * (1 - alpha) + alpha
         return self.lr * factor
 
@@ -176,13 +180,10 @@ def train_c4(model: nn.Module, dataset, schedule: Schedule, *, device: torch.dev
     """SGD on the summed torchvision losses with the multi-step schedule; returns the logged losses."""
     torch.manual_seed(seed)
     model.to(device).train()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": schedule.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=schedule.lr_at(0), momentum=schedule.momentum)
+    # detectron2's defaults: one weight decay for weights and biases (the frozen norms have no parameters)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=schedule.lr_at(0), momentum=schedule.momentum,
+                                weight_decay=schedule.weight_decay)
     history = []
     batches = infinite_loader(dataset, schedule.batch_size, seed, num_workers)
     t0 = time.time()
@@ -244,7 +245,7 @@ def run_torchvision(resnet: nn.Module, splits, *, schedule: Schedule, train_size
     history = train_c4(model, train_set, schedule, device=device, seed=seed, num_workers=num_workers, log=log)
     metrics = evaluate_c4(model, val_set, device=device, test_size=test_size, num_workers=num_workers)
     settings = {"backend": "torchvision", "design": "C4 Mask R-CNN (torchvision parts, FrozenBN)",
-                **asdict(schedule), "lr": schedule.lr, "steps": list(schedule.steps),
+                **asdict(schedule), "lr": schedule.lr, "steps": list(schedule.steps), "warmup": schedule.warmup,
                 "train_sizes": list(sizes_grid(train_sizes, test_size)), "test_size": test_size,
                 "rois_per_image": rois_per_image, "test_proposals": test_proposals, "seed": seed}
     return {"metrics": metrics, "history": history, "settings": settings,
