@@ -23,6 +23,7 @@ import torch
 from mokd import distributed as dist
 
 RECORD_VERSION = 1
+VOLATILE_SETTINGS = ("features_cached", "num_workers")  # do not change the result, so do not name the record
 _PACKAGES = ("mokd", "torch", "torchvision", "timm", "numpy", "faiss-cpu", "faiss-gpu-cu12", "scikit-learn")
 
 
@@ -71,7 +72,8 @@ def environment(device: torch.device | str | None = None) -> dict:
 
 def record_name(task: str, checkpoint: dict, data: dict, settings: dict) -> str:
     """Stable file name: the same evaluation overwrites its record, a different one gets its own file."""
-    ident = json.dumps(to_jsonable([checkpoint.get("sha256"), checkpoint.get("label"), data.get("spec"), settings]),
+    stable = {k: v for k, v in settings.items() if k not in VOLATILE_SETTINGS}
+    ident = json.dumps(to_jsonable([checkpoint.get("sha256"), checkpoint.get("label"), data.get("spec"), stable]),
                        sort_keys=True)
     stem = Path(str(checkpoint.get("path", "ckpt"))).stem
     label = str(checkpoint.get("label") or "")
