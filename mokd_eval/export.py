@@ -206,7 +206,7 @@ def export_backbone(backbone: nn.Module, arch: dict, target: str, out: str | Pat
     raise UserError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
 
 
-def pick_model(models: list, target: str, model: str | None):
+def pick_model(models: list, target: str):
     """One LoadedModel from the loader's list: the only one, or the only ResNet for detectron2/torchvision."""
     if len(models) == 1:
         return models[0]
@@ -242,7 +242,7 @@ def load_one(checkpoint: str, *, target: str, model: str | None, branch: str | N
     from mokd_eval.common import load_models_cli
 
     models = load_models_cli(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial)
-    return pick_model(models, target, model)
+    return pick_model(models, target)
 
 
 @click.command("export")

@@ -156,6 +156,11 @@ def test_custom_paths_override_the_layout(tmp_path, coco):
     assert splits.val_images == coco / "val2017"
     with pytest.raises(UserError, match="val2017"):
         resolve_coco(coco, val_images=tmp_path / "missing")
+    other = json.loads((coco / "annotations" / "instances_val2017.json").read_text())
+    other["categories"] = other["categories"][:1]
+    (tmp_path / "val.json").write_text(json.dumps(other))
+    with pytest.raises(UserError, match="different categories"):
+        resolve_coco(coco, val_json=tmp_path / "val.json")
 
 
 def test_non_resnet_backbone_is_a_clear_error(tmp_path, coco):

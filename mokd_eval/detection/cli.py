@@ -112,7 +112,6 @@ def _run_torchvision(loaded, splits, iters, batch_size, lr, train_sizes, test_si
 
 
 def _run_detectron2(loaded, structure, splits, run_dir, iters, batch_size, lr, train_sizes, test_size, seed):
-    from mokd_eval.detection.coco import check_annotations
     from mokd_eval.detection.d2_config import paper_config
     from mokd_eval.detection.d2_train import run_config, run_detectron2
     from mokd_eval.export import echo_warnings, export_backbone
@@ -126,9 +125,8 @@ def _run_detectron2(loaded, structure, splits, run_dir, iters, batch_size, lr, t
                         "torchvision, or a detectron2 config of your own with the exported weights")
     with echo_warnings():
         weights = export_backbone(loaded.backbone, loaded.arch, "detectron2", run_dir / "backbone_d2.pkl")[0]
-    num_classes = len(check_annotations(splits.train_json)["categories"])
-    cfg = run_config(paper_config(structure["depth"]), weights=weights, splits=splits, out_dir=run_dir,
-                     iters=iters, batch_size=batch_size, lr=lr, seed=seed, num_classes=num_classes)
+    cfg = run_config(paper_config(structure["depth"]), weights=weights, out_dir=run_dir,
+                     iters=iters, batch_size=batch_size, lr=lr, seed=seed, num_classes=splits.num_classes)
     cfg["INPUT"].update(MIN_SIZE_TRAIN=list(train_sizes) if len(train_sizes) == 2 else [train_sizes[0]] * 2,
                         MIN_SIZE_TEST=test_size)
     metrics = run_detectron2(cfg, splits, run_dir)

@@ -31,9 +31,10 @@ class CocoSplits:
     val_json: Path
     train_images: Path
     val_images: Path
+    num_classes: int = 0  # categories in the train annotations (filled by resolve_coco)
 
     def as_dict(self) -> dict:
-        return {k: str(v) for k, v in self.__dict__.items()}
+        return {k: str(getattr(self, k)) for k in ("train_json", "val_json", "train_images", "val_images")}
 
 
 def resolve_coco(root: str | Path | None, *, train_json=None, val_json=None, train_images=None,
@@ -53,8 +54,12 @@ def resolve_coco(root: str | Path | None, *, train_json=None, val_json=None, tra
     missing += [str(p) + "/" for p in (splits.train_images, splits.val_images) if not p.is_dir()]
     if missing:
         raise UserError(f"COCO data incomplete, missing: {', '.join(missing)}; {LAYOUT}")
-    for path in (splits.train_json, splits.val_json):
-        check_annotations(path)
+    train_cats, val_cats = ({c["id"] for c in check_annotations(p)["categories"]}
+                            for p in (splits.train_json, splits.val_json))
+    if train_cats != val_cats:
+        raise UserError(f"{splits.train_json} and {splits.val_json} list different categories "
+                        f"({len(train_cats)} vs {len(val_cats)} ids); both splits need the same ones")
+    splits.num_classes = len(train_cats)
     return splits
 
 

@@ -26,7 +26,7 @@ def detectron2_available() -> bool:
     return importlib.util.find_spec("detectron2") is not None
 
 
-def run_config(base: dict, *, weights: Path, splits, out_dir: Path, iters: int, batch_size: int, lr: float | None,
+def run_config(base: dict, *, weights: Path, out_dir: Path, iters: int, batch_size: int, lr: float | None,
                seed: int, num_classes: int) -> dict:
     """The paper config with this run's weights, data, schedule and output folder filled in."""
     from mokd_eval.detection.d2_config import schedule
