@@ -52,6 +52,9 @@ def run_detectron2(cfg: dict, splits, out_dir: Path) -> dict[str, float]:
     if num_gpus == 0:
         raise UserError("the detectron2 backend trains on CUDA GPUs and none is visible; "
                         "use --backend torchvision to run on this machine")
+    if cfg["SOLVER"]["IMS_PER_BATCH"] % num_gpus:
+        raise UserError(f"--batch-size {cfg['SOLVER']['IMS_PER_BATCH']} does not split evenly over the {num_gpus} "
+                        "visible GPUs (detectron2 needs the same number of images on each)")
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = out_dir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None))
