@@ -14,7 +14,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,20 +25,31 @@ FORMAT = "mokd"
 VERSION = 1
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to `path` so that a crash at any moment leaves either the old file or the new one."""
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never a partial file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to `path` atomically (see write_atomic)."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import click
 import numpy as np
 import torch
 from torch import nn
 
+from mokd.checkpoint import write_atomic
 from mokd.cli_common import debug_option
 from mokd.errors import UserError
 from mokd_eval.common import checkpoint_options
@@ -130,19 +128,6 @@ def check_torchvision(state_dict: dict[str, torch.Tensor]) -> None:
 
 # ------------------------------------------------------------------------------------------------- writing
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) on a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_detectron2(state_dict: dict[str, torch.Tensor], out: Path) -> Path:
     weights = to_detectron2(state_dict)
     obj = {"model": weights, "__author__": "mokd", "matching_heuristics": True}
@@ -150,8 +135,6 @@ def export_detectron2(state_dict: dict[str, torch.Tensor], out: Path) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
 
     write_atomic(out, write)
     return out
