@@ -39,7 +39,7 @@ def measure(args) -> dict:
     from mokd.config import load_config
     from mokd.device import autocast
     from mokd.losses import Center, dino_cross_entropy, sharpen
-    from mokd.models.backbones import create_backbone, is_vit
+    from mokd.models.backbones import configure_attention, create_backbone, is_vit
     from mokd.models.mokd import Branch, teacher_kwargs
     from mokd.optim import build_optimizer, resolve_optimizer
     from mokd.trainer import build_loader, build_state, train_step
@@ -71,6 +71,8 @@ def measure(args) -> dict:
                          cfg.train.channels_last).to(device)
         teacher.load_state_dict(student.state_dict())
         teacher.requires_grad_(False)
+        configure_attention(student, device, args.precision)  # as the trainer does
+        configure_attention(teacher, device, args.precision)
         center = Center(cfg.head.out_dim).to(device)
         settings = resolve_optimizer(net, is_vit(student.backbone))
         opt = build_optimizer(student, settings, cfg.optim)

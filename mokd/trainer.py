@@ -22,7 +22,7 @@ from mokd.config import Config, save_yaml, to_dict
 from mokd.data import build_dataset, parse_data_spec
 from mokd.device import autocast, grad_scaler, resolve_device, resolve_precision
 from mokd.errors import UserError
-from mokd.models.backbones import is_vit, set_fused_attention
+from mokd.models.backbones import configure_attention, is_vit
 from mokd.models.mokd import NETS, MOKDModel
 from mokd.optim import Schedules, apply_schedules, build_optimizer, build_schedules, resolve_optimizer
 from mokd.runlog import RunLog, peak_memory_mb
@@ -73,8 +73,7 @@ def build_loader(cfg: Config, dist_info: distributed.DistInfo) -> tuple[torch.ut
 def build_state(cfg: Config, device: torch.device, steps_per_epoch: int, dist_info: distributed.DistInfo) -> TrainState:
     model = MOKDModel(cfg).to(device)
     precision = resolve_precision(cfg.optim.precision, device)
-    if device.type == "cpu" and precision == "bf16":
-        set_fused_attention(model, False)
+    configure_attention(model, device, precision)
     for n in NETS:
         branch = model.student[n]
         if branch.channels_last:

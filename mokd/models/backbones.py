@@ -95,6 +95,12 @@ def _vit_grid(model: nn.Module, image_size: int) -> tuple[int, int]:
     return image_size // p[0], image_size // p[1]
 
 
+def configure_attention(module: nn.Module, device: torch.device, precision: str) -> None:
+    """Training on the CPU in bf16: use the explicit attention path (see set_fused_attention)."""
+    if device.type == "cpu" and precision == "bf16":
+        set_fused_attention(module, False)
+
+
 def set_fused_attention(module: nn.Module, enabled: bool) -> int:
     """Switch timm's fused scaled-dot-product attention on or off in every attention layer; returns the count.
 
