@@ -69,9 +69,16 @@ def train(config_file, overrides, resume, data, class_list, out, epochs, batch_s
 
     Runs unchanged under torchrun: torchrun --nproc_per_node=8 -m mokd train --config configs/....yaml
     """
+    from pathlib import Path
+
     from mokd.config import apply_cli_flags, load_config
     from mokd.trainer import train as run_training
 
+    if resume and config_file is None:
+        # Resuming continues the run as it was configured: its own resolved config, then any overrides.
+        run_dir = Path(out) if out else Path(load_config(None).train.output_dir)
+        if (run_dir / "config.yaml").is_file():
+            config_file = run_dir / "config.yaml"
     cfg = load_config(config_file, overrides)
     cfg = apply_cli_flags(cfg, data=data, class_list=class_list, out=out, epochs=epochs, batch_size=batch_size,
                           device=device if device != "auto" else None, seed=seed)

@@ -89,7 +89,7 @@ class LossConfig:
 class OptimConfig:
     epochs: int = 100
     batch_size: int = 256  # global, over all ranks
-    warmup_epochs: int = 10
+    warmup_epochs: int = 10  # shortened to epochs - 1 for runs shorter than the warm-up
     freeze_last_layer: int = 1  # epochs during which the heads' last layers stay frozen
     sgd_momentum: float = 0.9
     precision: str = "auto"  # auto (bf16 where supported, else fp16 + grad scaler) | bf16 | fp16 | fp32
@@ -280,7 +280,7 @@ def validate(cfg: Config) -> None:
     need(cfg.loss.mode in ("mokd", "independent"), f"loss.mode must be 'mokd' or 'independent', got {cfg.loss.mode!r}")
     need(cfg.loss.ct_views in ("local", "global"), f"loss.ct_views must be 'local' or 'global', got {cfg.loss.ct_views!r}")
     need(cfg.loss.sm, "loss.sm cannot be switched off: it is the self-distillation every model trains with")
-    need(cfg.loss.ct_views == "global" or cfg.augment.local_crops > 0 or not cfg.loss.ct,
+    need(cfg.loss.mode != "mokd" or cfg.loss.ct_views == "global" or cfg.augment.local_crops > 0 or not cfg.loss.ct,
          "loss.ct_views=local needs augment.local_crops > 0 (or set loss.ct_views=global)")
     for name in ("net1", "net2"):
         n: NetConfig = getattr(cfg, name)
@@ -289,8 +289,7 @@ def validate(cfg: Config) -> None:
         need(0.0 <= n.momentum_teacher <= 1.0, f"{name}.momentum_teacher must be in [0, 1]")
     need(cfg.optim.epochs >= 1, "optim.epochs must be >= 1")
     need(cfg.optim.batch_size >= 1, "optim.batch_size must be >= 1")
-    need(cfg.optim.warmup_epochs < cfg.optim.epochs or cfg.optim.warmup_epochs == 0 or cfg.optim.epochs == 1,
-         f"optim.warmup_epochs ({cfg.optim.warmup_epochs}) must be smaller than optim.epochs ({cfg.optim.epochs})")
+    need(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
     need(cfg.optim.precision in ("auto", "bf16", "fp16", "fp32"), "optim.precision must be auto, bf16, fp16 or fp32")
     need(cfg.head.out_dim >= 2, "head.out_dim must be >= 2")
     need(cfg.thead.dim % cfg.thead.num_heads == 0, "thead.dim must be divisible by thead.num_heads")

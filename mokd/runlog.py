@@ -19,7 +19,14 @@ class RunLog:
         """Keep records whose 'step' < step (records of an epoch that was cut off are written again)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) < step]
+        kept = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                record = json.loads(ln)
+            except json.JSONDecodeError:  # a line cut off by the kill that interrupted the run
+                continue
+            if record.get("step", 0) < step:
+                kept.append(ln)
         self.path.write_text("".join(ln + "\n" for ln in kept))
 
     def write(self, record: dict) -> None:

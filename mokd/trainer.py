@@ -80,7 +80,8 @@ def build_state(cfg: Config, device: torch.device, steps_per_epoch: int, dist_in
             model.student[n].to(memory_format=torch.channels_last)
             model.teacher[n].to(memory_format=torch.channels_last)
         if dist_info.enabled:
-            if cfg.train.sync_bn and device.type == "cuda" and not branch.is_vit:
+            has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in branch.modules())
+            if cfg.train.sync_bn and device.type == "cuda" and has_bn:
                 model.student[n] = nn.SyncBatchNorm.convert_sync_batchnorm(branch)
                 model.teacher[n] = nn.SyncBatchNorm.convert_sync_batchnorm(model.teacher[n])
             model.student_forward[n] = nn.parallel.DistributedDataParallel(
@@ -98,6 +99,16 @@ def build_state(cfg: Config, device: torch.device, steps_per_epoch: int, dist_in
                                  cfg.optim.epochs, steps_per_epoch)
     return TrainState(model, optimizers, schedules, temp, grad_scaler(device, precision), device, precision,
                       steps_per_epoch)
+
+
+def clip_gradients(module: nn.Module, clip: float) -> None:
+    """DINO's clipping: each parameter's gradient norm is capped at `clip` on its own (0 disables)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if clip <= 0 or not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    scales = [torch.clamp(clip / (nrm + 1e-6), max=1.0) for nrm in norms]
+    torch._foreach_mul_(grads, scales)
 
 
 def last_layer_params(branch: nn.Module) -> list[nn.Parameter]:
@@ -123,9 +134,7 @@ def train_step(state: TrainState, crops: list[torch.Tensor], step: int, freeze_l
     state.scaler.scale(losses["loss1"] + losses["loss2"]).backward()
     for n in NETS:
         state.scaler.unscale_(state.optimizers[n])
-        clip = getattr(cfg, n).clip_grad
-        if clip > 0:
-            nn.utils.clip_grad_norm_(model.student[n].parameters(), clip)
+        clip_gradients(model.student[n], getattr(cfg, n).clip_grad)
         if freeze_last_layer:
             for p in last_layer_params(model.student[n]):
                 p.grad = None
@@ -179,9 +188,11 @@ def _progress(loader, epoch: int, epochs: int, show: bool):
 
 
 def _check_finite(losses: dict[str, torch.Tensor], step: int, epoch: int) -> None:
-    finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()])
-    if not bool(finite.all()):
-        bad = [k for k, ok in zip(losses, finite.tolist()) if not ok]
+    """Stop every rank together (a rank raising alone would leave the others in the gradient all-reduce)."""
+    not_finite = torch.stack([(~torch.isfinite(v.detach())).any() for v in losses.values()]).float()
+    distributed.all_reduce_sum(not_finite)
+    if bool(not_finite.any()):
+        bad = [k for k, flag in zip(losses, not_finite.tolist()) if flag]
         bad = [k for k in bad if not k.startswith("loss")] or bad  # name the term, not only the sums
         raise UserError(f"non-finite loss {', '.join(bad)} at step {step} (epoch {epoch + 1}); stopping. The last "
                         f"good checkpoint is untouched: lower the learning rate or use fp32 and --resume.")
@@ -203,10 +214,18 @@ def resume(state: TrainState, path: Path, cfg: Config) -> int:
         raise UserError(f"{path} is not a mokd training checkpoint; cannot resume from it")
     if ckpt["arch"] != state.model.arch():
         raise UserError(f"{path} was trained with {ckpt['arch']}, but the config asks for {state.model.arch()}")
+    own = state.model.state_dict()
+    differ = sorted(set(own) ^ set(ckpt["model"]))
+    differ += [k for k in own if k in ckpt["model"] and own[k].shape != ckpt["model"][k].shape]
+    if differ:
+        raise UserError(f"{path} does not fit the model this config builds ({len(differ)} tensors differ, e.g. "
+                        f"{', '.join(differ[:4])}): loss.mode, loss.st/ct, head.* and thead.* must stay as they "
+                        f"were. Resume without --config to use the run's own config.yaml.")
     state.model.load_state_dict(ckpt["model"])
     for n in NETS:
         state.optimizers[n].load_state_dict(ckpt["optimizer"][n])
-    state.scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"]:  # an fp32/bf16 run has no scaler state to carry into fp16
+        state.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     if ckpt["config"].get("optim", {}).get("epochs") != cfg.optim.epochs:
         print(f"note: resuming a run planned for {ckpt['config']['optim']['epochs']} epochs with "
@@ -254,12 +273,8 @@ def train(cfg: Config, resume_run: bool = False) -> Path:
     seed_everything(cfg.train.seed)  # the same on every rank: students and teachers start identical everywhere
     out_dir = Path(cfg.train.output_dir)
     main = dist_info.is_main
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out_dir / "config.yaml")
     loader, dataset = build_loader(cfg, dist_info)
     state = build_state(cfg, device, len(loader), dist_info)
-    seed_everything(cfg.train.seed + dist_info.rank)  # from here on (stochastic depth) ranks draw independently
     log = RunLog(out_dir / "log.jsonl", enabled=main)
     last = out_dir / "last.pth"
     start_epoch = 0
@@ -269,6 +284,9 @@ def train(cfg: Config, resume_run: bool = False) -> Path:
             print(f"resumed from {last} after epoch {start_epoch}")
     elif resume_run and main:
         print(f"--resume: no checkpoint at {last}; starting from scratch")
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out_dir / "config.yaml")
     if start_epoch == 0 and log.enabled:
         log.path.unlink(missing_ok=True)
     log.truncate_after(start_epoch * state.steps_per_epoch)
@@ -284,6 +302,9 @@ def train(cfg: Config, resume_run: bool = False) -> Path:
         metrics["knn_init"] = knn_monitor(state, cfg, 0, log)
     ckpt_path = last
     for epoch in range(start_epoch, cfg.optim.epochs):
+        # Stochastic depth draws from a generator seeded by (seed, rank, epoch): ranks draw independently,
+        # and a resumed run draws what an uninterrupted one would.
+        seed_everything((cfg.train.seed * 1_000_003 + dist_info.rank) * 10_007 + epoch)
         dataset.set_epoch(epoch)
         loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()

@@ -153,3 +153,54 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     for ra, rb in zip(la, lb):
         for key in ("sm1", "ct2", "loss"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4)
+
+
+def test_resume_through_the_cli_uses_the_runs_own_config(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["train", *tiny_cli_args(tmp_path / "r"), "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    # No --config: the run's config.yaml (tiny pair), not configs/default.yaml, and --epochs extends it.
+    res = runner.invoke(cli, ["train", "--out", str(tmp_path / "r"), "--resume", "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    assert "resumed from" in res.output
+    assert load_file(tmp_path / "r" / "last.pth")["epoch"] == 2
+    assert "test_resnet" in (tmp_path / "r" / "config.yaml").read_text()
+    # A config that builds a different model is refused with the reason, and the run's files stay.
+    res = runner.invoke(cli, ["train", "--out", str(tmp_path / "r"), "--resume", "--set", "loss.mode=independent"])
+    assert res.exit_code != 0 and "does not fit the model" in res.output
+    assert "mokd" in load_file(tmp_path / "r" / "last.pth")["config"]["loss"]["mode"]
+
+
+def test_optimiser_groups_freezing_and_clipping(tiny_cfg):
+    from mokd.trainer import clip_gradients, last_layer_params, train_step
+
+    cfg = tiny_cfg("optim.warmup_epochs=0")
+    loader, _ = build_loader(cfg, distributed.DistInfo())
+    state = build_state(cfg, torch.device("cpu"), len(loader), distributed.DistInfo())
+    crops, _ = next(iter(loader))
+    frozen = {n: [p.clone() for p in last_layer_params(state.model.student[n])] for n in ("net1", "net2")}
+    backbone_before = next(state.model.student["net1"].backbone.parameters()).clone()
+    train_step(state, crops, 0, freeze_last_layer=True, cfg=cfg)
+    for n in ("net1", "net2"):
+        for before, p in zip(frozen[n], last_layer_params(state.model.student[n])):
+            assert torch.equal(before, p), "the last layer moved during the frozen epoch"
+    assert not torch.equal(backbone_before, next(state.model.student["net1"].backbone.parameters()))
+    for n, opt in state.optimizers.items():  # the step set the scheduled values
+        decay, no_decay = opt.param_groups
+        assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+        assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] > 0
+
+    layer = torch.nn.Linear(3, 2)
+    layer.weight.grad = torch.full((2, 3), 10.0)
+    layer.bias.grad = torch.tensor([0.1, 0.1])
+    clip_gradients(layer, 3.0)
+    assert layer.weight.grad.norm().item() == pytest.approx(3.0, rel=1e-4)  # capped on its own
+    assert torch.allclose(layer.bias.grad, torch.tensor([0.1, 0.1]))  # below the cap: untouched
+
+
+def test_crop_sizes_the_models_cannot_take_are_named(tiny_cfg):
+    from mokd.errors import UserError
+    from mokd.models.mokd import MOKDModel
+
+    with pytest.raises(UserError, match=r"net2 \(test_vit\) cannot take 36 px crops.*patch size 8"):
+        MOKDModel(tiny_cfg("augment.global_size=36"))

@@ -70,29 +70,45 @@ def encode(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     feats = model.forward_features(x)
     if is_vit(model):
         local = feats[:, model.num_prefix_tokens:]
-    else:
+    elif feats.ndim == 4 and getattr(model, "output_fmt", "NCHW") == "NHWC":  # e.g. Swin
+        local = feats.flatten(1, 2)
+    elif feats.ndim == 4:
         local = feats.flatten(2).transpose(1, 2)
+    else:
+        raise UserError(f"{type(model).__name__} returns features of shape {tuple(feats.shape)}; expected a CNN "
+                        f"map [B, C, H, W] or ViT tokens [B, N, C]")
     glob = model.forward_head(feats, pre_logits=True)
     return glob, local
 
 
-def feature_grid(model: nn.Module, image_size: int) -> tuple[int, int]:
-    """Spatial grid (h, w) of the local features at a given input size, found by a dry run."""
+def feature_grid(model: nn.Module, image_size: int, label: str = "backbone") -> tuple[int, int]:
+    """Spatial grid (h, w) of the local features at a given input size, found by a dry run.
+
+    A size the model cannot take (a ViT crop that is no multiple of the patch, a crop too small for a CNN)
+    is a UserError naming the model, the size and the constraint.
+    """
+    if is_vit(model):
+        p = model.patch_embed.patch_size
+        if image_size % p[0] or image_size % p[1]:
+            raise UserError(f"{label} cannot take {image_size} px crops: a ViT needs crop sizes that are "
+                            f"multiples of its patch size {p[0]}")
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        feats = model.forward_features(torch.zeros(1, 3, image_size, image_size,
-                                                   device=next(model.parameters()).device))
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            x = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
+            glob, local = encode(model, x)
+    except Exception as e:  # timm raises assertion and shape errors of many kinds
+        raise UserError(f"{label} cannot take {image_size} px crops ({type(e).__name__}: {e}); choose "
+                        f"larger crops or, for a CNN, small_stem: true") from e
+    finally:
+        model.train(was_training)
     if is_vit(model):
-        return tuple(model.patch_embed.grid_size) if image_size == model.patch_embed.img_size[0] else \
-            _vit_grid(model, image_size)
-    return int(feats.shape[-2]), int(feats.shape[-1])
-
-
-def _vit_grid(model: nn.Module, image_size: int) -> tuple[int, int]:
-    p = model.patch_embed.patch_size
-    return image_size // p[0], image_size // p[1]
+        p = model.patch_embed.patch_size
+        return image_size // p[0], image_size // p[1]
+    n = local.shape[1]
+    side = int(round(n ** 0.5))
+    return (side, n // side) if side * side == n else (1, n)
 
 
 def configure_attention(module: nn.Module, device: torch.device, precision: str) -> None:

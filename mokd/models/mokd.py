@@ -78,10 +78,13 @@ def _resolution_groups(crops: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return [crops[a:b] for a, b in _group_bounds(crops)]
 
 
+STOCHASTIC_KWARGS = ("drop_path_rate", "drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_block_rate",
+                     "pos_drop_rate", "patch_drop_rate")
+
+
 def teacher_kwargs(kwargs: dict) -> dict:
     """Teachers are built without stochastic depth or dropout (their weights come from the EMA)."""
-    return {k: v for k, v in kwargs.items() if k not in ("drop_path_rate", "drop_rate", "proj_drop_rate",
-                                                         "attn_drop_rate")}
+    return {k: v for k, v in kwargs.items() if k not in STOCHASTIC_KWARGS}
 
 
 class MOKDModel(nn.Module):
@@ -97,7 +100,11 @@ class MOKDModel(nn.Module):
         for n in NETS:
             nc = getattr(cfg, n)
             backbone = create_backbone(nc.arch, nc.kwargs, nc.small_stem)
-            grid = feature_grid(backbone, cfg.augment.global_size) if self.use_thead else None
+            label = f"{n} ({nc.arch})"
+            grid = feature_grid(backbone, cfg.augment.global_size, label)
+            if cfg.augment.local_crops > 0:
+                feature_grid(backbone, cfg.augment.local_size, label)
+            grid = grid if self.use_thead else None
             students[n] = Branch(backbone, cfg, grid, cfg.train.channels_last)
             teacher_backbone = create_backbone(nc.arch, teacher_kwargs(nc.kwargs), nc.small_stem)
             teachers[n] = Branch(teacher_backbone, cfg, grid, cfg.train.channels_last)
