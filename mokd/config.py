@@ -49,7 +49,9 @@ class NetConfig:
     min_lr: float | None = None  # final lr of the cosine; None -> 0.016 x lr for SGD (DINO R50: 0.3 -> 0.0048), 1e-6 for AdamW
     weight_decay: float | None = None  # None -> 1e-4 for SGD, 0.04 for AdamW
     weight_decay_end: float | None = None  # None -> 1e-4 for SGD (constant), 0.4 for AdamW (DINO cosine)
-    clip_grad: float = 3.0  # 0 disables clipping
+    thead_lr: float | None = None  # T-Head base lr; None -> a CNN's (SGD) T-Head uses the AdamW lr and wd
+    # schedules, as the official code does (a ViT's T-Head trains with the ViT)
+    clip_grad: float = 3.0  # per-parameter gradient-norm cap (DINO); 0 disables clipping
     momentum_teacher: float = 0.996  # EMA momentum at step 0, cosine to 1
 
 

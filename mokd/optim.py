@@ -19,7 +19,11 @@ OPTIMIZER_DEFAULTS = {
 
 
 def resolve_optimizer(net: NetConfig, vit: bool) -> dict:
-    """Fill the net's None fields from the optimiser's defaults; returns the resolved settings."""
+    """Fill the net's None fields from the optimiser's defaults; returns the resolved settings.
+
+    The T-Head of an SGD-trained CNN follows the official code: it sits in the CNN's optimiser but in
+    groups of its own on the ViT (AdamW) lr and weight-decay schedules, unless thead_lr says otherwise.
+    """
     kind = net.optimizer if net.optimizer != "auto" else ("adamw" if vit else "sgd")
     d = OPTIMIZER_DEFAULTS[kind]
     lr = net.lr if net.lr is not None else d["lr"]
@@ -27,17 +31,28 @@ def resolve_optimizer(net: NetConfig, vit: bool) -> dict:
     wd = net.weight_decay if net.weight_decay is not None else d["weight_decay"]
     wd_end = net.weight_decay_end if net.weight_decay_end is not None else (
         d["weight_decay_end"] if net.weight_decay is None else wd)
-    return {"optimizer": kind, "lr": lr, "min_lr": min_lr, "weight_decay": wd, "weight_decay_end": wd_end}
+    if kind == "sgd":
+        a = OPTIMIZER_DEFAULTS["adamw"]
+        t_lr = net.thead_lr if net.thead_lr is not None else a["lr"]
+        thead = {"lr": t_lr, "min_lr": a["min_lr"] * t_lr / a["lr"], "weight_decay": a["weight_decay"],
+                 "weight_decay_end": a["weight_decay_end"]}
+    else:
+        t_lr = net.thead_lr if net.thead_lr is not None else lr
+        thead = {"lr": t_lr, "min_lr": min_lr * t_lr / lr, "weight_decay": wd, "weight_decay_end": wd_end}
+    return {"optimizer": kind, "lr": lr, "min_lr": min_lr, "weight_decay": wd, "weight_decay_end": wd_end,
+            "thead": thead}
 
 
 def param_groups(module: nn.Module) -> list[dict]:
-    """Two groups: weights with decay; biases and norm parameters (ndim <= 1) without."""
-    decay, no_decay = [], []
+    """Weights with decay; biases and norm parameters (ndim <= 1) without; the T-Head's likewise, apart."""
+    groups = {(t, d): [] for t in ("main", "thead") for d in (True, False)}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+        decay = not (p.ndim <= 1 or name.endswith(".bias"))
+        groups[("thead" if name.startswith("thead.") else "main", decay)].append(p)
+    return [{"params": ps, "tag": tag, "apply_wd": decay, **({} if decay else {"weight_decay": 0.0})}
+            for (tag, decay), ps in groups.items() if ps]
 
 
 def build_optimizer(module: nn.Module, settings: dict, optim: OptimConfig) -> torch.optim.Optimizer:
@@ -52,21 +67,28 @@ class Schedules:
     lr: np.ndarray  # [total_steps]
     wd: np.ndarray
     momentum: np.ndarray  # teacher EMA momentum
+    thead_lr: np.ndarray
+    thead_wd: np.ndarray
 
 
 def build_schedules(settings: dict, net: NetConfig, optim: OptimConfig, steps_per_epoch: int) -> Schedules:
     """lr: warm-up then cosine, base scaled by batch/256; wd: cosine; teacher momentum: cosine to 1."""
-    base_lr = settings["lr"] * optim.batch_size / 256.0
     e, w = optim.epochs, min(optim.warmup_epochs, optim.epochs - 1) if optim.epochs > 1 else 0
-    return Schedules(
-        lr=cosine_schedule(base_lr, settings["min_lr"], e, steps_per_epoch, w),
-        wd=cosine_schedule(settings["weight_decay"], settings["weight_decay_end"], e, steps_per_epoch),
-        momentum=cosine_schedule(net.momentum_teacher, 1.0, e, steps_per_epoch),
-    )
+    scale = optim.batch_size / 256.0
+
+    def lr_wd(s: dict) -> tuple[np.ndarray, np.ndarray]:
+        return (cosine_schedule(s["lr"] * scale, s["min_lr"], e, steps_per_epoch, w),
+                cosine_schedule(s["weight_decay"], s["weight_decay_end"], e, steps_per_epoch))
+
+    lr, wd = lr_wd(settings)
+    thead_lr, thead_wd = lr_wd(settings["thead"])
+    return Schedules(lr=lr, wd=wd, momentum=cosine_schedule(net.momentum_teacher, 1.0, e, steps_per_epoch),
+                     thead_lr=thead_lr, thead_wd=thead_wd)
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, sched: Schedules, step: int) -> None:
     for g in optimizer.param_groups:
-        g["lr"] = float(sched.lr[step])
+        thead = g.get("tag") == "thead"
+        g["lr"] = float((sched.thead_lr if thead else sched.lr)[step])
         if g.get("apply_wd"):
-            g["weight_decay"] = float(sched.wd[step])
+            g["weight_decay"] = float((sched.thead_wd if thead else sched.wd)[step])

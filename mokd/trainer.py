@@ -168,6 +168,7 @@ def train_one_epoch(state: TrainState, loader, epoch: int, cfg: Config, log: Run
             log.write({"type": "step", "epoch": epoch, "step": step, **record,
                        **{f"lr_{n}": state.optimizers[n].param_groups[0]["lr"] for n in NETS},
                        **{f"wd_{n}": state.optimizers[n].param_groups[0]["weight_decay"] for n in NETS},
+                       **{f"lr_thead_{n}": float(state.schedules[n].thead_lr[step]) for n in NETS},
                        **{f"momentum_{n}": float(state.schedules[n].momentum[step]) for n in NETS},
                        "teacher_temp": float(state.teacher_temp[step]),
                        "img_per_s": window_images / max(elapsed, 1e-9),

@@ -36,7 +36,8 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss(tiny_cfg):
         totals = model.total_losses(losses)
         history.append((totals["loss1"].item(), totals["loss2"].item()))
         for n, opt in state.optimizers.items():
-            opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = 0.05 if n == "net1" else 0.002
+            for g in opt.param_groups:
+                g["lr"] = 0.05 if n == "net1" else 0.002
             opt.zero_grad()
         (totals["loss1"] + totals["loss2"]).backward()
         for opt in state.optimizers.values():
@@ -186,9 +187,16 @@ def test_optimiser_groups_freezing_and_clipping(tiny_cfg):
             assert torch.equal(before, p), "the last layer moved during the frozen epoch"
     assert not torch.equal(backbone_before, next(state.model.student["net1"].backbone.parameters()))
     for n, opt in state.optimizers.items():  # the step set the scheduled values
-        decay, no_decay = opt.param_groups
-        assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
-        assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] > 0
+        for g in opt.param_groups:
+            if g["apply_wd"]:
+                assert all(p.ndim > 1 for p in g["params"]) and g["weight_decay"] > 0
+            else:
+                assert all(p.ndim <= 1 for p in g["params"]) and g["weight_decay"] == 0.0
+        assert {g["tag"] for g in opt.param_groups} == {"main", "thead"}
+    # The CNN's (SGD) T-Head runs on the AdamW schedules, as in the official code; its backbone on SGD's.
+    sgd = {g["tag"]: g for g in state.optimizers["net1"].param_groups if g["apply_wd"]}
+    assert sgd["main"]["lr"] == pytest.approx(cfg.net1.lr * 16 / 256) and sgd["main"]["weight_decay"] == pytest.approx(1e-4)
+    assert sgd["thead"]["lr"] == pytest.approx(0.0003 * 16 / 256) and sgd["thead"]["weight_decay"] == pytest.approx(0.04)
 
     layer = torch.nn.Linear(3, 2)
     layer.weight.grad = torch.full((2, 3), 10.0)
