@@ -1,0 +1,134 @@
+"""Mean attention distance of a whole model over a set of images: per layer and head for ViTs, per residual
+block for CNNs (the paper's Fig. 5 / S2), with JSON and CSV output."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mokd.errors import UserError
+from mokd.models.backbones import is_vit
+from mokd_analysis.attention import capture_block_maps, capture_vit_attention, residual_blocks
+from mokd_analysis.distance import feature_map_distance, mean_attention_distance, patch_attention, \
+    pixel_distance_matrix
+
+
+@dataclass
+class MADResult:
+    """Mean attention distances of one model, in input pixels.
+
+    distances: ViT -> [layers][heads]; CNN -> [blocks][1]. prefix_mass (ViT only): [layers][heads], the mean
+    attention mass patch queries give to the prefix (CLS) tokens, which the distances leave out.
+    """
+    label: str
+    kind: str  # "vit" | "cnn"
+    arch: str
+    image_size: int
+    num_images: int
+    distances: list[list[float]]
+    prefix_mass: list[list[float]] | None = None
+    grid: list[list[int]] = field(default_factory=list)  # per layer/block: [h, w] of the token grid
+    stride: list[list[float]] = field(default_factory=list)  # per layer/block: pixels per cell [y, x]
+
+    def layer_means(self) -> list[float]:
+        """Mean over heads of each layer (CNN: the block's value)."""
+        return [sum(row) / len(row) for row in self.distances]
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "layer_mean": self.layer_means()}
+
+
+def vit_grid(model: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(patch grid (h, w), patch size (ph, pw)) of a timm ViT at its current input size."""
+    pe = model.patch_embed
+    return tuple(int(v) for v in pe.grid_size), tuple(int(v) for v in pe.patch_size)
+
+
+@torch.no_grad()
+def vit_mad(model: nn.Module, loader, device: torch.device, *, label: str = "", arch: str = "",
+            progress: bool = True) -> MADResult:
+    """Per layer and head mean attention distance of a timm ViT over the images of `loader` ([B, 3, H, W], y)."""
+    grid, patch = vit_grid(model)
+    dist = pixel_distance_matrix(grid, patch, device=device)
+    npre = int(model.num_prefix_tokens)
+    depth = len(model.blocks)
+    sums: list[torch.Tensor | None] = [None] * depth
+    mass: list[torch.Tensor | None] = [None] * depth
+
+    def on_attention(layer: int, attn: torch.Tensor) -> None:
+        if attn.shape[-1] - npre != dist.shape[0]:
+            raise UserError(f"layer {layer}: {attn.shape[-1] - npre} patch tokens, but the patch grid {grid} "
+                            f"has {dist.shape[0]}; is the input size the model's ({model.patch_embed.img_size})?")
+        p, pm = patch_attention(attn, npre)
+        d = mean_attention_distance(p, dist).sum(0)  # [H]
+        sums[layer] = d if sums[layer] is None else sums[layer] + d
+        mass[layer] = pm.sum(0) if mass[layer] is None else mass[layer] + pm.sum(0)
+
+    n, size = _run(model, loader, device, capture_vit_attention(model, on_attention), progress, label)
+    return MADResult(label=label, kind="vit", arch=arch, image_size=size, num_images=n,
+                     distances=[(s / n).tolist() for s in sums], prefix_mass=[(m / n).tolist() for m in mass],
+                     grid=[list(grid)] * depth, stride=[[float(patch[0]), float(patch[1])]] * depth)
+
+
+@torch.no_grad()
+def cnn_mad(model: nn.Module, loader, device: torch.device, *, label: str = "", arch: str = "",
+            progress: bool = True) -> MADResult:
+    """Per residual block mean attention distance of a timm CNN, with attention softmax(F Fᵀ/√C) over each
+    block's output map F [C, H, W] and distances in input pixels (stride = input size / map size)."""
+    nblocks = len(residual_blocks(model))
+    sums: list[float] = [0.0] * nblocks
+    grids: list[list[int]] = [[0, 0]] * nblocks
+    current: dict = {}
+
+    def on_map(block: int, fmap: torch.Tensor) -> None:
+        sums[block] += float(feature_map_distance(fmap, current["size"]).sum())
+        grids[block] = [int(fmap.shape[-2]), int(fmap.shape[-1])]
+
+    n, size = _run(model, loader, device, capture_block_maps(model, on_map), progress, label, current)
+    return MADResult(label=label, kind="cnn", arch=arch, image_size=size, num_images=n,
+                     distances=[[s / n] for s in sums], grid=grids,
+                     stride=[[size / g[0], size / g[1]] if g[0] else [0.0, 0.0] for g in grids])
+
+
+def model_mad(model: nn.Module, loader, device: torch.device, **kw) -> MADResult:
+    """ViT -> per layer and head; CNN -> per residual block."""
+    return (vit_mad if is_vit(model) else cnn_mad)(model, loader, device, **kw)
+
+
+def _run(model: nn.Module, loader, device: torch.device, capture, progress: bool, label: str,
+         current: dict | None = None) -> tuple[int, int]:
+    """Forward every batch in float32 with the hooks on -> (number of images, input side in pixels)."""
+    model.eval().to(device)
+    current = {} if current is None else current
+    n = 0
+    with capture:
+        for x, _ in tqdm(loader, desc=f"mad {label}".strip(), disable=not progress, leave=False):
+            current["size"] = tuple(int(s) for s in x.shape[-2:])
+            model(x.to(device, non_blocking=True).float())
+            n += x.shape[0]
+    if n == 0:
+        raise UserError("no images to compute the mean attention distance on")
+    return n, current["size"][0]
+
+
+def save_mad_tables(results: list[MADResult], out_dir: Path, stem: str = "mad") -> dict[str, Path]:
+    """Write `stem`.json (everything) and `stem`.csv (one row per model, layer, head) -> their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, cs = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
+    js.write_text(json.dumps([r.as_dict() for r in results], indent=2))
+    with cs.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "kind", "arch", "layer", "head", "distance_px", "prefix_mass"])
+        for r in results:
+            for layer, row in enumerate(r.distances):
+                for head, d in enumerate(row):
+                    pm = r.prefix_mass[layer][head] if r.prefix_mass else ""
+                    w.writerow([r.label, r.kind, r.arch, layer + 1, head if r.kind == "vit" else "",
+                                f"{d:.4f}", pm if pm == "" else f"{pm:.4f}"])
+    return {"json": js, "csv": cs}
