@@ -44,36 +44,38 @@ class MADResult:
         return {**asdict(self), "layer_mean": self.layer_means()}
 
 
-def vit_grid(model: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(patch grid (h, w), patch size (ph, pw)) of a timm ViT at its current input size."""
-    pe = model.patch_embed
-    return tuple(int(v) for v in pe.grid_size), tuple(int(v) for v in pe.patch_size)
-
-
 @torch.no_grad()
 def vit_mad(model: nn.Module, loader, device: torch.device, *, label: str = "", arch: str = "",
             progress: bool = True) -> MADResult:
-    """Per layer and head mean attention distance of a timm ViT over the images of `loader` ([B, 3, H, W], y)."""
-    grid, patch = vit_grid(model)
-    dist = pixel_distance_matrix(grid, patch, device=device)
+    """Per layer and head mean attention distance of a timm ViT over the images of `loader` ([B, 3, H, W], y).
+
+    The patch grid is read off each batch's input size (square grids of patch-size cells), so any input
+    size the model accepts works.
+    """
+    patch = tuple(int(v) for v in model.patch_embed.patch_size)
     npre = int(model.num_prefix_tokens)
     depth = len(model.blocks)
     sums: list[torch.Tensor | None] = [None] * depth
     mass: list[torch.Tensor | None] = [None] * depth
+    current: dict = {}
 
     def on_attention(layer: int, attn: torch.Tensor) -> None:
-        if attn.shape[-1] - npre != dist.shape[0]:
-            raise UserError(f"layer {layer}: {attn.shape[-1] - npre} patch tokens, but the patch grid {grid} "
-                            f"has {dist.shape[0]}; is the input size the model's ({model.patch_embed.img_size})?")
+        h, w = current["size"][0] // patch[0], current["size"][1] // patch[1]
+        if attn.shape[-1] - npre != h * w:
+            raise UserError(f"layer {layer}: {attn.shape[-1] - npre} patch tokens, but {current['size']} px inputs "
+                            f"with patch {patch} make a {h}x{w} grid")
+        if current.get("grid") != (h, w):
+            current["grid"], current["dist"] = (h, w), pixel_distance_matrix((h, w), patch, device=attn.device)
         p, pm = patch_attention(attn, npre)
-        d = mean_attention_distance(p, dist).sum(0)  # [H]
+        d = mean_attention_distance(p, current["dist"]).sum(0)  # [H]
         sums[layer] = d if sums[layer] is None else sums[layer] + d
         mass[layer] = pm.sum(0) if mass[layer] is None else mass[layer] + pm.sum(0)
 
-    n, size = _run(model, loader, device, capture_vit_attention(model, on_attention), progress, label)
+    n, size = _run(model, loader, device, capture_vit_attention(model, on_attention), progress, label, current)
+    grid = list(current["grid"])
     return MADResult(label=label, kind="vit", arch=arch, image_size=size, num_images=n,
                      distances=[(s / n).tolist() for s in sums], prefix_mass=[(m / n).tolist() for m in mass],
-                     grid=[list(grid)] * depth, stride=[[float(patch[0]), float(patch[1])]] * depth)
+                     grid=[grid] * depth, stride=[[float(patch[0]), float(patch[1])]] * depth)
 
 
 @torch.no_grad()
