@@ -175,7 +175,7 @@ def test_resume_through_the_cli_uses_the_runs_own_config(tmp_path):
 def test_optimiser_groups_freezing_and_clipping(tiny_cfg):
     from mokd.trainer import clip_gradients, last_layer_params, train_step
 
-    cfg = tiny_cfg("optim.warmup_epochs=0")
+    cfg = tiny_cfg("optim.warmup_epochs=0", "net1.thead_lr=null")
     loader, _ = build_loader(cfg, distributed.DistInfo())
     state = build_state(cfg, torch.device("cpu"), len(loader), distributed.DistInfo())
     crops, _ = next(iter(loader))
