@@ -83,7 +83,7 @@ class LossConfig:
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 30
+    warmup_teacher_temp_epochs: int = 30  # shortened to optim.epochs for shorter runs
     center_momentum: float = 0.9
 
 

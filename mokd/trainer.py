@@ -271,6 +271,8 @@ def train(cfg: Config, resume_run: bool = False) -> Path:
     """Train the pair described by `cfg`; returns the path of the final checkpoint."""
     dist_info = distributed.init_distributed(resolve_device(cfg.train.device).type)
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels once
     seed_everything(cfg.train.seed)  # the same on every rank: students and teachers start identical everywhere
     out_dir = Path(cfg.train.output_dir)
     main = dist_info.is_main
@@ -326,4 +328,5 @@ def train(cfg: Config, resume_run: bool = False) -> Path:
         distributed.barrier()
     if main:
         print(f"done: {ckpt_path}")
+    distributed.cleanup()
     return ckpt_path
