@@ -18,29 +18,17 @@ from mokd.cli_common import data_options, debug_option, device_option, out_optio
 from mokd.data import build_dataset
 from mokd.errors import UserError
 from mokd.models.backbones import is_vit
-from mokd_eval.common import echo, load_eval_data, load_models_cli, precision_for, setup_run
+from mokd_eval.common import echo, load_eval_data, load_models_cli, loader_options, precision_for, setup_run
 from mokd_eval.features import eval_transform, features_for, fit_input_size
 from mokd_eval.knn import knn_predict
 from mokd_eval.records import write_record
 from mokd_eval.report import markdown_table
 
 
-def loader_options(f):
-    """--model, --branch, --arch, --arch-kwargs, --key, --allow-partial, applied to every checkpoint given."""
-    from mokd_eval.common import _parse_kwargs
-
-    options = [
-        click.option("--model", default=None, metavar="NAME",
-                     help="MOKD checkpoints: net1 or net2 (default: both models)."),
-        click.option("--branch", type=click.Choice(["teacher", "student"]), default=None,
-                     help="Which branch to load (default: teacher)."),
-        click.option("--arch", default=None, metavar="TIMM_NAME", help="timm architecture when a file does not name it."),
-        click.option("--arch-kwargs", "arch_kwargs", default=None, callback=_parse_kwargs, metavar="KWARGS",
-                     help="Extra timm.create_model arguments, as JSON or k=v,..."),
-        click.option("--key", default=None, metavar="NAME", help="Sub-dict or key prefix holding the backbone."),
-        click.option("--allow-partial", "allow_partial", is_flag=True, help="Accept a partial weight match."),
-    ]
-    for option in reversed(options):
+def analysis_options(f):
+    """The loader options, --data/--class-list, --out, --device and --seed, shared by every analysis."""
+    for option in reversed([loader_options, data_options, out_option(default="results/analysis"), device_option,
+                            seed_option]):
         f = option(f)
     return f
 
@@ -75,11 +63,7 @@ def analyze_cli():
 
 @analyze_cli.command("mad")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@loader_options
-@data_options
-@out_option(default="results/analysis")
-@device_option
-@seed_option
+@analysis_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--image-size", type=click.IntRange(min=8), default=None,
               help="Input resolution (default: the checkpoint's training resolution, else 224).")
@@ -226,11 +210,7 @@ def consistency_cmd(ckpt_a, ckpt_b, replacement, replace, model_a, model_b, mode
 
 @analyze_cli.command("tsne")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@loader_options
-@data_options
-@out_option(default="results/analysis")
-@device_option
-@seed_option
+@analysis_options
 @click.option("--classes", "num_classes", type=click.IntRange(min=1), default=10, show_default=True,
               help="Classes drawn at random (seeded) for the plot.")
 @click.option("--per-class", type=click.IntRange(min=1), default=100, show_default=True,

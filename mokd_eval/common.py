@@ -57,10 +57,9 @@ def _parse_kwargs(ctx, param, value):
     return out
 
 
-def checkpoint_options(f):
-    """CKPT argument plus --model, --branch, --arch, --arch-kwargs, --key, --allow-partial."""
+def loader_options(f):
+    """--model, --branch, --arch, --arch-kwargs, --key, --allow-partial: how to read a checkpoint."""
     options = [
-        click.argument("checkpoint", type=click.Path(dir_okay=False)),
         click.option("--model", default=None, metavar="NAME",
                      help="MOKD checkpoints: net1 or net2 (default: both); official MOKD files: cnn or vit."),
         click.option("--branch", type=click.Choice(["teacher", "student"]), default=None,
@@ -77,6 +76,11 @@ def checkpoint_options(f):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def checkpoint_options(f):
+    """CKPT argument plus the loader options."""
+    return click.argument("checkpoint", type=click.Path(dir_okay=False))(loader_options(f))
 
 
 def feature_options(f):
