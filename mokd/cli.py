@@ -12,7 +12,7 @@ import sys
 import click
 
 from mokd.cli_common import batch_size_option, data_options, debug_option, device_option, epochs_option, \
-    out_option, seed_option
+    out_option
 from mokd.errors import UserError
 
 LAZY_COMMANDS = {

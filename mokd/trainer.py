@@ -6,7 +6,6 @@ runs train_one_epoch; checkpoints are written atomically after every epoch.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path

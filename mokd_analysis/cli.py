@@ -17,7 +17,6 @@ import torch
 from mokd.cli_common import data_options, debug_option, device_option, out_option, resolve_data, seed_option
 from mokd.data import build_dataset
 from mokd.errors import UserError
-from mokd.models.backbones import is_vit
 from mokd_eval.common import echo, load_eval_data, load_models_cli, loader_options, precision_for, setup_run
 from mokd_eval.features import eval_transform, features_for, fit_input_size
 from mokd_eval.knn import knn_predict

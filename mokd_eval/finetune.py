@@ -36,7 +36,7 @@ from mokd_eval.features import eval_transform, fit_input_size, resolve_image_siz
 from mokd_eval.linear import new_linear
 from mokd_eval.records import write_record
 from mokd_eval.report import markdown_table
-from mokd_eval.supervised import (check_finite, default_workers, eval_loader, evaluate, scaled_lr, set_lr,
+from mokd_eval.supervised import (default_workers, eval_loader, evaluate, fit, scaled_lr,
                                   train_loader, train_transform, warmup_cosine)
 
 SEMISUP_EPOCHS = {1: 60, 10: 30}
@@ -94,35 +94,15 @@ def finetune(backbone: nn.Module, train_set, val_set, num_classes: int, *, setti
     val = eval_loader(val_set, settings.batch_size, workers=settings.workers)
     steps = len(loader)
     schedule = warmup_cosine(peak, settings.epochs * steps, settings.warmup_epochs * steps)
-    best = {"top1": -1.0, "top5": 0.0, "epoch": 0}
-    last = {"top1": 0.0, "top5": 0.0}
-    step = 0
-    for epoch in range(settings.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        net.train()
-        loss_sum, n_seen = torch.zeros((), device=device), 0
-        for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            set_lr(opt, float(schedule[step]))
-            with autocast(device, precision):
-                logits = net(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            loss_sum += loss.detach() * labels.numel()
-            n_seen += labels.numel()
-            step += 1
-        check_finite(loss_sum, "fine-tuning")
-        if (epoch + 1) % settings.eval_every == 0 or epoch + 1 == settings.epochs:
-            model.eval()
-            last = evaluate(model, val, device, precision)
-            if last["top1"] > best["top1"]:
-                best = {**last, "epoch": epoch + 1}
-            log(f"  epoch {epoch + 1}/{settings.epochs}  loss {loss_sum.item() / max(n_seen, 1):.4f}  "
-                f"val top1 {last['top1']:.2f}  top5 {last['top5']:.2f}  (best {best['top1']:.2f} @ {best['epoch']})")
+
+    def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            logits = net(images)
+        return F.cross_entropy(logits.float(), labels)
+
+    best, last = fit(net, loss_fn, lambda: evaluate(model, val, device, precision), opt, scaler, schedule, loader,
+                     sampler, epochs=settings.epochs, eval_every=settings.eval_every, device=device, log=log,
+                     what="fine-tuning")
     return {"top1": best["top1"], "top5": best["top5"], "best_epoch": best["epoch"],
             "final_top1": last["top1"], "final_top5": last["top5"], "lr": peak, "headline": "top1"}
 

@@ -26,7 +26,7 @@ from torch import nn
 from mokd import distributed as dist
 from mokd.cli_common import batch_size_option, data_options, debug_option, device_option, epochs_option, \
     out_option, seed_option
-from mokd.device import autocast
+from mokd.device import autocast, grad_scaler
 from mokd.errors import UserError
 from mokd.models.backbones import global_dim, is_vit
 from mokd_eval.common import (checkpoint_options, data_record, echo, feature_options, load_eval_data,
@@ -34,7 +34,7 @@ from mokd_eval.common import (checkpoint_options, data_record, echo, feature_opt
 from mokd_eval.features import eval_transform, features_for, fit_input_size, resolve_image_size
 from mokd_eval.records import write_record
 from mokd_eval.report import markdown_table
-from mokd_eval.supervised import (check_finite, eval_loader, evaluate, scaled_lr, set_lr, topk_correct,
+from mokd_eval.supervised import (eval_loader, evaluate, fit, scaled_lr, topk_correct,
                                   train_loader, train_transform, warmup_cosine)
 
 BASE_LR_CNN = 0.08
@@ -142,32 +142,10 @@ def train_linear_probe(backbone: nn.Module, train_set, val_set, num_classes: int
             f = probe_features(backbone, images, settings.n_last_blocks, settings.avgpool)
         return f.float()
 
-    best = {"top1": -1.0, "top5": 0.0, "epoch": 0}
-    last = {"top1": 0.0, "top5": 0.0}
-    step = 0
-    for epoch in range(settings.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        head.train()
-        loss_sum, n_seen = torch.zeros((), device=device), 0
-        for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            set_lr(opt, float(schedule[step]))
-            loss = F.cross_entropy(head(features(images)), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * labels.numel()
-            n_seen += labels.numel()
-            step += 1
-        check_finite(loss_sum, "linear probe")
-        if (epoch + 1) % settings.eval_every == 0 or epoch + 1 == settings.epochs:
-            head.eval()
-            last = evaluate(lambda x: layer(features(x)), val, device, "fp32")
-            if last["top1"] > best["top1"]:
-                best = {**last, "epoch": epoch + 1}
-            log(f"  epoch {epoch + 1}/{settings.epochs}  loss {loss_sum.item() / max(n_seen, 1):.4f}  "
-                f"val top1 {last['top1']:.2f}  top5 {last['top5']:.2f}  (best {best['top1']:.2f} @ {best['epoch']})")
+    best, last = fit(head, lambda images, labels: F.cross_entropy(head(features(images)), labels),
+                     lambda: evaluate(lambda x: layer(features(x)), val, device, "fp32"), opt,
+                     grad_scaler(device, "fp32"), schedule, loader, sampler, epochs=settings.epochs,
+                     eval_every=settings.eval_every, device=device, log=log, what="linear probe")
     return {"top1": best["top1"], "top5": best["top5"], "best_epoch": best["epoch"],
             "final_top1": last["top1"], "final_top5": last["top5"], "base_lr": base_lr, "lr": peak,
             "headline": "top1"}

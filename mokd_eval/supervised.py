@@ -135,3 +135,42 @@ def check_finite(loss: torch.Tensor, what: str) -> None:
     if not math.isfinite(loss.item()):
         raise UserError(f"{what}: the loss became {loss.item()}; the learning rate is probably too high "
                         f"(try a smaller --lr)")
+
+
+def fit(module: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        evaluate_fn: Callable[[], dict], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+        schedule: np.ndarray, loader: DataLoader, sampler: DistributedSampler | None, *, epochs: int,
+        eval_every: int, device: torch.device, log: Callable[[str], None], what: str) -> tuple[dict, dict]:
+    """The supervised loop shared by the linear probe and fine-tuning -> (best, last) {top1, top5[, epoch]}.
+
+    loss_fn(images, labels) -> scalar loss; the lr follows `schedule` (indexed by global step); the model is
+    evaluated every `eval_every` epochs and after the last one.
+    """
+    best = {"top1": -1.0, "top5": 0.0, "epoch": 0}
+    last = {"top1": 0.0, "top5": 0.0}
+    step = 0
+    for epoch in range(epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        module.train()
+        loss_sum, n_seen = torch.zeros((), device=device), 0
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            set_lr(optimizer, float(schedule[step]))
+            loss = loss_fn(images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach() * labels.numel()
+            n_seen += labels.numel()
+            step += 1
+        check_finite(loss_sum, what)
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+            module.eval()
+            last = evaluate_fn()
+            if last["top1"] > best["top1"]:
+                best = {**last, "epoch": epoch + 1}
+            log(f"  epoch {epoch + 1}/{epochs}  loss {loss_sum.item() / max(n_seen, 1):.4f}  "
+                f"val top1 {last['top1']:.2f}  top5 {last['top5']:.2f}  (best {best['top1']:.2f} @ {best['epoch']})")
+    return best, last
