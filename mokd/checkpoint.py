@@ -78,6 +78,13 @@ def is_mokd_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT and "model" in obj and "arch" in obj
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     """Every RNG the training loop touches, as tensors and plain values (weights_only-safe)."""
     np_state = np.random.get_state()

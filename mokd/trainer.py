@@ -16,7 +16,7 @@ from torch import nn
 
 from mokd import distributed
 from mokd.augment import MultiCrop, SeededCrops
-from mokd.checkpoint import FORMAT, VERSION, load_file, rng_state, save_atomic, set_rng_state
+from mokd.checkpoint import FORMAT, VERSION, load_file, rng_state, save_atomic, seed_everything, set_rng_state
 from mokd.config import Config, save_yaml, to_dict
 from mokd.data import build_dataset, parse_data_spec
 from mokd.device import autocast, grad_scaler, resolve_device, resolve_precision
@@ -38,14 +38,6 @@ class TrainState:
     device: torch.device
     precision: str
     steps_per_epoch: int
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def build_loader(cfg: Config, dist_info: distributed.DistInfo) -> tuple[torch.utils.data.DataLoader, SeededCrops]:

@@ -17,13 +17,12 @@ A protocol command reads:
 from __future__ import annotations
 
 import json
-import random
 
 import click
-import numpy as np
 import torch
 
 from mokd import distributed as dist
+from mokd.checkpoint import seed_everything
 from mokd.cli_common import resolve_data
 from mokd.data import DataSpec, ImageDataset, build_dataset, check_same_classes
 from mokd.device import resolve_device, resolve_precision
@@ -105,9 +104,7 @@ def setup_run(device: str | None, seed: int = 0) -> torch.device:
     """Resolve the device, join the torchrun process group if there is one, seed every RNG."""
     dev = resolve_device(device)
     dist.init_distributed(dev.type)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    seed_everything(seed)
     return dev
 
 

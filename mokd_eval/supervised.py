@@ -122,15 +122,6 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader
     return {"top1": 100.0 * counts[0].item() / n, "top5": 100.0 * counts[1].item() / n}
 
 
-def seed_everything(seed: int) -> None:
-    """Same seed on every rank: identical initial heads; the samplers give each rank different data."""
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def check_finite(loss: torch.Tensor, what: str) -> None:
     if not math.isfinite(loss.item()):
         raise UserError(f"{what}: the loss became {loss.item()}; the learning rate is probably too high "
