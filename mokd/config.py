@@ -110,6 +110,8 @@ class TrainConfig:
     sync_bn: bool = True  # SyncBatchNorm for CNNs under DDP
     log_every: int = 10  # steps between JSONL records (the last step of an epoch is always logged)
     progress: bool = True  # tqdm bar per epoch on rank 0
+    fast_step: bool = True  # foreach optimisers, fused EMA, low-precision teacher copies; false: the plain path
+    compile: str = "auto"  # torch.compile the branches' forward: auto (on for CUDA, off on CPU) | true | false
 
 
 @dataclass
@@ -296,6 +298,8 @@ def validate(cfg: Config) -> None:
     need(cfg.head.out_dim >= 2, "head.out_dim must be >= 2")
     need(cfg.thead.dim % cfg.thead.num_heads == 0, "thead.dim must be divisible by thead.num_heads")
     need(cfg.thead.depth >= 1, "thead.depth must be >= 1")
+    need(str(cfg.train.compile).lower() in ("auto", "true", "false"),
+         f"train.compile must be auto, true or false, got {cfg.train.compile!r}")
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:

@@ -32,8 +32,21 @@ def resolve_device(name: str | None = None) -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run in hardware: CUDA Ampere+, or a CPU with AMX or AVX512-BF16.
+
+    Elsewhere (e.g. an AVX2-only CPU) oneDNN emulates bf16 and a bf16 matmul is many times slower than fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 where the device supports it (CPU, Ampere+), else fp16 on older CUDA GPUs."""
+    """'auto' -> bf16 where the device computes it natively (Ampere+, AMX/AVX512-BF16 CPUs), fp16 on older
+    CUDA GPUs, fp32 on CPUs without bf16 hardware."""
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision != "auto":
@@ -42,7 +55,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16"
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def autocast(device: torch.device, precision: str):
@@ -56,3 +69,16 @@ def autocast(device: torch.device, precision: str):
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """A scaler that is a no-op unless fp16 is used (bf16 and fp32 need none)."""
     return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+
+
+COMPILE_CHOICES = ("auto", "true", "false")
+
+
+def resolve_compile(setting: str | bool, device: torch.device) -> bool:
+    """train.compile: 'auto' -> on for CUDA, off on the CPU (see the README's speed notes for the measurement)."""
+    setting = str(setting).lower()
+    if setting not in COMPILE_CHOICES:
+        raise UserError(f"train.compile must be auto, true or false, got {setting!r}")
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "true"

@@ -19,13 +19,16 @@ from mokd.augment import MultiCrop, SeededCrops
 from mokd.checkpoint import FORMAT, VERSION, load_file, rng_state, save_atomic, seed_everything, set_rng_state
 from mokd.config import Config, save_yaml, to_dict
 from mokd.data import build_dataset, parse_data_spec
-from mokd.device import autocast, grad_scaler, resolve_device, resolve_precision
+from mokd.device import autocast, grad_scaler, resolve_compile, resolve_device, resolve_precision
 from mokd.errors import UserError
 from mokd.models.backbones import configure_attention, is_vit
+from mokd.models.lowp import LowPrecisionCopy
 from mokd.models.mokd import NETS, MOKDModel
 from mokd.optim import Schedules, apply_schedules, build_optimizer, build_schedules, resolve_optimizer
 from mokd.runlog import RunLog, peak_memory_mb
 from mokd.schedules import teacher_temp_schedule
+
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -79,11 +82,22 @@ def build_state(cfg: Config, device: torch.device, steps_per_epoch: int, dist_in
                 model.student[n], device_ids=[device.index] if device.type == "cuda" else None)
         else:
             model.student_forward[n] = model.student[n]
+    fast = cfg.train.fast_step
+    if fast:
+        model.use_fast_step(None if precision == "fp32" else LOW_PRECISION[precision])
+    if resolve_compile(cfg.train.compile, device):
+        for n in NETS:
+            model.student_forward[n] = torch.compile(model.student_forward[n])
+            t = model.teacher_forward[n]
+            if isinstance(t, LowPrecisionCopy):
+                t.module = torch.compile(t.module)
+            else:
+                model.teacher_forward[n] = torch.compile(t)
     optimizers, schedules = {}, {}
     for n in NETS:
         net_cfg = getattr(cfg, n)
         settings = resolve_optimizer(net_cfg, is_vit(model.student[n].backbone))
-        optimizers[n] = build_optimizer(model.student[n], settings, cfg.optim)
+        optimizers[n] = build_optimizer(model.student[n], settings, cfg.optim, foreach=fast)
         schedules[n] = build_schedules(settings, net_cfg, cfg.optim, steps_per_epoch)
     lc = cfg.loss
     temp = teacher_temp_schedule(lc.warmup_teacher_temp, lc.teacher_temp, lc.warmup_teacher_temp_epochs,
@@ -97,8 +111,11 @@ def clip_gradients(module: nn.Module, clip: float) -> None:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if clip <= 0 or not grads:
         return
-    norms = torch._foreach_norm(grads)
-    scales = [torch.clamp(clip / (nrm + 1e-6), max=1.0) for nrm in norms]
+    # clip / (norm + 1e-6), capped at 1, as multi-tensor kernels (no Python loop over the parameters)
+    scales = torch._foreach_add(torch._foreach_norm(grads), 1e-6)
+    torch._foreach_reciprocal_(scales)
+    torch._foreach_mul_(scales, clip)
+    torch._foreach_clamp_max_(scales, 1.0)
     torch._foreach_mul_(grads, scales)
 
 

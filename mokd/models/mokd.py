@@ -57,10 +57,11 @@ class Branch(nn.Module):
             g, l = encode(self.backbone, x)
             glob.extend(g.chunk(len(group)))
             local.extend(l.chunk(len(group)))
-        mlp = self.mlp_head(torch.cat(glob))
+        # Logits go to fp32 once here (every loss takes them in fp32), not once per loss that uses them.
+        mlp = self.mlp_head(torch.cat(glob)).float()
         thead = None
         if self.thead is not None:
-            thead = torch.cat([self.thead(torch.cat(local[a:b])) for a, b in _group_bounds(local)])
+            thead = torch.cat([self.thead(torch.cat(local[a:b])) for a, b in _group_bounds(local)]).float()
         return BranchOutput(mlp, thead, glob, local, self.is_vit)
 
 
@@ -118,6 +119,9 @@ class MOKDModel(nn.Module):
                                       for h in (("mlp", "thead") if self.use_thead else ("mlp",))})
         # DDP wrappers of the students, when distributed (a plain dict: not part of the state dict).
         self.student_forward = {n: self.student[n] for n in NETS}
+        # What runs the teachers' forward: the teachers, or their low-precision copies (see use_fast_step).
+        self.teacher_forward = {n: self.teacher[n] for n in NETS}
+        self.fused_ema = False
 
     def arch(self) -> dict:
         return {n: {"name": getattr(self.cfg, n).arch, "kwargs": dict(getattr(self.cfg, n).kwargs),
@@ -130,7 +134,7 @@ class MOKDModel(nn.Module):
         """
         students = {n: self.student_forward[n](crops) for n in NETS}
         with torch.no_grad():
-            teachers = {n: self.teacher[n](crops[:N_GLOBAL]) for n in NETS}
+            teachers = {n: self.teacher_forward[n](crops[:N_GLOBAL]) for n in NETS}
             probs = {(n, "mlp"): sharpen(teachers[n].mlp, teacher_temp, self.centers[f"{n}_mlp"].center)
                      for n in NETS}
             if self.use_thead:
@@ -178,7 +182,7 @@ class MOKDModel(nn.Module):
         with torch.no_grad():
             query = self.student[i].thead.query(torch.cat([s.query_feature(v) for v in views]).detach())
             keys = torch.cat([t.local[kv] for kv in key_views])
-            target = sharpen(self.teacher[j].thead(keys, query=query), teacher_temp)
+            target = sharpen(self.teacher_forward[j].thead(keys, query=query), teacher_temp)
         student_logits = torch.cat(s.thead.chunk(n_views)[views[0]:views[-1] + 1])
         return paired_cross_entropy(student_logits, target, self.cfg.loss.student_temp)
 
@@ -192,11 +196,26 @@ class MOKDModel(nn.Module):
             out[f"loss{k}"] = self_terms + (self.lam[n] * sum(cross_terms) if cross_terms else 0.0)
         return out
 
+    def use_fast_step(self, teacher_dtype: torch.dtype | None) -> None:
+        """The fast path: a one-kernel EMA (lerp), and with `teacher_dtype` (bf16/fp16 autocast) teacher
+        forwards through low-precision copies of the teachers' weights. Call after the modules are final
+        (device, memory format, SyncBatchNorm)."""
+        from mokd.models.lowp import LowPrecisionCopy
+
+        self.fused_ema = True
+        self.teacher_forward = {n: self.teacher[n] if teacher_dtype is None
+                                else LowPrecisionCopy(self.teacher[n], teacher_dtype) for n in NETS}
+
     @torch.no_grad()
     def update_teachers(self, momentum: dict[str, float]) -> None:
         """teacher <- m * teacher + (1 - m) * student, per model (whole branch: backbone and heads)."""
         for n in NETS:
             t_params = list(self.teacher[n].parameters())
             s_params = [p.detach() for p in self.student[n].parameters()]
-            torch._foreach_mul_(t_params, momentum[n])
-            torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum[n])
+            if self.fused_ema:  # t + (1 - m) (s - t): the same update in one multi-tensor kernel
+                torch._foreach_lerp_(t_params, s_params, 1.0 - momentum[n])
+            else:
+                torch._foreach_mul_(t_params, momentum[n])
+                torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum[n])
+            if self.teacher_forward[n] is not self.teacher[n]:
+                self.teacher_forward[n].refresh()
