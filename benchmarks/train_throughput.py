@@ -1,6 +1,14 @@
-"""Training throughput of a MOKD pair against each model trained alone as DINO, in fp32 and bf16 autocast.
+"""Training-step speed: the fast step against the plain one, and a MOKD pair against each model alone as DINO.
 
-All figures come from one invocation, on the same batch of crops (the first batch of the config's data),
+Default mode (in one process, so that the figures share the machine's state): step time of the plain path
+(train.fast_step=false) and of the fast path (and, with --compile, the fast path under torch.compile), for
+each precision, best of --repeats alternating rounds; the step's matrix FLOPs (torch.utils.flop_counter)
+over its time as a fraction of the peak of a --peak-size^3 matmul measured in the same process, in fp32 and
+in bf16; and a torch.profiler top-10 of one fast step per precision:
+
+  python benchmarks/train_throughput.py [--preset r18-vitt-64] [--precisions fp32,bf16] [--repeats 5]
+
+--vs-dino: MOKD against net1 and net2 trained alone as plain DINO. All figures come from one invocation, on the same batch of crops (the first batch of the config's data),
 each configuration in its own subprocess so that peak memory is per configuration:
 
   python benchmarks/train_throughput.py                       # the default pair (configs/default.yaml)
@@ -119,6 +127,99 @@ def measure(args) -> dict:
             else f"{cfg.net1.arch} + {cfg.net2.arch}"}
 
 
+def _best_seconds(fn, rounds: int) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_peak(n: int, dtype, device, rounds: int = 3) -> float:
+    """FLOP/s of an n^3 matmul in `dtype` (best of `rounds`)."""
+    import torch
+
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+
+    def run():
+        a @ b
+        sync()
+    return 2 * n ** 3 / _best_seconds(run, rounds)
+
+
+def compare_paths(args) -> None:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mokd import distributed
+    from mokd.config import load_config
+    from mokd.trainer import build_loader, build_state, train_step
+
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    paths = [("plain", ["train.fast_step=false", "train.compile=false"]),
+             ("fast", ["train.fast_step=true", "train.compile=false"])]
+    if args.compile:
+        paths.append(("fast+compile", ["train.fast_step=true", "train.compile=true"]))
+    peaks = {p: matmul_peak(args.peak_size, dt, device) for p, dt in
+             (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print(f"preset {args.preset!r}, device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"matmul {args.peak_size}^3 peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
+    rows = []
+    for precision in args.precisions.split(","):
+        base = [*PRESETS[args.preset], *args.set, f"optim.precision={precision}", "data.num_workers=0",
+                f"train.device={args.device}"] + ([f"optim.batch_size={args.batch_size}"] if args.batch_size else [])
+        states, cfgs, crops = {}, {}, None
+        for name, extra in paths:
+            cfg = load_config(args.config, [*base, *extra])
+            if crops is None:
+                loader, _ = build_loader(cfg, distributed.DistInfo())
+                crops = [c.to(device) for c in next(iter(loader))[0]]
+            torch.manual_seed(0)
+            states[name], cfgs[name] = build_state(cfg, device, 1000, distributed.DistInfo()), cfg
+            states[name].model.train()
+
+        def steps(name, n):
+            for i in range(n):
+                train_step(states[name], crops, i, freeze_last_layer=False, cfg=cfgs[name])
+            sync()
+        for name, _ in paths:
+            steps(name, args.warmup)
+        best = {name: float("inf") for name, _ in paths}
+        for _ in range(args.repeats):  # alternating rounds: a busy spell of the machine hits every path alike
+            for name, _ in paths:
+                t0 = time.perf_counter()
+                steps(name, args.steps)
+                best[name] = min(best[name], (time.perf_counter() - t0) / args.steps)
+        with FlopCounterMode(display=False) as counter:
+            steps("fast", 1)
+        flops = counter.get_total_flops()
+        for name, _ in paths:
+            rows.append((precision, name, best[name], best["plain"] / best[name], flops / best[name]))
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            steps("fast", 1)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"\nprofile of one fast {precision} step (top 10 by self time):")
+        print(prof.key_averages().table(sort_by=sort, row_limit=10, max_name_column_width=40))
+        batch = crops[0].shape[0]
+        del states
+    print(f"\nbatch {batch}, {args.steps} timed steps per round after {args.warmup} warm-up, best of "
+          f"{args.repeats} alternating rounds; matrix FLOPs per step {flops / 1e9:.1f} G")
+    print(f"{'precision':<9} {'path':<13} {'s/step':>8} {'speed-up':>9} {'GFLOP/s':>8} "
+          f"{'of fp32 peak':>12} {'of bf16 peak':>12}")
+    for precision, name, sec, speedup, rate in rows:
+        print(f"{precision:<9} {name:<13} {sec:>8.3f} {speedup:>8.2f}x {rate / 1e9:>8.1f} "
+              f"{100 * rate / peaks['fp32']:>11.1f}% {100 * rate / peaks['bf16']:>11.1f}%")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
@@ -131,12 +232,17 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds over all configurations; each figure is its best round (robust to a busy machine)")
+    p.add_argument("--vs-dino", action="store_true", help="MOKD against each model alone as DINO (subprocesses)")
+    p.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
+    p.add_argument("--peak-size", type=int, default=2048, help="side of the matmul whose speed is the peak")
     p.add_argument("--what", default=None, help=argparse.SUPPRESS)  # internal: run one measurement
     p.add_argument("--precision", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.what:
         print("RESULT " + json.dumps(measure(args)), flush=True)
         return
+    if not args.vs_dino:
+        return compare_paths(args)
 
     results = {}
     rounds = [(r, precision, what) for r in range(args.repeats) for precision in args.precisions.split(",")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mokd_eval.knn import clamp_ks, knn_evaluate, knn_predict, search
+from mokd_eval.knn import certified_search, clamp_ks, knn_evaluate, knn_predict, resolve_backend, search
 
 
 def brute_force_knn(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, k: int, t: float,
@@ -42,7 +42,7 @@ def data():
     return train, labels, test, test_labels
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("backend", ["faiss", "torch", "certified"])
 def test_matches_brute_force(data, backend):
     train, labels, test, _ = data
     ks = (1, 10, 20, 100, 200)
@@ -109,3 +109,40 @@ def test_fewer_than_five_classes():
     train, labels = torch.randn(50, 8), torch.arange(50) % 3
     preds = knn_predict(train, labels, torch.randn(4, 8), ks=(5,), num_classes=3, log=None)
     assert preds[5].shape == (4, 3)
+
+
+def near_tie_bank(n=1500, d=48, seed=1):
+    """Unit rows, half of them near-duplicates of the other half: their similarities to a query differ by far
+    less than bf16 resolves (~1e-3), far more than fp32 rounding (~1e-7)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n // 2, d, generator=g)
+    bank = torch.cat([base, base + 3e-4 * torch.randn(n // 2, d, generator=g)])
+    queries = base[:40] + 0.3 * torch.randn(40, d, generator=g)
+    return torch.nn.functional.normalize(bank, dim=1), torch.nn.functional.normalize(queries, dim=1)
+
+
+@pytest.mark.parametrize("margin", [None, 0])
+def test_certified_search_returns_exactly_the_fp32_top_k_on_near_ties(margin):
+    bank, queries = near_tie_bank()
+    ref_sims, ref_idx = search(bank, queries, 25, backend="torch", log=None)
+    sims, idx, redone = certified_search(bank, queries, 25, margin=margin, log=None)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(sims, ref_sims, rtol=0, atol=1e-6)
+    if margin == 0:  # no spare candidates: near-ties at the k-th place cannot be certified, so they fall back
+        assert redone > 0
+    # plain bf16 would not get them right: it is the re-rank and the bound that make the search exact
+    low = (queries.bfloat16() @ bank.bfloat16().t()).float().topk(25, dim=1).indices
+    assert not torch.equal(low, ref_idx)
+
+
+def test_certified_fallback_is_logged_and_auto_names_its_backend(data):
+    train, labels, test, _ = data
+    messages = []
+    bank, queries = near_tie_bank(400, 24)
+    certified_search(bank, queries, 10, margin=0, log=messages.append)
+    assert "MiB" in messages[0] and "re-searched in fp32" in messages[-1]
+    messages.clear()
+    knn_predict(train, labels, test, ks=(10,), num_classes=9, backend="auto", log=messages.append)
+    chosen = resolve_backend("auto", "cpu")
+    assert chosen in ("torch", "certified")
+    assert messages[0] == f"k-NN backend auto -> {chosen} (on cpu)"
