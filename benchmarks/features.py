@@ -1,9 +1,13 @@
-"""Feature-extraction throughput (images/s) in fp32 and bf16 autocast, ViT-S/16 and ResNet-50 at 224 px.
+"""Feature extraction in fp32 and bf16 autocast: throughput (images/s) of ViT-S/16 and ResNet-50 at 224 px,
+and what bf16 does to k-NN (the reason the evaluation commands extract in fp32 by default).
 
     PYTHONPATH=. python benchmarks/features.py [--images 64] [--batch-size 32] [--device cpu]
 
-Random-init timm models on random images (no download); the timed path is `extract_features` (loader,
-autocast, copy to float32 on the host), i.e. what every protocol pays, without JPEG decoding.
+Throughput: random-init timm models on random images (no download); the timed path is `extract_features`
+(loader, autocast, copy to float32 on the host), i.e. what every protocol pays, without JPEG decoding.
+k-NN: the same random-init (seeded) models on the embedded digits at 32 px (train split = bank, val split =
+queries), features extracted in fp32 and in bf16: k-NN top-1 of each, the share of queries whose top-1
+prediction changes, and the mean cosine between a feature's bf16 and fp32 versions.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import time
 
 import torch
 
+from mokd.data import build_dataset, parse_data_spec
 from mokd.models.backbones import create_backbone
-from mokd_eval.features import extract_features
+from mokd_eval.features import eval_transform, extract_features
+from mokd_eval.knn import knn_predict
 
 ARCHS = (("ViT-S/16", "vit_small_patch16_224"), ("R50", "resnet50"))
 
@@ -36,6 +42,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-knn", action="store_true", help="skip the bf16-vs-fp32 k-NN comparison")
     args = p.parse_args()
     device = torch.device(args.device)
     print(f"{args.images} images of {args.size} px, batch {args.batch_size}, device {device}, torch "
@@ -61,6 +68,34 @@ def main() -> None:
     for label, _ in ARCHS:
         r = {prec: rate for lab, prec, rate, _ in rows if lab == label}
         print(f"{label:<9} bf16 / fp32 speed-up: x{r['bf16'] / r['fp32']:.2f}")
+    if not args.no_knn:
+        knn_difference(device, args.batch_size)
+
+
+def knn_difference(device: torch.device, batch_size: int) -> None:
+    spec = parse_data_spec("digits")
+    train = build_dataset(spec, "train", eval_transform(32, True))
+    val = build_dataset(spec, "val", eval_transform(32, True))
+    print(f"\nk-NN (k=20, T=0.07) on digits at 32 px ({len(train)} bank / {len(val)} queries), random-init "
+          f"backbones, bf16 against fp32 features:")
+    for label, name, kwargs in (("ViT-S/16", "vit_small_patch16_224", {"img_size": 32}),
+                                ("ViT-S/8", "vit_small_patch16_224", {"img_size": 32, "patch_size": 8}),
+                                ("R50", "resnet50", {})):
+        torch.manual_seed(0)
+        model = create_backbone(name, kwargs).to(device).eval()
+        feats, preds = {}, {}
+        for precision in ("fp32", "bf16"):
+            tr, ytr = extract_features(model, train, device=device, batch_size=batch_size, precision=precision)
+            te, yte = extract_features(model, val, device=device, batch_size=batch_size, precision=precision)
+            feats[precision] = (tr, te)
+            preds[precision] = knn_predict(tr, ytr, te, ks=(20,), num_classes=len(train.classes), backend="torch",
+                                           log=None)[20][:, 0]
+        top1 = {p: 100 * (preds[p] == yte).float().mean().item() for p in preds}
+        changed = 100 * (preds["fp32"] != preds["bf16"]).float().mean().item()
+        cos = torch.nn.functional.cosine_similarity(feats["fp32"][1], feats["bf16"][1], dim=1).mean().item()
+        print(f"{label:<9} top-1 fp32 {top1['fp32']:6.2f}%  bf16 {top1['bf16']:6.2f}%  "
+              f"difference {top1['bf16'] - top1['fp32']:+.2f} points; top-1 prediction changed for {changed:.2f}% "
+              f"of queries; mean feature cosine {cos:.5f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""k-NN search: FAISS exact inner-product index vs the chunked torch matmul, on a DINO-sized problem.
+"""k-NN search: the exact backends (fp32 torch matmul, certified bf16/fp16 + fp32 re-rank, FAISS flat index)
+on a DINO-sized problem.
 
     PYTHONPATH=. python benchmarks/knn.py [--bank 100000] [--queries 10000] [--dim 384] [--classes 1000]
+                                          [--backends torch,certified,faiss] [--device cpu]
 
 Each backend runs in its own process, so that its peak memory (Linux VmHWM, reset after the data are made)
-is its own. Prints time, peak extra memory, their ratios, and whether the predictions are identical.
+is its own; each logs the bank's memory before its search. Prints time and peak extra memory against the
+fp32 torch search, whether the neighbour lists are identical to its, and what `--backend auto` picks.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def make_data(bank: int, queries: int, dim: int, classes: int, seed: int = 0):
 
 
 def worker(args) -> None:
-    from mokd_eval.knn import knn_predict
+    from mokd_eval.knn import knn_predict, search
 
     train, labels, test, _ = make_data(args.bank, args.queries, args.dim, args.classes)
     if args.device != "cpu":
@@ -58,9 +61,10 @@ def worker(args) -> None:
         torch.cuda.reset_peak_memory_stats()
     _reset_peak()
     base = _status_kib("VmRSS")
+    bank = torch.nn.functional.normalize(train, dim=1)
+    queries = torch.nn.functional.normalize(test, dim=1)
     t0 = time.perf_counter()
-    preds = knn_predict(train, labels, test, ks=(10, 20, 100, 200), num_classes=args.classes, backend=args.backend,
-                        log=print)
+    sims, idx = search(bank, queries, 200, backend=args.backend, log=print)
     if args.device != "cpu":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -68,7 +72,7 @@ def worker(args) -> None:
     result = {"seconds": seconds, "peak_extra_mib": peak_mib}
     if args.device != "cpu":
         result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    torch.save({k: v for k, v in preds.items()}, args.save)
+    torch.save({"idx": idx, "sims": sims}, args.save)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -79,17 +83,24 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--device", default="cpu", help="device of the torch backend's tensors (cpu or cuda)")
+    p.add_argument("--backends", default="torch,certified,faiss")
     p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
     p.add_argument("--save", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.backend:
         return worker(args)
 
-    print(f"bank {args.bank} x {args.dim}, {args.queries} queries, {args.classes} classes, k in 10,20,100,200, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    results, preds = {}, {}
+    from mokd_eval.knn import resolve_backend
+
+    backends = args.backends.split(",")
+    if "torch" not in backends:
+        backends.insert(0, "torch")
+    print(f"bank {args.bank} x {args.dim}, {args.queries} queries, {args.classes} classes, top-200 neighbours, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; --backend auto picks "
+          f"{resolve_backend('auto', args.device)!r} on {args.device}")
+    results, found = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for backend in ("faiss", "torch"):
+        for backend in backends:
             save = os.path.join(tmp, f"{backend}.pt")
             cmd = [sys.executable, __file__, "--backend", backend, "--save", save, "--bank", str(args.bank),
                    "--queries", str(args.queries), "--dim", str(args.dim), "--classes", str(args.classes),
@@ -102,19 +113,14 @@ def main() -> None:
                     results[backend] = json.loads(line[7:])
                 else:
                     print(f"  [{backend}] {line}")
-            preds[backend] = torch.load(save, weights_only=True)
-    f, t = results["faiss"], results["torch"]
-    print(f"\n{'backend':<8} {'time (s)':>9} {'peak extra RSS (MiB)':>21}")
+            found[backend] = torch.load(save, weights_only=True)
+    ref = results["torch"]
+    print(f"\n{'backend':<10} {'time (s)':>9} {'vs torch fp32':>14} {'peak extra RSS (MiB)':>21} "
+          f"{'identical neighbour lists':>26}")
     for name, r in results.items():
-        print(f"{name:<8} {r['seconds']:>9.2f} {r['peak_extra_mib']:>21.1f}"
-              + (f"   GPU peak {r['gpu_peak_mib']:.1f} MiB" if "gpu_peak_mib" in r else ""))
-    print(f"torch / faiss: time x{t['seconds'] / f['seconds']:.2f}, "
-          f"memory x{t['peak_extra_mib'] / max(f['peak_extra_mib'], 1e-9):.2f}")
-    for k in preds["faiss"]:
-        a, b = preds["faiss"][k], preds["torch"][k]
-        same_top1 = (a[:, 0] == b[:, 0]).float().mean().item() * 100
-        same_top5 = (a == b).all(1).float().mean().item() * 100
-        print(f"k={k:<4} identical top-1 predictions: {same_top1:.3f}%   identical top-5 lists: {same_top5:.3f}%")
+        same = (found[name]["idx"] == found["torch"]["idx"]).all(1).float().mean().item() * 100
+        print(f"{name:<10} {r['seconds']:>9.2f} {r['seconds'] / ref['seconds']:>13.2f}x {r['peak_extra_mib']:>21.1f} "
+              f"{same:>25.3f}%" + (f"   GPU peak {r['gpu_peak_mib']:.1f} MiB" if "gpu_peak_mib" in r else ""))
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def effective_mode(backbone: nn.Module, mode: str) -> str:
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, dataset: torch.utils.data.Dataset, *, device: torch.device | str,
-                     batch_size: int = 256, precision: str = "bf16", num_workers: int = 0, mode: str = "cls",
+                     batch_size: int = 256, precision: str = "fp32", num_workers: int = 0, mode: str = "cls",
                      n_last_blocks: int = 4, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of every image of `dataset` -> (features [N, D] float32 on CPU, labels [N] long).
 
@@ -175,7 +175,7 @@ def cache_key(checkpoint: dict, spec: DataSpec, split: str, dataset: ImageDatase
 
 
 def features_for(loaded, spec: DataSpec, split: str, *, device: torch.device | str, dataset: ImageDataset | None = None,
-                 batch_size: int = 256, precision: str = "bf16", mode: str = "cls", n_last_blocks: int = 4,
+                 batch_size: int = 256, precision: str = "fp32", mode: str = "cls", n_last_blocks: int = 4,
                  image_size: int | None = None, num_workers: int = 0, cache: str | Path | None = None,
                  use_cache: bool = True, progress: bool = False, log: Callable[[str], None] | None = None
                  ) -> FeatureSet:

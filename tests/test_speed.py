@@ -99,3 +99,12 @@ def test_compile_and_precision_choices():
     with pytest.raises(UserError, match="train.compile"):
         resolve_compile("sometimes", cpu)
     assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+
+
+def test_gpu_check_says_why_and_exits_cleanly_without_cuda(capsys, monkeypatch):
+    import runpy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gpu_check = runpy.run_path("benchmarks/gpu_check.py", run_name="gpu_check")
+    assert gpu_check["main"]([]) == 0
+    assert "CUDA is not available" in capsys.readouterr().out

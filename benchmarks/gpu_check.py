@@ -1,0 +1,216 @@
+"""GPU paths, checked in a few minutes on one CUDA GPU: pass/fail and images (or queries) per second per path.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py [--steps 5] [--batch-size 32] [--bank 100000]
+
+  train   a bf16 and an fp16 (GradScaler) step of the default pair (configs/default.yaml) and of R50 + ViT-S/16
+          at 224 px (configs/mokd_r50_vits16.yaml), through build_state's distributed path: an NCCL process
+          group of one process, DistributedDataParallel students, SyncBatchNorm; the fast step (and, with
+          --compile, the fast step under torch.compile). Pass: finite losses, every student moved, the
+          fp16 scaler's scale finite.
+  knn     the torch fp32, certified fp16 and (faiss-gpu installed) FAISS GPU searches of a 100k x 384 bank.
+          Pass: neighbour lists identical to the fp32 torch search (FAISS: on at least 99.9% of the queries,
+          its own summation order may swap near-ties).
+  features  R50 and ViT-S/16 extraction at 224 px in fp32 and bf16. Pass: finite, bf16 within cosine 0.99.
+
+On a machine without CUDA it says so and exits with status 0, doing nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = {"default pair": None, "R50 + ViT-S/16 224px": str(ROOT / "configs" / "mokd_r50_vits16.yaml")}
+
+
+def cuda_missing_message() -> str | None:
+    if torch.cuda.is_available():
+        return None
+    return "gpu_check: CUDA is not available on this machine (torch.cuda.is_available() is False); nothing checked"
+
+
+def init_one_process_group() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+
+
+def check_train(name: str, config: str | None, precision: str, args) -> tuple[bool, float, str]:
+    from mokd import distributed
+    from mokd.config import load_config
+    from mokd.trainer import build_loader, build_state, train_step
+
+    class OneProcessDDP(distributed.DistInfo):
+        """World size 1 that still takes build_state's distributed branch (DDP students, SyncBatchNorm)."""
+
+        @property
+        def enabled(self) -> bool:
+            return True
+
+    overrides = ["data.spec=digits", "data.num_workers=4", "train.device=cuda:0", f"optim.precision={precision}",
+                 f"train.compile={'true' if args.compile else 'false'}", "train.fast_step=true"]
+    if config is not None:
+        overrides.append(f"optim.batch_size={args.batch_size}")
+    cfg = load_config(config, overrides)
+    device = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    loader, _ = build_loader(cfg, distributed.DistInfo())
+    crops = [c.to(device, non_blocking=True) for c in next(iter(loader))[0]]
+    state = build_state(cfg, device, 1000, OneProcessDDP())
+    model = state.model
+    model.train()
+    ddp = all(isinstance(model.student_forward[n], torch.nn.parallel.DistributedDataParallel) or args.compile
+              for n in model.student)
+    sync_bn = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.student.modules())
+    has_bn = sync_bn or any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.student.modules())
+    before = {n: [p.detach().clone() for p in model.student[n].parameters()] for n in model.student}
+    for i in range(args.warmup):
+        train_step(state, crops, i, freeze_last_layer=False, cfg=cfg)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        losses = train_step(state, crops, args.warmup + i, freeze_last_layer=False, cfg=cfg)
+    torch.cuda.synchronize()
+    rate = crops[0].shape[0] * args.steps / (time.perf_counter() - t0)
+    finite = all(torch.isfinite(v).all().item() for v in losses.values())
+    moved = all(any(not torch.equal(a, b.detach()) for a, b in zip(before[n], model.student[n].parameters()))
+                for n in model.student)
+    scale_ok = precision != "fp16" or (state.scaler.is_enabled() and
+                                       torch.isfinite(torch.tensor(state.scaler.get_scale())).item())
+    ok = finite and moved and scale_ok and ddp and (sync_bn or not has_bn)
+    note = (f"batch {crops[0].shape[0]}, loss1 {losses['loss1'].item():.3f}, DDP {ddp}, SyncBN {sync_bn}"
+            + (f", scale {state.scaler.get_scale():.0f}" if precision == "fp16" else "")
+            + f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    return ok, rate, note
+
+
+def check_knn(args) -> list[tuple[str, bool, float, str]]:
+    from mokd_eval.knn import certified_search, resolve_backend, search
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(1000, 384, generator=g)
+    bank = centres[torch.randint(0, 1000, (args.bank,), generator=g)] + 2.0 * torch.randn(args.bank, 384, generator=g)
+    queries = centres[torch.randint(0, 1000, (args.queries,), generator=g)] + 2.0 * torch.randn(args.queries, 384,
+                                                                                               generator=g)
+    bank = torch.nn.functional.normalize(bank, dim=1).cuda()
+    queries = torch.nn.functional.normalize(queries, dim=1).cuda()
+    rows = []
+
+    def timed(fn):
+        fn()  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, args.queries / (time.perf_counter() - t0)
+
+    (ref_s, ref_i), rate = timed(lambda: search(bank, queries, 200, backend="torch", log=None))
+    rows.append(("knn torch fp32 (GPU)", True, rate, f"auto picks {resolve_backend('auto', bank.device)}"))
+    (s, i, redone), rate = timed(lambda: certified_search(bank, queries, 200, log=None))
+    same = (i == ref_i).all(1).float().mean().item()
+    rows.append(("knn certified fp16 (GPU)", same == 1.0, rate,
+                 f"identical lists {100 * same:.3f}%, {redone} queries re-searched in fp32"))
+    import importlib.util
+
+    if importlib.util.find_spec("faiss") is None:
+        rows.append(("knn faiss-gpu", False, 0.0, "faiss is not installed"))
+        return rows
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        rows.append(("knn faiss-gpu", False, 0.0, "this faiss build has no GPU support (install faiss-gpu)"))
+        return rows
+    (s, i), rate = timed(lambda: search(bank, queries, 200, backend="faiss", log=None))
+    same = (i == ref_i).all(1).float().mean().item()
+    rows.append(("knn faiss-gpu", same >= 0.999, rate, f"identical lists {100 * same:.3f}%"))
+    return rows
+
+
+def check_features(args) -> list[tuple[str, bool, float, str]]:
+    from mokd.models.backbones import create_backbone
+    from mokd_eval.features import extract_features
+
+    class RandomImages(torch.utils.data.Dataset):
+        def __init__(self, n):
+            self.x = torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i], 0
+
+    data, rows = RandomImages(args.images), []
+    for label, name in (("R50", "resnet50"), ("ViT-S/16", "vit_small_patch16_224")):
+        torch.manual_seed(0)
+        model = create_backbone(name).cuda().eval()
+        feats = {}
+        for precision in ("fp32", "bf16"):
+            extract_features(model, RandomImages(64), device="cuda", batch_size=64, precision=precision)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            feats[precision], _ = extract_features(model, data, device="cuda", batch_size=128, precision=precision,
+                                                   num_workers=4)
+            torch.cuda.synchronize()
+            rate = args.images / (time.perf_counter() - t0)
+            rows.append((f"features {label} {precision}", bool(torch.isfinite(feats[precision]).all()), rate, ""))
+        cos = torch.nn.functional.cosine_similarity(feats["fp32"], feats["bf16"], dim=1).min().item()
+        rows[-1] = (rows[-1][0], rows[-1][1] and cos > 0.99, rows[-1][2], f"min cosine to fp32 {cos:.4f}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32, help="batch of the R50 + ViT-S/16 pair")
+    p.add_argument("--compile", action="store_true", help="train steps under torch.compile")
+    p.add_argument("--bank", type=int, default=100_000)
+    p.add_argument("--queries", type=int, default=10_000)
+    p.add_argument("--images", type=int, default=512)
+    args = p.parse_args(argv)
+    missing = cuda_missing_message()
+    if missing:
+        print(missing)
+        return 0
+    print(f"gpu_check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    rows: list[tuple[str, bool, float, str]] = []
+
+    def guarded(name, fn):
+        try:
+            return fn()
+        except Exception as e:  # a failing path is reported, and the others still run
+            traceback.print_exc()
+            return [(name, False, 0.0, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")]
+
+    init_one_process_group()
+    for pair, config in PAIRS.items():
+        for precision in ("bf16", "fp16"):
+            name = f"train {pair} {precision}"
+            rows += guarded(name, lambda: [(name, *check_train(pair, config, precision, args))])
+            torch.cuda.empty_cache()
+    rows += guarded("knn", lambda: check_knn(args))
+    rows += guarded("features", lambda: check_features(args))
+    print(f"\n{'path':<38} {'result':<6} {'per s':>9}  notes (train, features: images/s; knn: queries/s)")
+    for name, ok, rate, note in rows:
+        print(f"{name:<38} {'PASS' if ok else 'FAIL':<6} {rate:>9.1f}  {note}")
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    failed = sum(not ok for _, ok, _, _ in rows)
+    print(f"\n{len(rows) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
