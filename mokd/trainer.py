@@ -232,7 +232,10 @@ def resume(state: TrainState, path: Path, cfg: Config) -> int:
                         f"were. Resume without --config to use the run's own config.yaml.")
     state.model.load_state_dict(ckpt["model"])
     for n in NETS:
+        foreach = state.optimizers[n].defaults.get("foreach")
         state.optimizers[n].load_state_dict(ckpt["optimizer"][n])
+        for g in state.optimizers[n].param_groups:  # this run's train.fast_step, not the saved groups' flag
+            g["foreach"] = foreach
     if ckpt["scaler"]:  # an fp32/bf16 run has no scaler state to carry into fp16
         state.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])

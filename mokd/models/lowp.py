@@ -81,7 +81,7 @@ class LowPrecisionCopy:
         return self.module(*args, **kwargs)
 
     def __getattr__(self, name: str):  # e.g. teacher.thead(keys, query=...)
-        if name in ("master", "module", "_sources", "_targets", "_versions"):
+        if name.startswith("__") or name in ("master", "module", "_sources", "_targets", "_versions"):
             raise AttributeError(name)
         self._sync()
         return getattr(self.module, name)
