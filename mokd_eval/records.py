@@ -24,7 +24,8 @@ from mokd import distributed as dist
 
 RECORD_VERSION = 1
 VOLATILE_SETTINGS = ("features_cached", "num_workers")  # do not change the result, so do not name the record
-_PACKAGES = ("mokd", "torch", "torchvision", "timm", "numpy", "faiss-cpu", "faiss-gpu-cu12", "scikit-learn")
+_PACKAGES = ("mokd", "torch", "torchvision", "timm", "numpy", "faiss-cpu", "faiss-gpu-cu12", "scikit-learn",
+             "detectron2", "pycocotools")
 
 
 def to_jsonable(x: Any) -> Any:
