@@ -167,7 +167,7 @@ def resolve_arch(cand: Candidate, req: Request, fmt: str, path: Path, cifar_stem
     notes = []
     stem = architecture.detect_stem_conv(arch, cand.state, cand.stem_padding)
     if stem is not None:
-        arch["stem_conv"] = stem
+        arch["stem_conv"], arch["small_stem"] = stem, True
         k = stem["kernel"]
         why = "solo-learn's convention" if cand.stem_padding is not None else f"{k} // 2"
         notes.append(f"CIFAR-style stem from the file's {k}x{k} conv1: stride 1, padding {stem['padding']} ({why}), "
