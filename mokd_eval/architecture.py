@@ -29,7 +29,10 @@ def normalise(arch: dict) -> dict:
 def build(arch: dict) -> nn.Module:
     """The timm backbone for `arch`, with its stem as the dict says."""
     a = normalise(arch)
-    model = create_backbone(a["name"], a["kwargs"], a["small_stem"] or a["stem_conv"] is not None)
+    try:
+        model = create_backbone(a["name"], a["kwargs"], a["small_stem"] or a["stem_conv"] is not None)
+    except (AssertionError, ValueError) as e:  # timm checks its arguments with asserts (e.g. width % heads)
+        raise UserError(f"timm cannot build {describe(a)}: {e or type(e).__name__}") from e
     if a["stem_conv"] is not None:
         replace_stem_conv(model, a["stem_conv"]["kernel"], a["stem_conv"]["padding"])
     return model

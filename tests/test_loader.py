@@ -271,6 +271,7 @@ def heads(m) -> int:
     return m.backbone.blocks[0].attn.num_heads
 
 
+@pytest.mark.slow  # builds a real ViT-S three times
 def test_mocov3_vit_small_keeps_its_12_heads(mocov3_vits):
     (m,) = load_models(mocov3_vits / "vit-s-300ep.pth.tar")
     assert m.arch["name"] == "vit_small_patch16_224" and heads(m) == 12
@@ -423,3 +424,9 @@ def test_non_finite_backbone_is_refused_by_eval_and_export(tmp_path):
     assert not (tmp_path / "o.st").exists()
     (m,) = load_models(tmp_path / "nan.pth", model="net2")  # the other model is fine
     assert m.label == "net2-teacher"
+
+
+def test_kwargs_timm_cannot_build_are_a_clear_error(tmp_path):
+    torch.save(backbone_state(VIT, 1), tmp_path / "v.pth")
+    with pytest.raises(UserError, match=r"timm cannot build test_vit \{num_heads=5\}"):
+        load_models(tmp_path / "v.pth", arch="test_vit", arch_kwargs={"num_heads": 5})
