@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mokd.config import Config
+from mokd.health import health_metrics
 from mokd.losses import Center, dino_cross_entropy, paired_cross_entropy, sharpen
 from mokd.models.backbones import create_backbone, encode, feature_grid, global_dim, is_vit, local_dim
 from mokd.models.heads import DINOHead, THead
@@ -143,6 +144,8 @@ class MOKDModel(nn.Module):
                                       for h in (("mlp", "thead") if self.use_thead else ("mlp",))})
         # DDP wrappers of the students, when distributed (a plain dict: not part of the state dict).
         self.student_forward = {n: self.student[n] for n in NETS}
+        # The last forward's training-health figures (mokd.health), per model: entropy_net1, agreement_net2, ...
+        self.health: dict[str, torch.Tensor] = {}
 
     def arch(self) -> dict:
         return {n: {"name": getattr(self.cfg, n).arch, "kwargs": dict(getattr(self.cfg, n).kwargs),
@@ -164,6 +167,11 @@ class MOKDModel(nn.Module):
         losses = {}
         for i, j in (("net1", "net2"), ("net2", "net1")):
             losses.update(self._terms_for(i, j, students, teachers, probs, teacher_temp, len(crops)))
+        self.health = {}
+        for n in NETS:
+            t_probs = probs[(n, "mlp")]
+            figures = health_metrics(t_probs, students[n].mlp[:len(t_probs)])
+            self.health.update({f"{k}_{n}": v for k, v in figures.items()})
         for n in NETS:
             self.centers[f"{n}_mlp"].update(teachers[n].mlp)
             if self.use_thead:
