@@ -6,7 +6,9 @@ Per model, on the MLP head's outputs for the two global views of a batch:
 - batch-mean entropy: H of the batch's mean teacher output. It falls towards 0 when one dimension wins for
   every sample (the other kind); a healthy run keeps it high while the per-sample entropy is low;
 - agreement: the fraction of samples whose student argmax equals the teacher's on the same view.
-Entropies are in nats, computed on each process's own batch.
+The gap between the two entropies is the information the outputs carry about the input: near 0, every
+sample gets the same output, whether flat or sharp, which is collapse too. Entropies are in nats, computed
+on each process's own batch.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def health_metrics(teacher_probs: torch.Tensor, student_logits: torch.Tensor) ->
 
 UNIFORM_FRACTION = 0.95  # per-sample entropy above this fraction of log K: outputs nearly uniform
 DOMINANT_NATS = math.log(2.0)  # batch-mean entropy below log 2: fewer than two dimensions in use
+CONSTANT_NATS = 0.1  # batch-mean minus per-sample entropy below this: outputs nearly the same for every input
 
 
 def collapse_warning(name: str, entropy: float, mean_entropy: float, out_dim: int) -> str | None:
@@ -42,4 +45,8 @@ def collapse_warning(name: str, entropy: float, mean_entropy: float, out_dim: in
         return (f"warning: {name} looks collapsed to one dominant dimension (entropy of the batch-mean output "
                 f"{mean_entropy:.2f} nats, under log 2): centre more (loss.center_momentum closer to 0.9 or "
                 f"below), soften the teacher (raise loss.teacher_temp) or lower the learning rate")
+    if mean_entropy - entropy < CONSTANT_NATS:
+        return (f"warning: {name} gives nearly the same output for every input (batch-mean entropy {mean_entropy:.2f}"
+                f" vs per-sample {entropy:.2f} nats): normalise the head (head.use_bn=true), sharpen the teacher "
+                f"(lower loss.teacher_temp) or lower the learning rate")
     return None

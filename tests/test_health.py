@@ -35,6 +35,15 @@ def test_one_dimension_dominating():
     assert w is not None and "dominant" in w and "center_momentum" in w
 
 
+def test_the_same_output_for_every_input():
+    row = torch.softmax(torch.linspace(0, 4, K), dim=0)  # neither uniform nor one-hot, but input-independent
+    h = health_metrics(row.expand(N, K), torch.randn(N, K))
+    assert math.isclose(h["entropy"].item(), h["mean_entropy"].item(), rel_tol=1e-5)
+    assert 0.3 * math.log(K) < h["entropy"].item() < 0.95 * math.log(K)
+    w = collapse_warning("net1", h["entropy"].item(), h["mean_entropy"].item(), K)
+    assert w is not None and "same output for every input" in w and "head.use_bn" in w
+
+
 def test_healthy_one_hot_outputs_spread_over_dimensions():
     probs = torch.eye(K)[:N]  # each sample its own dimension: sharp per sample, spread over the batch
     h = health_metrics(probs, probs.clone())
