@@ -24,6 +24,7 @@ from torch import nn
 from mokd.checkpoint import load_file
 from mokd.errors import UserError
 from mokd.models.backbones import create_backbone
+from mokd.naming import model_name, run_name
 from mokd_eval.formats import FORMATS, Candidate, Request, detect, select_key
 
 # Keys that belong to a classifier or an SSL head rather than to the backbone.
@@ -133,6 +134,8 @@ def load_models(path: str | Path, *, model: str | None = None, branch: str | Non
         backbone.eval()
         ckpt = {"path": str(path.resolve()), "sha256": sha, "format": fmt, "model": cand.model,
                 "branch": cand.branch, "arch": a["name"], "arch_kwargs": a["kwargs"], "label": label,
+                "small_stem": a["small_stem"], "shape": model_name(a["name"], a["kwargs"], a["small_stem"]),
+                "name": model_name(a["name"], a["kwargs"], a["small_stem"], a.get("given_name")), "run": run_name(path),
                 **{k: v for k, v in cand.extra.items() if v is not None}}
         out.append(LoadedModel(backbone, label, a, report, ckpt, cand.image_size))
     return out
