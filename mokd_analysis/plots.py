@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.legend import Legend  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from mokd_analysis.distance import uniform_distance  # noqa: E402
@@ -94,7 +95,9 @@ def _legends_together(ax: plt.Axes, legends: list[dict], stack: bool = False, ga
     fig.canvas.draw()  # lay out the figure, so that legend sizes can be measured
     made, sizes = [], []
     for kw in legends:
-        leg = ax.legend(loc="upper left", bbox_to_anchor=(0.0, 1.0), frameon=False, borderaxespad=0.0, **kw)
+        handles = kw.pop("handles")
+        leg = Legend(ax, handles, [h.get_label() for h in handles], loc="upper left", bbox_to_anchor=(0.0, 1.0),
+                     frameon=False, borderaxespad=0.0, **kw)
         ax.add_artist(leg)
         bbox = leg.get_window_extent(fig.canvas.get_renderer()).transformed(ax.transAxes.inverted())
         made.append(leg)
@@ -107,12 +110,25 @@ def _legends_together(ax: plt.Axes, legends: list[dict], stack: bool = False, ga
         y -= (h + gap) if stack else 0.0
 
 
+def _equal_scale_limits(coords: np.ndarray, margin: float = 0.05) -> tuple[list[tuple[float, float]], float]:
+    """(x and y limits, height/width ratio) showing `coords` [N, 2] at one scale on both axes, the ratio
+    kept between 0.45 and 1 so that a long thin embedding still gets a readable panel."""
+    lo, hi = coords.min(0).astype(float), coords.max(0).astype(float)
+    span = np.maximum(hi - lo, 1e-6) * (1 + 2 * margin)
+    ratio = float(np.clip(span[1] / span[0], 0.45, 1.0))
+    xs, ys = (span[0], span[0] * ratio) if span[1] <= span[0] * ratio else (span[1] / ratio, span[1])
+    mid = (lo + hi) / 2
+    return [(mid[0] - xs / 2, mid[0] + xs / 2), (mid[1] - ys / 2, mid[1] + ys / 2)], ratio
+
+
 def _fit_ylim(ax: plt.Axes, values: Sequence[float]) -> None:
     """A y-range around the data (and reference levels), not from 0: differences between runs stay visible."""
     v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
     lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
-    pad = 0.08 * (hi - lo) if hi > lo else max(1.0, 0.05 * abs(hi))
-    ax.set_ylim(lo - pad, hi + pad)
+    # At least 5% of the level itself: a spread of hundredths of a pixel is drawn as the flat line it is.
+    span = max(hi - lo, 0.05 * max(abs(lo), abs(hi)), 1e-6)
+    mid, half = (lo + hi) / 2, 0.54 * span
+    ax.set_ylim(mid - half, mid + half)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -239,11 +255,10 @@ def tsne_figure(coords: np.ndarray, labels: np.ndarray, model_ids: np.ndarray, c
     ncol = min(5 if len(panels) > 1 else 3, len(class_names))
     class_rows, model_rows = -(-len(class_names) // ncol), len(set(marker_of_model))
     leg_h = 0.6 + 0.14 * (class_rows + model_rows) if stack else 0.35 + 0.14 * max(class_rows, model_rows)
-    fig = plt.figure(figsize=(w, side + leg_h + (0.35 if title and len(panels) > 1 else 0.2)), layout="constrained")
-    grid = fig.add_gridspec(2, len(panels), height_ratios=[side, leg_h])
-    lo, hi = coords.min(0), coords.max(0)
-    half = 0.53 * float((hi - lo).max())  # square ranges around the centre, with a margin
-    lims = [(float(c) - half, float(c) + half) for c in (lo + hi) / 2]
+    lims, ratio = _equal_scale_limits(coords)
+    height = side * ratio
+    fig = plt.figure(figsize=(w, height + leg_h + (0.45 if title and len(panels) > 1 else 0.25)), layout="constrained")
+    grid = fig.add_gridspec(2, len(panels), height_ratios=[height, leg_h])
     axes = []
     for p, ptitle in enumerate(panels):
         ax = fig.add_subplot(grid[0, p])
@@ -256,8 +271,8 @@ def tsne_figure(coords: np.ndarray, labels: np.ndarray, model_ids: np.ndarray, c
                                marker=MARKERS[marker_of_model[m] % len(MARKERS)], edgecolors="white", linewidths=0.3)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set(xlim=lims[0], ylim=lims[1])  # one embedding: the same ranges in every panel
-        ax.set_aspect("equal", adjustable="box")
+        ax.set(xlim=lims[0], ylim=lims[1])  # one embedding: the same ranges, at one scale, in every panel
+        ax.set_box_aspect(ratio)
         ax.set_title(ptitle if len(panels) == 1 else f"({chr(97 + p)}) {ptitle}")
     markers: dict[int, list[str]] = {}
     for m, name in enumerate(model_names):
