@@ -1,6 +1,7 @@
 """Result records: one JSON file per evaluated model, the input of `mokd report`.
 
-Fields (DESIGN.md): task, checkpoint {path, sha256, format, model, branch, arch, label, [mode, pair]},
+Fields (DESIGN.md): task, checkpoint {path, sha256, format, model, branch, arch, label, name, shape, run,
+[mode, pair]} (name and shape: mokd.naming.model_name; run: mokd.naming.run_name),
 data {spec, sizes, classes}, settings (resolved), metrics, env (versions, device, git commit), wall_time_s.
 `metrics` names its headline figure: k-NN has `best_top1`; other protocols put their headline accuracy
 under `top1` (or name the key in `metrics["headline"]`).

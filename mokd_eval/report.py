@@ -50,6 +50,8 @@ def _number(v: Any) -> float | None:
 def headline(record: dict) -> tuple[str, float | None]:
     """(metric name, value) of a record's headline figure."""
     m = record.get("metrics") or {}
+    if "headline" in m and m["headline"] is None:  # a figure-only task (t-SNE): no number to report
+        return "-", None
     name = m.get("headline") or HEADLINE.get(record.get("task"), "top1")
     if _number(m.get(name)) is None:
         name = next((k for k, v in m.items() if _number(v) is not None), name)
@@ -58,7 +60,9 @@ def headline(record: dict) -> tuple[str, float | None]:
 
 def unit(record: dict) -> str:
     """The unit of a record's headline figure: % for accuracies, px for distances, fraction for agreement."""
-    task, name = record.get("task"), headline(record)[0]
+    task, (name, value) = record.get("task"), headline(record)
+    if value is None:
+        return "-"
     if task in UNITS:
         return UNITS[task]
     return "%" if name.startswith(("top1", "top5", "best_top")) else "-"
