@@ -293,7 +293,9 @@ def tsne_cmd(checkpoints, model, branch, arch, arch_kwargs, key, allow_partial, 
         layout = dict(panels=[f"{what}, {_run_title(models[0])}" if len(checkpoints) == 1 else what])
     figures = plot_tsne(coords, labels, ids, class_names, names, out_dir / "tsne", title=what, width=figure_width,
                         **layout)
-    emb = save_embedding(out_dir / "tsne.npz", coords, labels, ids, class_names, names, np.tile(np.asarray(keep), len(models)))
+    emb = save_embedding(out_dir / "tsne.npz", coords, labels, ids, class_names,
+                         [f"{_run_title(m)}: {m.checkpoint['name']}" for m in models],
+                         np.tile(np.asarray(keep), len(models)))
     for m in models:
         write_record(out_dir, task="tsne", checkpoint=m.checkpoint,
                      data={"spec": str(spec), "split": "val", "classes": class_names, "num_images": len(keep)},

@@ -169,7 +169,8 @@ def test_side_by_side_and_mad_from_the_cli_name_runs_modes_and_shapes(tmp_path):
     assert res.exit_code == 0, res.output
     assert "test_resnet [small stem]" in res.output and "tsne.svg" in res.output
     npz = np.load(out / "tsne.npz")
-    assert list(npz["model_names"]) == ["test_resnet [small stem]", "test_vit [patch 4, 32 px]"] * 2
+    assert list(npz["model_names"]) == [f"pair_{mode} · {mode}: {arch}" for mode in ("independent", "mokd")
+                                        for arch in ("test_resnet [small stem]", "test_vit [patch 4, 32 px]")]
     assert npz["coords"].shape == (4 * 30, 2)
     with Image.open(out / "tsne.png") as im:
         assert im.size[0] == round(6.875 * 300)
