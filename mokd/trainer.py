@@ -25,6 +25,7 @@ from mokd.errors import UserError
 from mokd.health import collapse_warning
 from mokd.models.backbones import configure_attention, is_vit
 from mokd.models.mokd import NETS, MOKDModel
+from mokd.naming import model_name
 from mokd.optim import Schedules, apply_schedules, build_optimizer, build_schedules, resolve_optimizer
 from mokd.runlog import RunLog, peak_memory_mb
 from mokd.schedules import teacher_temp_schedule
@@ -331,8 +332,12 @@ def train(cfg: Config, resume_run: bool = False) -> Path:
         log.path.unlink(missing_ok=True)
     log.truncate_after(start_epoch * state.steps_per_epoch)
     if main:
-        n_params = {n: sum(p.numel() for p in state.model.student[n].parameters()) / 1e6 for n in NETS}
-        print(f"mokd train: {cfg.net1.arch} ({n_params['net1']:.1f}M) + {cfg.net2.arch} ({n_params['net2']:.1f}M), "
+        def size(m: nn.Module) -> float:
+            return sum(p.numel() for p in m.parameters()) / 1e6
+
+        nets = [f"{model_name(c.arch, c.kwargs, c.small_stem, c.name)} (backbone {size(s.backbone):.3g}M + heads "
+                f"{size(s) - size(s.backbone):.3g}M)" for c, s in ((getattr(cfg, n), state.model.student[n]) for n in NETS)]
+        print(f"mokd train: {' + '.join(nets)}, "
               f"mode {cfg.loss.mode}, {len(dataset)} images, {state.steps_per_epoch} steps/epoch, "
               f"{cfg.optim.epochs} epochs, {device} {state.precision}, {dist_info.world_size} process(es) -> {out_dir}")
 

@@ -102,7 +102,8 @@ def feature_options(f):
     """--image-size, --precision, --num-workers, --cache-dir, --no-cache."""
     options = [
         click.option("--image-size", "image_size", type=click.IntRange(min=8), default=None,
-                     help="Evaluation crop size (default: 224 for image folders, the native size for small images)."),
+                     help="Evaluation crop size (default: the images' own size for digits and CIFAR, else the "
+                          "checkpoint's training resolution, else 224)."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      show_default=True, help="Autocast precision of feature extraction."),
         click.option("--num-workers", "num_workers", type=click.IntRange(min=0), default=0, show_default=True,
@@ -151,7 +152,7 @@ def load_models_cli(checkpoint: str, model: str | None, branch: str | None, arch
                          allow_partial=allow_partial, cifar_stem=_cifar_stem_flag())
     for m in models:
         c = m.checkpoint
-        echo(f"loaded {m.label}: {c['arch']} from {checkpoint} [{c['format']}"
+        echo(f"loaded {m.label}: {c['name']} from {checkpoint} [{c['format']}"
              f"{', ' + c['branch'] if c.get('branch') else ''}]")
         echo(f"  {m.report.summary()}")
         for note in m.report.notes:

@@ -260,7 +260,8 @@ def features_for(loaded, spec: DataSpec, split: str, *, device: torch.device | s
                     raise
     fit_input_size(loaded.backbone, size)
     if log:
-        log(f"features ({loaded.label}, {split}): extracting {len(ds)} images at {size} px, mode {mode}, {precision}")
+        shown = f"mode {mode}" if is_vit(loaded.backbone) else "pooled"  # a CNN gives its pooled map in any mode
+        log(f"features ({loaded.label}, {split}): extracting {len(ds)} images at {size} px, {shown}, {precision}")
     feats, labels = extract_features(loaded.backbone, ds, device=device, batch_size=batch_size, precision=precision,
                                      num_workers=num_workers, mode=mode, n_last_blocks=n_last_blocks,
                                      progress=progress)

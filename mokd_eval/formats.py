@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from mokd.errors import UserError
+from mokd.naming import model_name
 
 StateDict = dict[str, torch.Tensor]
 
@@ -148,14 +149,16 @@ def _extract_mokd(obj: dict, req: Request) -> list[Candidate]:
     cfg = obj.get("config") or {}
     image_size = (cfg.get("augment") or {}).get("global_size")
     mode = (cfg.get("loss") or {}).get("mode", "mokd")
-    pair = "+".join(obj["arch"][n]["name"] for n in nets)
+    shapes = [model_name(a["name"], a.get("kwargs"), bool(a.get("small_stem"))) for a in (obj["arch"][n] for n in nets)]
+    pair = "+".join(shapes)  # as built, so that runs of one timm name with other arguments never share a row
     out = []
     for net in [req.model] if req.model else nets:
         state, _ = split_prefix(sd, f"{branch}.{net}.backbone.")
         own, _ = split_prefix(sd, f"{branch}.{net}.")
         ignored = [k for k in own if not k.startswith("backbone.")]
         a = obj["arch"][net]
-        arch = {"name": a["name"], "kwargs": dict(a.get("kwargs") or {}), "small_stem": bool(a.get("small_stem"))}
+        arch = {"name": a["name"], "kwargs": dict(a.get("kwargs") or {}), "small_stem": bool(a.get("small_stem")),
+                "given_name": (cfg.get(net) or {}).get("name")}  # the config's netX.name, if set
         out.append(Candidate(f"{net}-{branch}", state, ignored, arch, net, branch, image_size,
                              {"mode": mode, "pair": pair, "epoch": obj.get("epoch")},
                              arch_source=f"its arch.{net} {a['name']!r}"))

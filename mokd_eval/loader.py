@@ -23,6 +23,7 @@ from torch import nn
 
 from mokd.checkpoint import load_file
 from mokd.errors import UserError
+from mokd.naming import model_name, run_name
 from mokd_eval import architecture
 from mokd_eval.formats import FORMATS, Candidate, Request, detect, select_key
 
@@ -140,6 +141,9 @@ def load_models(path: str | Path, *, model: str | None = None, branch: str | Non
         ckpt = {"path": str(path.resolve()), "sha256": sha, "format": fmt, "model": cand.model,
                 "branch": cand.branch, "arch": a["name"], "arch_kwargs": a["kwargs"], "small_stem": a["small_stem"],
                 "stem_conv": a["stem_conv"], "label": label,
+                "shape": model_name(a["name"], a["kwargs"], a["small_stem"]),
+                "name": model_name(a["name"], a["kwargs"], a["small_stem"], (cand.arch or {}).get("given_name")),
+                "run": run_name(path),
                 **{k: v for k, v in cand.extra.items() if v is not None}}
         out.append(LoadedModel(backbone, label, a, report, ckpt, cand.image_size))
     return out

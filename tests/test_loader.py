@@ -37,7 +37,7 @@ def test_mokd_default_loads_both_teachers(tmp_path):
     for m, net in zip(models, ("net1", "net2")):
         assert_same_weights(m.backbone, states[(net, "teacher")])
         assert m.checkpoint["format"] == "mokd" and m.checkpoint["mode"] == "mokd"
-        assert m.checkpoint["pair"] == "test_vit+test_vit" and m.image_size == 32
+        assert m.checkpoint["pair"] == "test_vit [patch 8, 32 px]+test_vit [patch 4, 32 px]" and m.image_size == 32
         assert m.report.complete and m.report.ignored == ["mlp_head.mlp.0.weight"]
         assert not m.backbone.training
     assert len(models[0].checkpoint["sha256"]) == 64
