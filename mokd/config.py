@@ -43,6 +43,7 @@ class NetConfig:
     arch: str = "resnet50"  # any timm model name
     kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (img_size, patch_size, drop_path_rate...)
     small_stem: bool = False  # CNNs: stride-1 first conv, no max-pool (for 32-64 px images)
+    name: str | None = None  # shown in logs, records and figures; None -> the timm name with its shape arguments
     lam: float = 1.0  # lambda_i, weight of this model's cross-distillation terms
     optimizer: str = "auto"  # auto (SGD for CNNs, AdamW for ViTs) | sgd | adamw
     lr: float | None = None  # base lr at batch 256; None -> 0.1 for SGD, 0.0003 for AdamW (paper Supp. A.1)

@@ -7,6 +7,8 @@ only active for fp16 (CUDA without bf16).
 from __future__ import annotations
 
 import contextlib
+import re
+from pathlib import Path
 
 import torch
 
@@ -32,21 +34,29 @@ def resolve_device(name: str | None = None) -> torch.device:
     return device
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products run in hardware: CUDA Ampere+, or a CPU with AMX or AVX512-BF16.
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX).
 
-    Elsewhere (e.g. an AVX2-only CPU) oneDNN emulates bf16 and a bf16 matmul is many times slower than fp32.
+    Without it (an AVX2-only CPU) PyTorch emulates bf16 matrix products, measured 60x slower than fp32 on
+    such a machine, so `auto` must not pick bf16 there.
     """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run in hardware on `device`: CUDA Ampere+, or a CPU with AVX-512 BF16/AMX."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    return False
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 where the device computes it natively (Ampere+, AMX/AVX512-BF16 CPUs), fp16 on older
-    CUDA GPUs, fp32 on CPUs without bf16 hardware."""
+    """'auto' -> bf16 where the device computes it natively (Ampere+ GPUs; CPUs with AVX-512 BF16 or AMX),
+    else fp16 on older CUDA GPUs and fp32 on other CPUs."""
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision != "auto":
@@ -55,7 +65,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if native_bf16(device) else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def autocast(device: torch.device, precision: str):

@@ -17,6 +17,7 @@ import torch
 from mokd.cli_common import data_options, debug_option, device_option, out_option, resolve_data, seed_option
 from mokd.data import build_dataset
 from mokd.errors import UserError
+from mokd.naming import data_name
 from mokd_eval.common import echo, load_eval_data, load_models_cli, loader_options, precision_for, setup_run
 from mokd_eval.features import eval_transform, features_for, fit_input_size
 from mokd_eval.knn import knn_predict
@@ -32,14 +33,19 @@ def analysis_options(f):
     return f
 
 
+figure_width_option = click.option(
+    "--figure-width", "figure_width", type=click.Choice(["auto", "column", "page"]), default="auto",
+    show_default=True, help="Width of the figures: one column (3.25 in) or the page (6.875 in) of a CVPR paper; "
+                            "auto: a column for one panel, the page for more.")
+
+
 def _load(paths: list[str], opts: dict) -> list:
-    """Every model of every checkpoint; labels get the checkpoint's folder/stem when several files are given."""
+    """Every model of every checkpoint; labels get the checkpoint's run name when several files are given."""
     models = []
     for path in paths:
         for m in load_models_cli(path, **opts):
             if len(paths) > 1:
-                p = Path(path)
-                m.label = f"{p.parent.name}/{p.stem} {m.label}" if p.parent.name else f"{p.stem} {m.label}"
+                m.label = f"{m.checkpoint['run']} {m.label}"
             models.append(m)
     return models
 
@@ -68,13 +74,15 @@ def analyze_cli():
               help="Input resolution (default: the checkpoint's training resolution, else 224).")
 @click.option("--max-images", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images of the validation split averaged over (a seeded pick).")
+@figure_width_option
 @debug_option
 def mad_cmd(checkpoints, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device, seed,
-            batch_size, image_size, max_images):
+            batch_size, image_size, max_images, figure_width):
     """Mean attention distance per layer and head (ViTs) or per residual block (CNNs), Fig. 5 / S2.
 
     Several checkpoints overlay in one figure (e.g. independent against MOKD); a MOKD checkpoint gives both
-    models. Writes mad.png, mad.pdf, mad.json, mad.csv and a record per model into --out.
+    models; each run keeps its colour and marker in both panels. Writes mad.png, mad.pdf, mad.svg, mad.json,
+    mad.csv and a record per model into --out.
     """
     from mokd_analysis.mad import model_mad, save_mad_tables
     from mokd_analysis.plots import plot_mad
@@ -93,10 +101,13 @@ def mad_cmd(checkpoints, model, branch, arch, arch_kwargs, key, allow_partial, d
         ds = val.subset(pick)
         ds.transform = eval_transform(size, spec.native_size is not None)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
-        results.append(model_mad(m.backbone, loader, dev, label=m.label, arch=m.checkpoint["arch"]))
+        r = model_mad(m.backbone, loader, dev, label=m.label, arch=m.checkpoint["name"])
+        r.run, r.mode = m.checkpoint["run"], m.checkpoint.get("mode")
+        results.append(r)
     out_dir = Path(out)
     tables = save_mad_tables(results, out_dir)
-    figures = plot_mad(results, out_dir / "mad", title=f"Mean attention distance on {spec.kind}")
+    figures = plot_mad(results, out_dir / "mad", width=figure_width,
+                       title=f"Mean attention distance on {data_name(spec)} val ({results[0].num_images} images)")
     for m, r in zip(models, results):
         means = r.layer_means()
         echo(f"\n{r.label} ({r.arch}, {r.kind}, {r.image_size} px, {r.num_images} images): mean attention distance (px)")
@@ -153,8 +164,8 @@ def _models_for_pair(ckpt_a: str, ckpt_b: str | None, opts: dict, models_ab: tup
 @seed_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--image-size", type=click.IntRange(min=8), default=None,
-              help="Input resolution (default: the checkpoint's training resolution, the data's own size for "
-                   "small images, else 224).")
+              help="Input resolution (default: the data's own size for small images, else the checkpoint's "
+                   "training resolution, else 224).")
 @debug_option
 def consistency_cmd(ckpt_a, ckpt_b, replacement, replace, model_a, model_b, model_c, branch, arch, allow_partial, k,
                     temperature, data, class_list, out, device, seed, batch_size, image_size):
@@ -217,30 +228,42 @@ def consistency_cmd(ckpt_a, ckpt_b, replacement, replace, model_a, model_b, mode
 @click.option("--perplexity", type=float, default=30.0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--image-size", type=click.IntRange(min=8), default=None,
-              help="Input resolution (default: the checkpoint's training resolution, the data's own size for "
-                   "small images, else 224).")
+              help="Input resolution (default: the data's own size for small images, else the checkpoint's "
+                   "training resolution, else 224).")
+@click.option("--side-by-side", "side_by_side", is_flag=True,
+              help="Two checkpoints in two panels of one joint embedding (Fig. 4): independent left, MOKD right.")
+@figure_width_option
 @debug_option
 def tsne_cmd(checkpoints, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device, seed,
-             num_classes, per_class, perplexity, batch_size, image_size):
-    """t-SNE of one or two models' features on randomly chosen classes, one map (Fig. 4 / S1).
+             num_classes, per_class, perplexity, batch_size, image_size, side_by_side, figure_width):
+    """t-SNE of models' features on randomly chosen classes (Fig. 4 / S1): a colour per class, a marker per model.
 
-    A colour per class, a marker per model. A MOKD checkpoint given alone contributes both of its models.
-    Writes tsne.png, tsne.pdf and tsne.npz (coordinates, labels, model ids) into --out.
+    One map of one or two models (a MOKD checkpoint given alone contributes both of its models), or with
+    --side-by-side the paper's layout: A.pth and B.pth in two panels, independent left and MOKD right, each
+    with its own models (net1 circles, net2 triangles), embedded jointly so that the panels compare.
+    Writes tsne.png, tsne.pdf, tsne.svg and tsne.npz (coordinates, labels, model ids) into --out.
     """
     from mokd_analysis.plots import plot_tsne
     from mokd_analysis.tsne import choose_classes, joint_tsne, save_embedding
 
     if len(checkpoints) > 2:
         raise UserError(f"tsne takes one or two checkpoints, got {len(checkpoints)}")
+    if side_by_side and len(checkpoints) != 2:
+        raise UserError(f"--side-by-side compares two checkpoints (independent and MOKD), got {len(checkpoints)}")
     t0 = time.time()
     dev = setup_run(device, seed)
     prec = precision_for("auto", dev)
     spec = resolve_data(data, class_list)
     val = build_dataset(spec, "val")
-    models = _load(list(checkpoints), dict(model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs, key=key,
-                                           allow_partial=allow_partial))
-    if len(models) > 2:
-        raise UserError(f"{len(models)} models loaded; t-SNE overlays one or two: pick one with --model")
+    opts = dict(model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs, key=key, allow_partial=allow_partial)
+    if side_by_side:
+        per_file = sorted((_load([c], opts) for c in checkpoints), key=_mode_rank)
+        models = [m for ms in per_file for m in ms]
+    else:
+        models = _load(list(checkpoints), opts)
+        if len(models) > 2:
+            raise UserError(f"{len(models)} models loaded; one t-SNE map overlays one or two: pick one with --model, "
+                            f"or draw the two checkpoints in two panels with --side-by-side")
     chosen = choose_classes(len(val.classes), num_classes, seed)
     targets = np.asarray(val.targets)
     rng = np.random.default_rng(seed)
@@ -255,15 +278,39 @@ def tsne_cmd(checkpoints, model, branch, arch, arch_kwargs, key, allow_partial, 
     remap = {c: i for i, c in enumerate(chosen)}
     labels = np.tile(np.asarray([remap[targets[i]] for i in keep]), len(models))
     class_names = [val.classes[c] for c in chosen]
-    names = [f"{m.label} ({m.checkpoint['arch']})" for m in models]
     out_dir = Path(out)
-    figures = plot_tsne(coords, labels, ids, class_names, names, out_dir / "tsne",
-                        title=f"t-SNE of {len(chosen)} {spec.kind} classes")
-    emb = save_embedding(out_dir / "tsne.npz", coords, labels, ids, class_names, names, np.tile(np.asarray(keep), len(models)))
+    what = f"t-SNE of {len(chosen)} {data_name(spec)} classes"
+    if side_by_side:
+        names = [m.checkpoint["name"] for m in models]
+        layout = dict(panels=[_run_title(ms[0]) for ms in per_file],
+                      panel_of_model=[p for p, ms in enumerate(per_file) for _ in ms],
+                      marker_of_model=[i for ms in per_file for i in range(len(ms))])
+        if per_file[0][0].checkpoint.get("mode") == per_file[1][0].checkpoint.get("mode"):
+            echo(f"note: both checkpoints say mode {per_file[0][0].checkpoint.get('mode')}; panels in the order given")
+    else:
+        names = [f"{_run_title(m)}: {m.checkpoint['name']}" if len(checkpoints) > 1 else m.checkpoint["name"]
+                 for m in models]
+        layout = dict(panels=[f"{what}, {_run_title(models[0])}" if len(checkpoints) == 1 else what])
+    figures = plot_tsne(coords, labels, ids, class_names, names, out_dir / "tsne", title=what, width=figure_width,
+                        **layout)
+    emb = save_embedding(out_dir / "tsne.npz", coords, labels, ids, class_names,
+                         [f"{_run_title(m)}: {m.checkpoint['name']}" for m in models],
+                         np.tile(np.asarray(keep), len(models)))
     for m in models:
         write_record(out_dir, task="tsne", checkpoint=m.checkpoint,
                      data={"spec": str(spec), "split": "val", "classes": class_names, "num_images": len(keep)},
                      settings={"perplexity": perplexity, "seed": seed, "per_class": per_class},
                      metrics={"headline": None, "figures": {k: str(v) for k, v in figures.items()},
                               "embedding": str(emb)}, wall_time_s=time.time() - t0, device=dev)
-    echo(f"written: {figures['png']}, {figures['pdf']}, {emb}")
+    echo(f"written: {', '.join(str(p) for p in figures.values())}, {emb}")
+
+
+def _run_title(m) -> str:
+    """'r50_vits_indep · independent': the run and, for our checkpoints, the mode its config states."""
+    c = m.checkpoint
+    return " · ".join(x for x in (c.get("run"), c.get("mode")) if x)
+
+
+def _mode_rank(models: list) -> int:
+    """Independent runs left of MOKD runs (Fig. 4), other files after; a stable sort keeps the given order."""
+    return {"independent": 0, "mokd": 1}.get(models[0].checkpoint.get("mode"), 2)

@@ -73,3 +73,9 @@ def feature_map_distance(fmap: torch.Tensor, image_size: tuple[int, int], max_el
     chunk = max(1, max_elements // (h * w) ** 2)
     return torch.cat([mean_attention_distance(feature_map_attention(fmap[i:i + chunk]), dist)
                       for i in range(0, b, chunk)])
+
+
+def uniform_distance(grid: tuple[int, int], stride: tuple[float, float] | float) -> float:
+    """Mean attention distance of uniform attention over an (h, w) grid: the level a head that looks
+    everywhere alike sits at, the reference line of the figures (116.49 px for 14x14 patches of 16 px)."""
+    return float(pixel_distance_matrix(grid, stride).mean())

@@ -21,7 +21,7 @@ from mokd_analysis.distance import feature_map_distance, mean_attention_distance
 
 @dataclass
 class MADResult:
-    """Mean attention distances of one model, in input pixels.
+    """Mean attention distances of one model, in input pixels; `arch` is the model as built (mokd.naming).
 
     distances: ViT -> [layers][heads]; CNN -> [blocks][1]. prefix_mass (ViT only): [layers][heads], the mean
     attention mass patch queries give to the prefix (CLS) tokens, which the distances leave out.
@@ -35,6 +35,8 @@ class MADResult:
     prefix_mass: list[list[float]] | None = None
     grid: list[list[int]] = field(default_factory=list)  # per layer/block: [h, w] of the token grid
     stride: list[list[float]] = field(default_factory=list)  # per layer/block: pixels per cell [y, x]
+    run: str = ""  # the run (folder) the checkpoint comes from, for legends
+    mode: str | None = None  # independent | mokd, from the checkpoint's config; None for third-party files
 
     def layer_means(self) -> list[float]:
         """Mean over heads of each layer (CNN: the block's value)."""

@@ -1,8 +1,18 @@
-"""Figures: mean attention distance per layer (Fig. 5 / S2) and t-SNE maps (Fig. 4 / S1). Agg backend only."""
+"""Figures a paper can use as they are: mean attention distance per layer (Fig. 5 / S2) and t-SNE maps
+(Fig. 4 / S1). Agg backend only.
+
+Every figure is drawn at the width of one column or of the whole text of a CVPR page (3.25 in, 6.875 in),
+with 7-8 pt text, and written as PNG (300 dpi), PDF and SVG with its fonts embedded (TrueType in the PDF,
+glyphs as paths in the SVG), so that it can go into a paper without scaling. A run keeps one colour and
+marker in every panel; legends sit beside the data, never on it.
+"""
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
 
@@ -10,88 +20,291 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.legend import Legend  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
+from mokd_analysis.distance import uniform_distance  # noqa: E402
 from mokd_analysis.mad import MADResult  # noqa: E402
 
+WIDTHS = {"column": 3.25, "page": 6.875}  # inches: CVPR \columnwidth and \textwidth
+WIDTH_CHOICES = ("auto", *WIDTHS)
+FORMATS = ("png", "pdf", "svg")
 MARKERS = ("o", "^", "s", "D", "v", "P", "X", "*")
+# Okabe-Ito: distinguishable with the common colour-vision deficiencies, and in greyscale print by marker.
+RUN_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+REFERENCE = {"color": "0.45", "ls": (0, (1.5, 1.5)), "lw": 0.9}
+STYLE = {
+    "font.family": "DejaVu Sans", "font.size": 7, "axes.titlesize": 7.5, "axes.labelsize": 7,
+    "xtick.labelsize": 6.5, "ytick.labelsize": 6.5, "legend.fontsize": 6.5, "legend.title_fontsize": 7,
+    "figure.titlesize": 8, "axes.linewidth": 0.6, "lines.linewidth": 1.1, "xtick.major.width": 0.6,
+    "ytick.major.width": 0.6, "grid.linewidth": 0.4, "pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "path",
+    "savefig.dpi": 300,
+}
+MODE_ORDER = {"independent": 0, "mokd": 1}
 
 
-def plot_mad(results: list[MADResult], out_stem: Path, title: str | None = None) -> dict[str, Path]:
-    """One panel per model kind (ViT heads per layer; CNN blocks), models overlaid in colours -> {png, pdf}.
+@dataclass(frozen=True)
+class RunStyle:
+    colour: str
+    marker: str
 
-    ViT: one point per head at each layer (models side by side within a layer), with the mean over heads as a
-    line. CNN: one point per residual block, joined by a line.
+
+def styled(fn):
+    """Run a figure function under STYLE (sizes, fonts embedded on save)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(STYLE):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def figure_width(width: str, panels: int) -> float:
+    """Inches for `width` (column | page | auto: a column for one panel, the page for more)."""
+    if width == "auto":
+        width = "column" if panels == 1 else "page"
+    if width not in WIDTHS:
+        raise ValueError(f"figure width must be one of {', '.join(WIDTH_CHOICES)}, got {width!r}")
+    return WIDTHS[width]
+
+
+def run_label(run: str | None, mode: str | None) -> str:
+    """'r18_vit · independent' (the mode only when the checkpoint states it)."""
+    return " · ".join(x for x in (run or "?", mode) if x)
+
+
+def run_styles(runs: Sequence[tuple[str, str | None]]) -> dict[str, RunStyle]:
+    """One colour and marker per run, independent runs first, then MOKD runs, then the rest (stable)."""
+    order: dict[str, str | None] = {}
+    for run, mode in runs:
+        order.setdefault(run, mode)
+    ranked = sorted(order, key=lambda r: (MODE_ORDER.get(order[r] or "", 2), list(order).index(r)))
+    return {r: RunStyle(RUN_COLOURS[i % len(RUN_COLOURS)], MARKERS[i % len(MARKERS)]) for i, r in enumerate(ranked)}
+
+
+def _legend_axes(fig: Figure, spec) -> plt.Axes:
+    ax = fig.add_subplot(spec)
+    ax.axis("off")
+    return ax
+
+
+def _legends_together(ax: plt.Axes, legends: list[dict], stack: bool = False, gap: float = 0.04) -> None:
+    """Several legends as one block at the top of the (hidden) axes `ax`: in a row centred as a group, or
+    with `stack` one under the other, centred."""
+    fig = ax.figure
+    fig.canvas.draw()  # lay out the figure, so that legend sizes can be measured
+    made, sizes = [], []
+    for kw in legends:
+        handles = kw.pop("handles")
+        leg = Legend(ax, handles, [h.get_label() for h in handles], loc="upper left", bbox_to_anchor=(0.0, 1.0),
+                     frameon=False, borderaxespad=0.0, **kw)
+        ax.add_artist(leg)
+        bbox = leg.get_window_extent(fig.canvas.get_renderer()).transformed(ax.transAxes.inverted())
+        made.append(leg)
+        sizes.append((bbox.width, bbox.height))
+    x = max(0.0, (1.0 - sum(w for w, _ in sizes) - gap * (len(sizes) - 1)) / 2)
+    y = 1.0
+    for leg, (w, h) in zip(made, sizes):
+        leg.set_bbox_to_anchor((max(0.0, (1.0 - w) / 2) if stack else x, y), transform=ax.transAxes)
+        x += w + gap
+        y -= (h + gap) if stack else 0.0
+
+
+def _equal_scale_limits(coords: np.ndarray, margin: float = 0.05) -> tuple[list[tuple[float, float]], float]:
+    """(x and y limits, height/width ratio) showing `coords` [N, 2] at one scale on both axes, the ratio
+    kept between 0.45 and 1 so that a long thin embedding still gets a readable panel."""
+    lo, hi = coords.min(0).astype(float), coords.max(0).astype(float)
+    span = np.maximum(hi - lo, 1e-6) * (1 + 2 * margin)
+    ratio = float(np.clip(span[1] / span[0], 0.45, 1.0))
+    xs, ys = (span[0], span[0] * ratio) if span[1] <= span[0] * ratio else (span[1] / ratio, span[1])
+    mid = (lo + hi) / 2
+    return [(mid[0] - xs / 2, mid[0] + xs / 2), (mid[1] - ys / 2, mid[1] + ys / 2)], ratio
+
+
+def _fit_ylim(ax: plt.Axes, values: Sequence[float]) -> None:
+    """A y-range around the data (and reference levels), not from 0: differences between runs stay visible."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
+    # At least 5% of the level itself: a spread of hundredths of a pixel is drawn as the flat line it is.
+    span = max(hi - lo, 0.05 * max(abs(lo), abs(hi)), 1e-6)
+    mid, half = (lo + hi) / 2, 0.54 * span
+    ax.set_ylim(mid - half, mid + half)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# mean attention distance
+
+
+def _uniform_levels(r: MADResult) -> list[float]:
+    """Per layer/block: the distance uniform attention over that layer's grid would give."""
+    return [uniform_distance(tuple(g), tuple(s)) if g and g[0] else 0.0 for g, s in zip(r.grid, r.stride)]
+
+
+@styled
+def mad_figure(results: list[MADResult], title: str | None = None, width: str = "auto") -> Figure:
+    """One panel per model kind (ViT: heads per layer; CNN: residual blocks), every run in its own colour and
+    marker, the same in both panels, and the uniform-attention level of the grid used as a dotted line.
+
+    ViT: a small dot per head (runs side by side within a layer) and the mean over heads as a line with
+    markers. CNN: one point per block. The legend under each panel names run, mode and model as built.
     """
     kinds = [k for k in ("vit", "cnn") if any(r.kind == k for r in results)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6.2 * len(kinds), 4.2), squeeze=False)
-    colours = plt.get_cmap("tab10").colors
-    for ax, kind in zip(axes[0], kinds):
-        group = [(i, r) for i, r in enumerate(results) if r.kind == kind]
-        width = 0.6 / max(1, len(group))
-        for j, (i, r) in enumerate(group):
-            c = colours[i % len(colours)]
-            layers = np.arange(1, len(r.distances) + 1, dtype=float)
-            offset = (j - (len(group) - 1) / 2) * width if len(group) > 1 else 0.0
+    w = figure_width(width, len(kinds))
+    stacked = w < WIDTHS["page"] and len(kinds) > 1
+    styles = run_styles([(r.run or r.label, r.mode) for r in results])
+    entries = {k: sum(1 for r in results if r.kind == k) for k in kinds}
+    leg_h = [0.2 + 0.22 * (entries[k] + 1) for k in kinds]  # inches: two lines per entry, one reference line
+    plot_h = 1.9 if stacked or len(kinds) == 1 else 2.2
+    if stacked:
+        heights = [h for k, lh in zip(kinds, leg_h) for h in (plot_h, lh)]
+        fig = plt.figure(figsize=(w, sum(heights) + 0.3), layout="constrained")
+        grid = fig.add_gridspec(len(heights), 1, height_ratios=heights)
+        cells = [(grid[2 * i, 0], grid[2 * i + 1, 0]) for i in range(len(kinds))]
+    else:
+        heights = [plot_h, max(leg_h)]
+        fig = plt.figure(figsize=(w, sum(heights) + 0.3), layout="constrained")
+        grid = fig.add_gridspec(2, len(kinds), height_ratios=heights)
+        cells = [(grid[0, i], grid[1, i]) for i in range(len(kinds))]
+    for kind, (plot_cell, legend_cell) in zip(kinds, cells):
+        ax = fig.add_subplot(plot_cell)
+        rank = list(styles)
+        group = sorted((r for r in results if r.kind == kind), key=lambda r: rank.index(r.run or r.label))
+        handles, values, seen = [], [], {}
+        spread = 0.5 / max(1, len(group))
+        for j, r in enumerate(group):
+            run = r.run or r.label
+            st = styles[run]
+            second = seen.get(run, 0)  # a run with two models of one kind (a homogeneous pair): dashed, open marker
+            seen[run] = second + 1
+            line = dict(color=st.colour, marker=st.marker, ms=3.6, lw=1.1, ls="--" if second else "-",
+                        mfc="white" if second else st.colour, mew=0.8)
+            d = np.asarray(r.distances, dtype=float)
+            xs = np.arange(1, len(d) + 1, dtype=float)
             if kind == "vit":
-                d = np.asarray(r.distances)  # [L, H]
-                xs = np.repeat(layers + offset, d.shape[1])
-                ax.scatter(xs, d.ravel(), s=16, color=c, alpha=0.75, marker=MARKERS[j % len(MARKERS)],
-                           edgecolors="none", label=f"{r.label} ({r.arch})")
-                ax.plot(layers + offset, d.mean(1), color=c, lw=1, alpha=0.6)
+                off = (j - (len(group) - 1) / 2) * spread if len(group) > 1 else 0.0
+                ax.scatter(np.repeat(xs + off, d.shape[1]), d.ravel(), s=4, color=st.colour, alpha=0.45,
+                           edgecolors="none", zorder=2)
+                ax.plot(xs + off, d.mean(1), zorder=3, **line)
             else:
-                d = np.asarray(r.distances)[:, 0]
-                ax.plot(layers, d, color=c, lw=1.2, marker=MARKERS[j % len(MARKERS)], ms=5,
-                        label=f"{r.label} ({r.arch})")
-        ax.set_xlabel("layer" if kind == "vit" else "residual block")
-        ax.set_ylabel("mean attention distance (pixels)")
-        n = max(len(r.distances) for _, r in group)
+                ax.plot(xs, d[:, 0], zorder=3, **line)
+            values += d.ravel().tolist()
+            handles.append(Line2D([], [], **line, label=f"{run_label(run, r.mode)}\n{r.arch or r.label}"))
+        refs: dict[tuple, list[float]] = {}
+        for r in group:
+            refs.setdefault(tuple(map(tuple, r.grid)), _uniform_levels(r))
+        for i, (grids, level) in enumerate(refs.items()):
+            xs = np.arange(1, len(level) + 1)
+            if kind == "vit":
+                ax.axhline(level[0], zorder=1, **REFERENCE)
+                what = f"{grids[0][0]}×{grids[0][1]} patch grid"
+            else:
+                ax.plot(xs, level, zorder=1, **REFERENCE)
+                what = "each block's grid"
+            values += level
+            if i == 0 or kind == "vit":
+                handles.append(Line2D([], [], **REFERENCE, label=f"uniform attention ({what})"))
+        _fit_ylim(ax, values)
+        n = max(len(r.distances) for r in group)
         ax.set_xticks(range(1, n + 1, 1 if n <= 16 else 2))
-        size = ", ".join(sorted({f"{r.image_size}px" for _, r in group}))
-        ax.set_title(f"{'ViT heads' if kind == 'vit' else 'CNN blocks'} at {size}")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        ax.set_xlim(0.5, n + 0.5)
+        ax.set_xlabel("layer" if kind == "vit" else "residual block")
+        ax.set_ylabel("mean attention distance (px)")
+        sizes = ", ".join(f"{s} px" for s in sorted({r.image_size for r in group}))
+        ax.set_title(f"ViT: heads (dots) and their mean, {sizes}" if kind == "vit" else f"CNN: blocks, {sizes}")
+        ax.grid(alpha=0.35)
+        ax.spines[["top", "right"]].set_visible(False)
+        _legend_axes(fig, legend_cell).legend(handles=handles, loc="upper center", frameon=False, ncol=1,
+                                              handlelength=2.4, borderaxespad=0.0)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, out_stem)
+    return fig
 
 
-def plot_tsne(coords: np.ndarray, labels: np.ndarray, model_ids: np.ndarray, class_names: list[str],
-              model_names: list[str], out_stem: Path, title: str | None = None) -> dict[str, Path]:
-    """coords [N, 2], labels [N] (class index into class_names), model_ids [N] -> {png, pdf}.
+def plot_mad(results: list[MADResult], out_stem: Path, title: str | None = None, width: str = "auto"
+             ) -> dict[str, Path]:
+    """mad_figure written as PNG, PDF and SVG -> {format: path}."""
+    return save_figure(mad_figure(results, title, width), out_stem)
 
-    A colour per class and a marker per model.
+
+# --------------------------------------------------------------------------------------------------------------
+# t-SNE
+
+
+@styled
+def tsne_figure(coords: np.ndarray, labels: np.ndarray, model_ids: np.ndarray, class_names: list[str],
+                model_names: list[str], title: str | None = None, *, panels: list[str] | None = None,
+                panel_of_model: Sequence[int] | None = None, marker_of_model: Sequence[int] | None = None,
+                width: str = "auto") -> Figure:
+    """coords [N, 2], labels [N] (index into class_names), model_ids [N] (index into model_names).
+
+    A colour per class, a marker per model. `panels` (titles) with `panel_of_model` split the models over
+    panels side by side that share one embedding and one pair of axes ranges (Fig. 4: independent left,
+    MOKD right); `marker_of_model` gives the models of different panels the same marker (net1 circles,
+    net2 triangles). The class and the model legends sit together under the panels.
     """
     import seaborn as sns
 
+    n_models = len(model_names)
+    panels = panels or [title or "t-SNE"]
+    panel_of_model = list(panel_of_model) if panel_of_model is not None else [0] * n_models
+    marker_of_model = list(marker_of_model) if marker_of_model is not None else list(range(n_models))
     palette = sns.color_palette("tab10" if len(class_names) <= 10 else "husl", len(class_names))
-    fig, ax = plt.subplots(figsize=(6.8, 5.6))
-    for m, mname in enumerate(model_names):
-        for c, cname in enumerate(class_names):
-            sel = (model_ids == m) & (labels == c)
-            if sel.any():
-                ax.scatter(coords[sel, 0], coords[sel, 1], s=14, color=palette[c], marker=MARKERS[m % len(MARKERS)],
-                           alpha=0.8, edgecolors="none", linewidths=0)
-    class_handles = [plt.Line2D([], [], ls="", marker="o", color=palette[c], label=n) for c, n in enumerate(class_names)]
-    model_handles = [plt.Line2D([], [], ls="", marker=MARKERS[m % len(MARKERS)], color="0.3", label=n)
-                     for m, n in enumerate(model_names)]
-    leg = ax.legend(handles=class_handles, title="class", fontsize=7, title_fontsize=8, loc="upper left",
-                    bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.add_artist(leg)
-    ax.legend(handles=model_handles, title="model", fontsize=7, title_fontsize=8, loc="lower left",
-              bbox_to_anchor=(1.01, 0.0), frameon=False)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title or "t-SNE of features")
-    fig.tight_layout()
-    return _save(fig, out_stem)
+    w = figure_width(width, len(panels))
+    side = (w - 0.15 * (len(panels) - 1)) / len(panels)
+    stack = w < WIDTHS["page"]  # a column: the model legend goes under the class legend
+    ncol = min(5 if len(panels) > 1 else 3, len(class_names))
+    class_rows, model_rows = -(-len(class_names) // ncol), len(set(marker_of_model))
+    leg_h = 0.6 + 0.14 * (class_rows + model_rows) if stack else 0.35 + 0.14 * max(class_rows, model_rows)
+    lims, ratio = _equal_scale_limits(coords)
+    height = side * ratio
+    fig = plt.figure(figsize=(w, height + leg_h + (0.45 if title and len(panels) > 1 else 0.25)), layout="constrained")
+    grid = fig.add_gridspec(2, len(panels), height_ratios=[height, leg_h])
+    axes = []
+    for p, ptitle in enumerate(panels):
+        ax = fig.add_subplot(grid[0, p])
+        axes.append(ax)
+        for m in (m for m in range(n_models) if panel_of_model[m] == p):
+            for c in range(len(class_names)):
+                sel = (model_ids == m) & (labels == c)
+                if sel.any():
+                    ax.scatter(coords[sel, 0], coords[sel, 1], s=18, color=palette[c], alpha=0.85,
+                               marker=MARKERS[marker_of_model[m] % len(MARKERS)], edgecolors="white", linewidths=0.3)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set(xlim=lims[0], ylim=lims[1])  # one embedding: the same ranges, at one scale, in every panel
+        ax.set_box_aspect(ratio)
+        ax.set_title(ptitle if len(panels) == 1 else f"({chr(97 + p)}) {ptitle}")
+    markers: dict[int, list[str]] = {}
+    for m, name in enumerate(model_names):
+        names = markers.setdefault(marker_of_model[m], [])
+        if name not in names:
+            names.append(name)
+    class_handles = [Line2D([], [], ls="", marker="o", ms=4.5, color=palette[c], label=n)
+                     for c, n in enumerate(class_names)]
+    model_handles = [Line2D([], [], ls="", marker=MARKERS[k % len(MARKERS)], ms=5, color="0.25", label=" / ".join(v))
+                     for k, v in sorted(markers.items())]
+    leg_ax = _legend_axes(fig, grid[1, :])
+    _legends_together(leg_ax, [dict(handles=class_handles, title="class", ncol=ncol, columnspacing=0.8, handletextpad=0.2),
+                               dict(handles=model_handles, title="model", handletextpad=0.3)], stack=stack)
+    if title and len(panels) > 1:
+        fig.suptitle(title)
+    return fig
 
 
-def _save(fig, out_stem: Path) -> dict[str, Path]:
+def plot_tsne(coords: np.ndarray, labels: np.ndarray, model_ids: np.ndarray, class_names: list[str],
+              model_names: list[str], out_stem: Path, title: str | None = None, **kw) -> dict[str, Path]:
+    """tsne_figure written as PNG, PDF and SVG -> {format: path}."""
+    return save_figure(tsne_figure(coords, labels, model_ids, class_names, model_names, title, **kw), out_stem)
+
+
+def save_figure(fig: Figure, out_stem: Path, formats: Sequence[str] = FORMATS) -> dict[str, Path]:
+    """Write `fig` as out_stem.{png,pdf,svg} at its own size (no tight crop, so the width stays that of a
+    column or a page) and close it -> {format: path}."""
+    out_stem = Path(out_stem)
     out_stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = {"png": out_stem.with_suffix(".png"), "pdf": out_stem.with_suffix(".pdf")}
-    fig.savefig(paths["png"], dpi=150, bbox_inches="tight")
-    fig.savefig(paths["pdf"], bbox_inches="tight")
+    paths = {f: out_stem.with_suffix(f".{f}") for f in formats}
+    with plt.rc_context(STYLE):
+        for f, p in paths.items():
+            fig.savefig(p, metadata={"Creator": "mokd"} if f in ("pdf", "svg") else None)
     plt.close(fig)
     return paths

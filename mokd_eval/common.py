@@ -71,10 +71,26 @@ def loader_options(f):
                      help="Sub-dict (dotted) or key prefix holding the backbone weights, for unknown layouts."),
         click.option("--allow-partial", "allow_partial", is_flag=True,
                      help="Evaluate even if not every backbone tensor matched (the rest keep their random init)."),
+        # Read by load_models_cli from the click context, so that no command's signature changes.
+        click.option("--cifar-stem", "cifar_stem", is_flag=True, expose_value=False, callback=_remember_cifar_stem,
+                     help="CNNs: first convolution at stride 1 and no stem max-pool, as CIFAR models are trained "
+                          "(a 3x3 first convolution is recognised without this flag; a 7x7 one is not)."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+CIFAR_STEM_KEY = "mokd_eval.cifar_stem"
+
+
+def _remember_cifar_stem(ctx, param, value):
+    ctx.meta[CIFAR_STEM_KEY] = bool(value)
+
+
+def _cifar_stem_flag() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.meta.get(CIFAR_STEM_KEY))
 
 
 def checkpoint_options(f):
@@ -86,7 +102,8 @@ def feature_options(f):
     """--image-size, --precision, --num-workers, --cache-dir, --no-cache."""
     options = [
         click.option("--image-size", "image_size", type=click.IntRange(min=8), default=None,
-                     help="Evaluation crop size (default: 224 for image folders, the native size for small images)."),
+                     help="Evaluation crop size (default: the images' own size for digits and CIFAR, else the "
+                          "checkpoint's training resolution, else 224)."),
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "auto"]), default="fp32",
                      show_default=True,
                      help="Precision of feature extraction: fp32 as the published protocols (DINO's evaluation); "
@@ -135,10 +152,10 @@ def load_models_cli(checkpoint: str, model: str | None, branch: str | None, arch
                     arch_kwargs: dict | None, key: str | None, allow_partial: bool) -> list[LoadedModel]:
     """load_models, printing one load report per model (rank 0)."""
     models = load_models(checkpoint, model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs, key=key,
-                         allow_partial=allow_partial)
+                         allow_partial=allow_partial, cifar_stem=_cifar_stem_flag())
     for m in models:
         c = m.checkpoint
-        echo(f"loaded {m.label}: {c['arch']} from {checkpoint} [{c['format']}"
+        echo(f"loaded {m.label}: {c['name']} from {checkpoint} [{c['format']}"
              f"{', ' + c['branch'] if c.get('branch') else ''}]")
         echo(f"  {m.report.summary()}")
         for note in m.report.notes:

@@ -147,9 +147,12 @@ def export_timm(state_dict: dict[str, torch.Tensor], arch: dict, out: Path) -> t
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     kwargs = {"num_classes": 0, **dict(arch.get("kwargs") or {})}
     sidecar = {"name": arch["name"], "kwargs": kwargs, "small_stem": bool(arch.get("small_stem", False)),
+               "stem_conv": arch.get("stem_conv"),
                "note": "timm.create_model(name, **kwargs).load_state_dict(safetensors.torch.load_file(weights)); "
                        "small_stem=true: the model was trained with conv1 stride 1 and no stem max-pool "
-                       "(mokd.models.backbones.apply_small_stem), which changes no parameter."}
+                       "(mokd.models.backbones.apply_small_stem), which changes no parameter. stem_conv "
+                       "{kernel, padding}: conv1 is replaced by a kernel x kernel stride-1 convolution first "
+                       "(a CIFAR-style stem; mokd_eval.architecture.build does both)."}
     write_atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "timm_name": arch["name"]}))
     json_path = out.with_suffix(".json")
     write_atomic(json_path, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2) + "\n"))
@@ -171,6 +174,11 @@ def export_backbone(backbone: nn.Module, arch: dict, target: str, out: str | Pat
     """Write `backbone` (a timm model) to `out` in the `target` layout; returns the files written."""
     out = Path(out)
     state_dict = backbone.state_dict()
+    stem = arch.get("stem_conv")
+    if stem and target in ("detectron2", "torchvision"):
+        raise UserError(f"this backbone has a {stem['kernel']}x{stem['kernel']} CIFAR-style first convolution; "
+                        f"{target}'s ResNet has the 7x7 one, so the weights have no {target} counterpart. "
+                        "Export --to timm (its sidecar records the stem)")
     if target == "detectron2":
         if not resnet_structure(state_dict)["standard_widths"]:
             warnings.warn("the ResNet's widths differ from the standard ones (64/128/256/512 per stage); detectron2's "

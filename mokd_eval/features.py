@@ -159,17 +159,67 @@ def cache_dir(path: str | Path | None = None) -> Path:
     return Path(path or os.environ.get("MOKD_CACHE") or DEFAULT_CACHE).expanduser()
 
 
-def cache_key(checkpoint: dict, spec: DataSpec, split: str, dataset: ImageDataset, image_size: int, native: bool,
-              mode: str, n_last_blocks: int, precision: str) -> str:
-    """Hex digest naming one feature file: checkpoint hash, model/branch, data, split, transform, mode."""
+# How a ViT's position embedding is resampled to another input size; "timm" is what the loader's models do
+# (timm's own resampling, through set_input_size or dynamic_img_size). A `pos_resample` choice made elsewhere
+# (e.g. "dino") is passed to features_for and so names its own cache entries.
+DEFAULT_POS_RESAMPLE = "timm"
+# Image sets up to these sizes are identified by their bytes, larger ones by each file's size and mtime.
+CONTENT_HASH_MAX_FILES = 5000
+CONTENT_HASH_MAX_BYTES = 64 << 20
+
+
+def data_fingerprint(spec: DataSpec, dataset: ImageDataset) -> str | None:
+    """A digest of the image files behind `dataset`, so that files replaced in place are re-extracted.
+
+    Folder data: every file's path, size and mtime, plus its bytes for small sets (a copy that keeps the
+    mtime is still seen). CIFAR: the batch files' size and mtime. The embedded digits: None (fixed).
+    """
     paths = getattr(dataset, "paths", None)
+    if not paths and spec.kind in ("cifar10", "cifar100") and spec.root is not None:
+        paths = sorted(str(p) for p in Path(spec.root).rglob("*") if p.is_file())
+    if not paths:
+        return None
+    h = hashlib.sha256()
+    stats = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:  # gone since the listing: reading it will say so
+            stats.append((p, -1, -1))
+            continue
+        stats.append((p, st.st_size, st.st_mtime_ns))
+    for p, size, mtime in stats:
+        h.update(f"{p}\0{size}\0{mtime}\n".encode())
+    if len(stats) <= CONTENT_HASH_MAX_FILES and sum(max(s, 0) for _, s, _ in stats) <= CONTENT_HASH_MAX_BYTES:
+        for p, size, _ in stats:
+            if size >= 0:
+                with open(p, "rb") as f:
+                    h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def cache_key(checkpoint: dict, spec: DataSpec, split: str, dataset: ImageDataset, image_size: int, native: bool,
+              mode: str, n_last_blocks: int, precision: str, arch: dict | None = None,
+              pos_resample: str | None = None) -> str:
+    """Hex digest naming one feature file: everything that changes the features.
+
+    The checkpoint (hash, model/branch), the full architecture (name, kwargs, stem), the data (spec, split,
+    file list and each file's size/mtime or bytes), the transform (size, native), the mode, the precision
+    and the position-embedding resampling.
+    """
+    paths = getattr(dataset, "paths", None)
+    arch = arch or {"name": checkpoint.get("arch"), "kwargs": checkpoint.get("arch_kwargs") or {}}
     items = {
         "v": CACHE_VERSION, "sha256": checkpoint.get("sha256"), "label": checkpoint.get("label"),
-        "model": checkpoint.get("model"), "branch": checkpoint.get("branch"), "arch": checkpoint.get("arch"),
+        "model": checkpoint.get("model"), "branch": checkpoint.get("branch"),
+        "arch": {"name": arch.get("name"), "kwargs": arch.get("kwargs") or {}, "small_stem": bool(arch.get("small_stem")),
+                 "stem_conv": arch.get("stem_conv")},
         "data": str(spec), "split": split, "n": len(dataset), "classes": list(dataset.classes),
         "paths": hashlib.sha256("\n".join(paths).encode()).hexdigest() if paths else None,
+        "files": data_fingerprint(spec, dataset),
         "transform": {"size": image_size, "native": native}, "mode": mode,
         "n_last_blocks": n_last_blocks if mode == "lastn" else None, "precision": precision,
+        "pos_resample": pos_resample or DEFAULT_POS_RESAMPLE,
     }
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -177,8 +227,8 @@ def cache_key(checkpoint: dict, spec: DataSpec, split: str, dataset: ImageDatase
 def features_for(loaded, spec: DataSpec, split: str, *, device: torch.device | str, dataset: ImageDataset | None = None,
                  batch_size: int = 256, precision: str = "fp32", mode: str = "cls", n_last_blocks: int = 4,
                  image_size: int | None = None, num_workers: int = 0, cache: str | Path | None = None,
-                 use_cache: bool = True, progress: bool = False, log: Callable[[str], None] | None = None
-                 ) -> FeatureSet:
+                 use_cache: bool = True, progress: bool = False, log: Callable[[str], None] | None = None,
+                 pos_resample: str | None = None) -> FeatureSet:
     """Features of `split` of `spec` for a `LoadedModel`, read from the cache when there, written to it when not.
 
     `dataset` may be given when it was already built (e.g. to check the class lists); its transform is
@@ -191,7 +241,9 @@ def features_for(loaded, spec: DataSpec, split: str, *, device: torch.device | s
     ds.transform = eval_transform(size, native)
     path = None
     if use_cache:
-        key = cache_key(loaded.checkpoint, spec, split, ds, size, native, mode, n_last_blocks, precision)
+        resample = pos_resample if is_vit(loaded.backbone) else None  # CNNs have no position embedding
+        key = cache_key(loaded.checkpoint, spec, split, ds, size, native, mode, n_last_blocks, precision,
+                        arch=loaded.arch, pos_resample=resample)
         path = cache_dir(cache) / f"{key}.pt"
         hit = torch.tensor([float(path.is_file())])
         if dist.is_enabled():  # extraction is collective: every rank must agree on hit or miss
@@ -208,11 +260,15 @@ def features_for(loaded, spec: DataSpec, split: str, *, device: torch.device | s
                     raise
     fit_input_size(loaded.backbone, size)
     if log:
-        log(f"features ({loaded.label}, {split}): extracting {len(ds)} images at {size} px, mode {mode}, {precision}")
+        shown = f"mode {mode}" if is_vit(loaded.backbone) else "pooled"  # a CNN gives its pooled map in any mode
+        log(f"features ({loaded.label}, {split}): extracting {len(ds)} images at {size} px, {shown}, {precision}")
     feats, labels = extract_features(loaded.backbone, ds, device=device, batch_size=batch_size, precision=precision,
                                      num_workers=num_workers, mode=mode, n_last_blocks=n_last_blocks,
                                      progress=progress)
     if path is not None and dist.is_main():
         save_atomic({"features": feats, "labels": labels, "classes": list(ds.classes), "image_size": size,
                      "mode": mode, "checkpoint": dict(loaded.checkpoint), "split": split, "data": str(spec)}, path)
+        if log:
+            log(f"features ({loaded.label}, {split}): cached in {path} (--cache-dir DIR or $MOKD_CACHE moves the "
+                "cache, --no-cache skips it)")
     return FeatureSet(feats, labels, list(ds.classes), size, mode, path, False)

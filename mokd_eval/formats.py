@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from mokd.errors import UserError
+from mokd.naming import model_name
 
 StateDict = dict[str, torch.Tensor]
 
@@ -35,11 +36,17 @@ class Candidate:
     label: str
     state: StateDict  # backbone keys, prefixes stripped (head keys may remain; the loader ignores them)
     ignored: list[str] = field(default_factory=list)  # keys of the same (sub-)dict left out on purpose
-    arch: dict | None = None  # {"name", "kwargs", "small_stem"} when the file names it
+    arch: dict | None = None  # {"name", "kwargs", "small_stem"} when the file names or implies it
     model: str | None = None
     branch: str | None = None
     image_size: int | None = None
     extra: dict = field(default_factory=dict)  # e.g. {"mode": "mokd", "pair": "resnet50+vit_small_patch16_224"}
+    arch_source: str = ""  # where `arch` comes from, for messages: "its arch 'vit_small' (MoCo v3)"
+    # Hyper-parameters the format fixes but the shapes cannot show: {kwarg: (value, why)}; applied to any
+    # architecture built for these weights unless --arch-kwargs names the kwarg.
+    implied: dict = field(default_factory=dict)
+    stem_padding: int | None = None  # padding of a CIFAR-style stem by the format's convention (None: k // 2)
+    user_arch: str | None = None  # this candidate's share of --arch (official MOKD files: "CNN,VIT")
 
 
 @dataclass(frozen=True)
@@ -87,8 +94,13 @@ def _branch(req: Request, default: str) -> str:
     return b
 
 
-def arch_from_name(name: str | None, patch_size: int | None = None, num_heads: int | None = None) -> dict | None:
-    """Map the architecture names written by DINO / MoCo scripts ('vit_small', 'resnet50') to timm."""
+def arch_from_name(name: str | None, patch_size: int | None = None, num_heads: int | None = None,
+                   state: StateDict | None = None) -> dict | None:
+    """Map the architecture names written by DINO / MoCo / MOKD scripts ('vit_small', 'resnet50') to timm.
+
+    Short ViT names get the patch size from `patch_size`, else from the weights' patch embedding, else 16
+    (the scripts' default). None when the name is no timm model.
+    """
     if not name:
         return None
     import timm
@@ -96,12 +108,18 @@ def arch_from_name(name: str | None, patch_size: int | None = None, num_heads: i
     name = str(name)
     kwargs: dict = {}
     if name.startswith("vit_") and name.count("_") == 1:  # DINO/MoCo short names: vit_tiny, vit_small, vit_base
-        name = f"{name}_patch{patch_size or 16}_224"
+        w = (state or {}).get("patch_embed.proj.weight")
+        patch = patch_size or (int(w.shape[-1]) if w is not None and w.ndim == 4 else 16)
+        name = f"{name}_patch{patch}_224"
         if num_heads:
             kwargs["num_heads"] = num_heads
     if name not in timm.list_models():
         return None
     return {"name": name, "kwargs": kwargs, "small_stem": False}
+
+
+def _named(label: str, name: Any) -> str:
+    return f"its {label} {name!r}" if name else ""
 
 
 def _arg(args: Any, name: str) -> Any:
@@ -131,16 +149,19 @@ def _extract_mokd(obj: dict, req: Request) -> list[Candidate]:
     cfg = obj.get("config") or {}
     image_size = (cfg.get("augment") or {}).get("global_size")
     mode = (cfg.get("loss") or {}).get("mode", "mokd")
-    pair = "+".join(obj["arch"][n]["name"] for n in nets)
+    shapes = [model_name(a["name"], a.get("kwargs"), bool(a.get("small_stem"))) for a in (obj["arch"][n] for n in nets)]
+    pair = "+".join(shapes)  # as built, so that runs of one timm name with other arguments never share a row
     out = []
     for net in [req.model] if req.model else nets:
         state, _ = split_prefix(sd, f"{branch}.{net}.backbone.")
         own, _ = split_prefix(sd, f"{branch}.{net}.")
         ignored = [k for k in own if not k.startswith("backbone.")]
         a = obj["arch"][net]
-        arch = {"name": a["name"], "kwargs": dict(a.get("kwargs") or {}), "small_stem": bool(a.get("small_stem"))}
+        arch = {"name": a["name"], "kwargs": dict(a.get("kwargs") or {}), "small_stem": bool(a.get("small_stem")),
+                "given_name": (cfg.get(net) or {}).get("name")}  # the config's netX.name, if set
         out.append(Candidate(f"{net}-{branch}", state, ignored, arch, net, branch, image_size,
-                             {"mode": mode, "pair": pair, "epoch": obj.get("epoch")}))
+                             {"mode": mode, "pair": pair, "epoch": obj.get("epoch")},
+                             arch_source=f"its arch.{net} {a['name']!r}"))
     return out
 
 
@@ -160,6 +181,7 @@ def _extract_official(obj: dict, req: Request) -> list[Candidate]:
     if not present:
         raise UserError(f"this official MOKD file has no {branch} weights; top-level keys: {', '.join(map(str, obj))}")
     archs = [a.strip() for a in req.arch.split(",")] if req.arch else []
+    named = {m: obj.get(f"arch_{m}") for m in ("cnn", "vit") if isinstance(obj.get(f"arch_{m}"), str)}
     if req.model is not None:
         if req.model not in _OFFICIAL_MODELS:
             raise UserError(f"--model for an official MOKD file is 'cnn' or 'vit', got {req.model!r}")
@@ -168,9 +190,12 @@ def _extract_official(obj: dict, req: Request) -> list[Candidate]:
         wanted = ["cnn", "vit"]
     elif len(archs) == 1:  # pick the sub-dict that fits the named architecture
         wanted = ["vit" if _is_vit_arch(archs[0]) else "cnn"]
+    elif named:  # main_mokd.py stores arch_cnn / arch_vit: both models, as for our own files
+        wanted = [m for m in ("cnn", "vit") if f"{branch}_{m}" in obj]
     else:
-        raise UserError("official MOKD files do not name their architectures: pass --arch CNN_ARCH,VIT_ARCH "
-                        "(e.g. --arch resnet50,vit_small_patch16_224), or --model cnn|vit with one --arch")
+        raise UserError("this official MOKD file names no architecture (no arch_cnn / arch_vit): pass --arch "
+                        "CNN_ARCH,VIT_ARCH (e.g. --arch resnet50,vit_small_patch16_224), or --model cnn|vit with "
+                        "one --arch")
     out = []
     for m in wanted:
         key = f"{branch}_{m}"
@@ -183,9 +208,11 @@ def _extract_official(obj: dict, req: Request) -> list[Candidate]:
         if prefix is None:
             raise UserError(f"'{key}' has no 'module.backbone.' or 'backbone.' keys (first keys: {list(sd)[:5]})")
         state, ignored = split_prefix(sd, prefix)
-        name = archs[("cnn", "vit").index(m)] if len(archs) == 2 else (archs[0] if archs else None)
-        arch = {"name": name, "kwargs": {}, "small_stem": False} if name else None
-        out.append(Candidate(f"{m}-{branch}", state, ignored, arch, m, branch))
+        user = archs[("cnn", "vit").index(m)] if len(archs) == 2 else (archs[0] if archs else None)
+        # The authors' ViTs are DINO's (vit_small: 6 heads, as timm's); patch size from the weights.
+        arch = arch_from_name(named.get(m), state=state)
+        out.append(Candidate(f"{m}-{branch}", state, ignored, arch, m, branch,
+                             arch_source=_named(f"arch_{m}", named.get(m)), user_arch=user))
     return out
 
 
@@ -212,8 +239,9 @@ def _extract_dino(obj: dict, req: Request) -> list[Candidate]:
     prefix = first_prefix(sd, ("module.backbone.", "backbone.", "module."))
     state, ignored = split_prefix(sd, prefix) if prefix else (sd, [])
     args = obj.get("args")
-    arch = arch_from_name(_arg(args, "arch"), _arg(args, "patch_size")) if args is not None else None
-    return [Candidate(branch, state, ignored, arch, None, branch)]
+    name = _arg(args, "arch") if args is not None else None
+    arch = arch_from_name(name, _arg(args, "patch_size"), state=state)
+    return [Candidate(branch, state, ignored, arch, None, branch, arch_source=_named("args.arch", name))]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -241,9 +269,14 @@ def _extract_moco(obj: dict, req: Request, v3: bool) -> list[Candidate]:
         raise UserError(f"this MoCo checkpoint has no '{enc}' weights (asked for by --branch {branch})")
     state, ignored = split_prefix(sd, prefix)
     name = obj.get("arch") if isinstance(obj.get("arch"), str) else None
-    # MoCo v3's ViT-S has 12 heads (timm's vit_small has 6): same weight shapes, different computation.
-    arch = arch_from_name(name, 16, 12 if v3 and name == "vit_small" else None)
-    return [Candidate(enc, state, ignored, arch, None, branch)]
+    implied = {}
+    width = state["pos_embed"].shape[-1] if "pos_embed" in state else None
+    if v3 and width in (384, 768):
+        # MoCo v3's vits.py builds its ViTs (small: 384 wide, base: 768) with 12 heads; timm's vit_small has 6:
+        # the weight shapes are the same, the computation is not.
+        implied["num_heads"] = (12, "MoCo v3 builds its ViTs with 12 heads (vit_small too, where timm has 6)")
+    arch = arch_from_name(name, None, implied.get("num_heads", (None,))[0], state=state)
+    return [Candidate(enc, state, ignored, arch, None, branch, arch_source=_named("arch", name), implied=implied)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -264,8 +297,10 @@ def _extract_solo(obj: dict, req: Request) -> list[Candidate]:
     state, ignored = split_prefix(sd, prefix)
     hp = obj.get("hyper_parameters")
     name = _arg(_arg(hp, "backbone"), "name") if hp is not None else None
+    # solo-learn's CIFAR ResNets: conv1 3x3, stride 1, padding 2, no max-pool.
     return [Candidate("backbone" if branch == "student" else "momentum_backbone", state, ignored,
-                      arch_from_name(name), None, branch)]
+                      arch_from_name(name, state=state), None, branch, arch_source=_named("backbone.name", name),
+                      stem_padding=2)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -281,7 +316,7 @@ def _extract_module(obj: Any, req: Request) -> list[Candidate]:
     sd = _unwrap_state(obj)
     prefix = first_prefix(sd, ("module.backbone.", "module.encoder.", "module."))
     state, ignored = split_prefix(sd, prefix)
-    return [Candidate("backbone", state, ignored, _arch_of(obj))]
+    return [Candidate("backbone", state, ignored, _arch_of(obj, state), arch_source=_arch_source(obj))]
 
 
 def _detect_torchvision(obj: Any) -> bool:
@@ -294,11 +329,18 @@ def _detect_timm(obj: Any) -> bool:
 
 
 def _extract_plain(obj: Any, req: Request) -> list[Candidate]:
-    return [Candidate("backbone", dict(_unwrap_state(obj)), [], _arch_of(obj))]
+    state = dict(_unwrap_state(obj))
+    return [Candidate("backbone", state, [], _arch_of(obj, state), arch_source=_arch_source(obj))]
 
 
-def _arch_of(obj: Any) -> dict | None:
-    return arch_from_name(obj.get("arch")) if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else None
+def _arch_of(obj: Any, state: StateDict) -> dict | None:
+    if isinstance(obj, dict) and isinstance(obj.get("arch"), str):
+        return arch_from_name(obj["arch"], state=state)
+    return None
+
+
+def _arch_source(obj: Any) -> str:
+    return _named("arch", obj["arch"]) if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else ""
 
 
 FORMATS: dict[str, Format] = {

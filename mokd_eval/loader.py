@@ -23,7 +23,8 @@ from torch import nn
 
 from mokd.checkpoint import load_file
 from mokd.errors import UserError
-from mokd.models.backbones import create_backbone
+from mokd.naming import model_name, run_name
+from mokd_eval import architecture
 from mokd_eval.formats import FORMATS, Candidate, Request, detect, select_key
 
 # Keys that belong to a classifier or an SSL head rather than to the backbone.
@@ -75,7 +76,7 @@ class LoadReport:
 class LoadedModel:
     backbone: nn.Module  # timm model, eval mode, num_classes=0, weights loaded
     label: str  # "net1-teacher" for ours, "<file stem>" (or "<stem>:<part>") for third-party files
-    arch: dict  # {"name", "kwargs", "small_stem"}
+    arch: dict  # {"name", "kwargs", "small_stem", "stem_conv"} (mokd_eval.architecture)
     report: LoadReport
     checkpoint: dict  # result-record field: {"path", "sha256", "format", "model", "branch", "arch", "label", ...}
     image_size: int | None  # training resolution when known (ours: config.augment.global_size)
@@ -96,14 +97,17 @@ def read_checkpoint(path: str | Path) -> Any:
 
 
 def load_models(path: str | Path, *, model: str | None = None, branch: str | None = None, arch: str | None = None,
-                arch_kwargs: dict | None = None, key: str | None = None, allow_partial: bool = False
-                ) -> list[LoadedModel]:
+                arch_kwargs: dict | None = None, key: str | None = None, allow_partial: bool = False,
+                cifar_stem: bool = False) -> list[LoadedModel]:
     """Load the backbone(s) of a checkpoint file.
 
     Ours: both models' teachers by default (`model=None`), or the one named; `branch` picks teacher/student.
-    Third-party: one model; `arch` names the timm architecture when the file does not; `key` selects a
-    sub-dict (or key prefix) by hand. Raises UserError for unreadable files, unknown layouts, unknown or
-    ill-fitting architectures, and (unless `allow_partial`) any backbone tensor left unmatched.
+    Third-party: one model (official MOKD files: both); `arch` names the timm architecture when the file does
+    not, and is checked against the file's own when it does; `key` selects a sub-dict (or key prefix) by
+    hand; `cifar_stem` forces a stride-1 first convolution without max-pool (a 3x3 first convolution is
+    recognised from the shapes without it). Raises UserError for unreadable files, unknown layouts, files
+    without backbone weights, architectures that contradict the file or do not fit it, non-finite weights,
+    and (unless `allow_partial`) any backbone tensor left unmatched.
     """
     path = Path(path)
     obj = read_checkpoint(path)
@@ -125,29 +129,113 @@ def load_models(path: str | Path, *, model: str | None = None, branch: str | Non
     sha = file_sha256(path)
     out = []
     for cand in candidates:
-        a = _resolve_arch(cand, req, fmt, path)
-        backbone = create_backbone(a["name"], a["kwargs"], a["small_stem"])
-        report = match_and_load(backbone, cand.state, cand.ignored)
         label = cand.label if fmt == "mokd" else f"{path.stem}" + (f":{cand.label}" if len(candidates) > 1 else "")
+        _check_has_backbone(cand, path, fmt)
+        a, notes = resolve_arch(cand, req, fmt, path, cifar_stem)
+        backbone = architecture.build(a)
+        report = match_and_load(backbone, cand.state, cand.ignored)
+        report.notes.extend(notes)
         _check(report, a["name"], path, label, allow_partial, _arch_hint(cand.state))
+        check_finite(backbone, f"{path.name} ({label})", several=len(candidates) > 1)
         backbone.eval()
         ckpt = {"path": str(path.resolve()), "sha256": sha, "format": fmt, "model": cand.model,
-                "branch": cand.branch, "arch": a["name"], "arch_kwargs": a["kwargs"], "label": label,
+                "branch": cand.branch, "arch": a["name"], "arch_kwargs": a["kwargs"], "small_stem": a["small_stem"],
+                "stem_conv": a["stem_conv"], "label": label,
+                "shape": model_name(a["name"], a["kwargs"], a["small_stem"]),
+                "name": model_name(a["name"], a["kwargs"], a["small_stem"], (cand.arch or {}).get("given_name")),
+                "run": run_name(path),
                 **{k: v for k, v in cand.extra.items() if v is not None}}
         out.append(LoadedModel(backbone, label, a, report, ckpt, cand.image_size))
     return out
 
 
-def _resolve_arch(cand: Candidate, req: Request, fmt: str, path: Path) -> dict:
-    if fmt != "mokd" and req.arch and fmt != "mokd-official":
-        return {"name": req.arch, "kwargs": dict(req.arch_kwargs or {}), "small_stem": False}
-    if cand.arch is not None and cand.arch.get("name"):
-        a = dict(cand.arch)
-        if req.arch_kwargs and fmt != "mokd":
-            a["kwargs"] = {**a.get("kwargs", {}), **req.arch_kwargs}
-        return a
-    raise UserError(f"{path.name} ({fmt}) does not name its architecture: pass --arch with the timm model name "
-                    f"(e.g. resnet50, vit_small_patch16_224){_arch_hint(cand.state)}")
+def resolve_arch(cand: Candidate, req: Request, fmt: str, path: Path, cifar_stem: bool = False
+                 ) -> tuple[dict, list[str]]:
+    """The architecture to build for `cand`, and notes on what was assumed.
+
+    The file's own architecture (its arch/args, the format's conventions) is the reference: --arch and
+    --arch-kwargs may name it differently or add what it leaves open, never change what it computes.
+    """
+    user_name = cand.user_arch if fmt == "mokd-official" else req.arch
+    user_kwargs = dict(req.arch_kwargs or {})
+    file = architecture.normalise(cand.arch) if cand.arch and cand.arch.get("name") else None
+    if file is None and user_name is None:
+        named = f" ({cand.arch_source}, which is not a timm model name)" if cand.arch_source else ""
+        raise UserError(f"{path.name} ({fmt}) does not name its architecture{named}: pass --arch with the timm model "
+                        f"name (e.g. resnet50, vit_small_patch16_224){_arch_hint(cand.state)}")
+    implied = {k: v for k, (v, _) in cand.implied.items()}
+    name = user_name or file["name"]
+    own = dict(file["kwargs"]) if file is not None and name == file["name"] else {}
+    arch = {"name": name, "kwargs": {**own, **{k: v for k, v in implied.items() if k not in user_kwargs}, **user_kwargs},
+            "small_stem": bool(file and file["small_stem"]), "stem_conv": None}
+    notes = []
+    stem = architecture.detect_stem_conv(arch, cand.state, cand.stem_padding)
+    if stem is not None:
+        arch["stem_conv"], arch["small_stem"] = stem, True
+        k = stem["kernel"]
+        why = "solo-learn's convention" if cand.stem_padding is not None else f"{k} // 2"
+        notes.append(f"CIFAR-style stem from the file's {k}x{k} conv1: stride 1, padding {stem['padding']} ({why}), "
+                     "no max-pool (stride, padding and pooling cannot be seen in the weights)")
+    if cifar_stem:
+        if fmt == "mokd" and file is not None and not file["small_stem"]:
+            raise UserError(f"{path.name} ({cand.label}): --cifar-stem contradicts the file, whose {file['name']} was "
+                            "trained with the standard stem (arch small_stem: false); drop --cifar-stem")
+        if not arch["small_stem"] and stem is None:
+            notes.append("--cifar-stem: first convolution at stride 1, no max-pool")
+        arch["small_stem"] = True
+    if file is not None:
+        reference = {**file, "kwargs": {**file["kwargs"], **implied}, "stem_conv": arch["stem_conv"],
+                     "small_stem": file["small_stem"] if fmt == "mokd" else arch["small_stem"]}
+        diffs = architecture.differences(arch, reference)
+        if diffs:
+            reasons = "".join(f"; {why}" for _, why in cand.implied.values())
+            flags = " ".join(f for f in (f"--arch {user_name}" if user_name else "",
+                                         f"--arch-kwargs {_kv(user_kwargs)}" if user_kwargs else "") if f)
+            raise UserError(f"{path.name} ({cand.label}): {flags} contradicts the file: {cand.arch_source or 'it'} "
+                            f"means {architecture.describe(reference)}{reasons}, while {flags} builds "
+                            f"{architecture.describe(arch)} ({'; '.join(diffs)}). Drop {flags} to use the file's "
+                            "architecture, or correct them.")
+    heads = architecture.heads_of(arch)
+    if heads is not None:
+        if "num_heads" in user_kwargs:
+            why = "from --arch-kwargs"
+        elif "num_heads" in cand.implied:
+            why = cand.implied["num_heads"][1]
+        elif "num_heads" in arch["kwargs"]:
+            why = f"from the file ({cand.arch_source})" if cand.arch_source else "from the file"
+        elif file is not None and name == file["name"]:
+            why = f"{name}'s own, as the file's {fmt} architecture has" if fmt != "mokd" else "as trained"
+        else:
+            why = f"timm's default for {name}"
+        notes.append(f"num_heads={heads} ({why}); the head count cannot be seen in the weights, pass --arch-kwargs "
+                     "num_heads=N if the model was built otherwise")
+    return arch, notes
+
+
+def _kv(kwargs: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in kwargs.items())
+
+
+def _check_has_backbone(cand: Candidate, path: Path, fmt: str) -> None:
+    """A projector-only or head-only file (or an empty backbone part) says so instead of asking for --arch."""
+    if not cand.state:
+        raise UserError(f"{path.name} ({fmt}, {cand.label}) holds no backbone weights: no tensors where this layout "
+                        f"keeps them{_ignored_groups(cand.ignored)}")
+    if all(k.startswith(HEAD_PREFIXES) for k in cand.state):
+        groups = sorted({k.split(".")[0] + "." for k in cand.state})
+        raise UserError(f"{path.name} ({fmt}) holds no backbone weights: every tensor is under "
+                        f"{'/'.join(groups)} (a projector or classifier head only); use the file that holds the "
+                        "backbone, or --key NAME if it sits elsewhere in this one")
+
+
+def check_finite(backbone: nn.Module, what: str, several: bool = False) -> None:
+    """Refuse NaN/inf weights (a diverged run) instead of evaluating them to chance accuracy."""
+    bad = [k for k, v in backbone.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        pick = " (--model picks one backbone of the file)" if several else ""
+        raise UserError(f"{what}: the backbone holds non-finite values (NaN or inf) in {len(bad)} tensor(s): "
+                        f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. The run that wrote it diverged; "
+                        f"use an earlier checkpoint{pick}.")
 
 
 def _arch_hint(state: dict) -> str:
@@ -186,10 +274,14 @@ def match_and_load(backbone: nn.Module, state: dict[str, torch.Tensor], ignored:
 
 def _check(report: LoadReport, arch: str, path: Path, label: str, allow_partial: bool, hint: str = "") -> None:
     if report.matched == 0 or (report.mismatched and report.matched < report.total // 2):
-        detail = "; ".join(report.mismatched[:3]) or f"file keys such as {', '.join(report.unexpected[:3])}"
-        raise UserError(f"{path.name} ({label}) does not fit architecture {arch!r}: {report.summary()}. "
-                        f"For example: {detail}. Check --arch (and --arch-kwargs such as img_size/patch_size)"
-                        f"{hint}.")
+        if report.mismatched:
+            detail = f" For example: {'; '.join(report.mismatched[:3])}."
+        elif report.unexpected:
+            detail = f" File keys such as {', '.join(report.unexpected[:3])} are not in the model."
+        else:
+            detail = f" The model expects keys such as {', '.join(report.missing[:3])}, which the file lacks."
+        raise UserError(f"{path.name} ({label}) does not fit architecture {arch!r}: {report.summary()}.{detail} "
+                        f"Check --arch (and --arch-kwargs such as img_size/patch_size){hint}.")
     if report.complete or allow_partial:
         if not report.complete:
             report.notes.append("partial load allowed (--allow-partial): unmatched tensors keep their random init")

@@ -1,6 +1,7 @@
 """Result records: one JSON file per evaluated model, the input of `mokd report`.
 
-Fields (DESIGN.md): task, checkpoint {path, sha256, format, model, branch, arch, label, [mode, pair]},
+Fields (DESIGN.md): task, checkpoint {path, sha256, format, model, branch, arch, label, name, shape, run,
+[mode, pair]} (name and shape: mokd.naming.model_name; run: mokd.naming.run_name),
 data {spec, sizes, classes}, settings (resolved), metrics, env (versions, device, git commit), wall_time_s.
 `metrics` names its headline figure: k-NN has `best_top1`; other protocols put their headline accuracy
 under `top1` (or name the key in `metrics["headline"]`).
@@ -24,7 +25,8 @@ from mokd import distributed as dist
 
 RECORD_VERSION = 1
 VOLATILE_SETTINGS = ("features_cached", "num_workers")  # do not change the result, so do not name the record
-_PACKAGES = ("mokd", "torch", "torchvision", "timm", "numpy", "faiss-cpu", "faiss-gpu-cu12", "scikit-learn")
+_PACKAGES = ("mokd", "torch", "torchvision", "timm", "numpy", "faiss-cpu", "faiss-gpu-cu12", "scikit-learn",
+             "detectron2", "pycocotools")
 
 
 def to_jsonable(x: Any) -> Any:
@@ -97,15 +99,49 @@ def write_record(out_dir: str | Path, *, task: str, checkpoint: dict, data: dict
     return path
 
 
-def read_records(directory: str | Path) -> list[dict]:
-    """Every result record (a JSON object with `task` and `metrics`) under `directory`, sorted by path."""
-    out = []
+def record_problem(record: dict) -> str | None:
+    """Why a record cannot be reported (a missing or mistyped field), or None when it can."""
+    missing = [k for k in ("task", "checkpoint", "metrics") if k not in record]
+    if missing:
+        return f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+    for key, kind in (("task", str), ("checkpoint", dict), ("metrics", dict), ("data", dict), ("settings", dict)):
+        if key in record and not isinstance(record[key], kind):
+            return f"field {key} is {type(record[key]).__name__}, expected {'text' if kind is str else 'an object'}"
+    if record["task"] == "knn":
+        bad = [k for k in ("top1", "top5") if not isinstance(record["metrics"].get(k), dict)]
+        if bad:
+            return f"k-NN metrics lack {' and '.join(bad)} (a table per k)"
+    return None
+
+
+def scan_records(directory: str | Path) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """Every result record under `directory` (sorted by path), and (file, reason) for each JSON file skipped
+    because it cannot be read or is an incomplete record. JSON files that are no records (mad.json, a list,
+    an object without task/metrics/record_version) are left out silently."""
+    records, skipped = [], []
     for p in sorted(Path(directory).rglob("*.json")):
         try:
             r = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        except json.JSONDecodeError as e:
+            skipped.append((p, f"not valid JSON ({e.msg}, line {e.lineno})"))
             continue
-        if isinstance(r, dict) and "task" in r and isinstance(r.get("metrics"), dict):
-            r["_file"] = str(p)
-            out.append(r)
-    return out
+        except UnicodeDecodeError:
+            skipped.append((p, "not text (binary content)"))
+            continue
+        except OSError as e:
+            skipped.append((p, f"unreadable ({e.strerror or e})"))
+            continue
+        if not isinstance(r, dict) or not {"task", "metrics", "record_version"} & set(r):
+            continue
+        problem = record_problem(r)
+        if problem:
+            skipped.append((p, problem))
+            continue
+        r["_file"] = str(p)
+        records.append(r)
+    return records, skipped
+
+
+def read_records(directory: str | Path) -> list[dict]:
+    """Every complete result record under `directory`, sorted by path (see scan_records for what is skipped)."""
+    return scan_records(directory)[0]

@@ -1,21 +1,28 @@
 """`mokd report DIR`: result records rendered as Markdown and CSV tables.
 
-Sections: all results (one row per record, with its headline figure), a per-k table for k-NN, and a
-Table-1-style grid (pair x independent/MOKD x k-NN/linear, net1 and net2) for records of our own
-checkpoints, whose `checkpoint` field carries `mode` and `pair`.
+Sections: all results (one row per record: run, model, architecture as built, mode, headline figure and its
+unit), a per-k table for k-NN, a Table-1-style grid (pair x independent/MOKD x k-NN/linear, net1 and net2)
+for records of our own checkpoints, whose `checkpoint` field carries `mode` and `pair`, and the files that
+were skipped with the reason. Several records in one grid cell (runs with other seeds, say) are shown as
+mean ± std and listed below the grid, with a warning when they are not repeats of one evaluation.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
 from mokd.errors import UserError
-from mokd_eval.records import read_records
+from mokd.naming import data_name, model_name, run_name
+from mokd_eval.records import VOLATILE_SETTINGS, scan_records
 
 HEADLINE = {"knn": "best_top1"}  # other tasks: metrics["headline"] names the key, else "top1"
+UNITS = {"knn": "%", "linear": "%", "semisup": "%", "cifar": "%", "finetune": "%", "mad": "px",
+         "consistency": "fraction", "detection": "AP"}
 GRID_TASKS = (("knn", "k-NN"), ("linear", "Linear"))
 GRID_MODES = (("independent", "Independent"), ("mokd", "MOKD"))
 
@@ -32,31 +39,61 @@ def _fmt(v: Any) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.2f}"
+        return f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:.3f}"
     return str(v)
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def headline(record: dict) -> tuple[str, float | None]:
     """(metric name, value) of a record's headline figure."""
-    m = record.get("metrics", {})
+    m = record.get("metrics") or {}
+    if "headline" in m and m["headline"] is None:  # a figure-only task (t-SNE): no number to report
+        return "-", None
     name = m.get("headline") or HEADLINE.get(record.get("task"), "top1")
-    if not isinstance(m.get(name), (int, float)):
-        name = next((k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)), name)
-    v = m.get(name)
-    return name, float(v) if isinstance(v, (int, float)) else None
+    if _number(m.get(name)) is None:
+        name = next((k for k, v in m.items() if _number(v) is not None), name)
+    return str(name), _number(m.get(name))
 
 
-def _ckpt_name(r: dict) -> str:
-    c = r.get("checkpoint", {})
-    return Path(str(c.get("path", "?"))).name
+def unit(record: dict) -> str:
+    """The unit of a record's headline figure: % for accuracies, px for distances, fraction for agreement."""
+    task, (name, value) = record.get("task"), headline(record)
+    if value is None:
+        return "-"
+    if task in UNITS:
+        return UNITS[task]
+    return "%" if name.startswith(("top1", "top5", "best_top")) else "-"
+
+
+def identity(record: dict) -> dict:
+    """run, model, name (architecture as built), mode of a record; records written before these fields
+    existed get them from the checkpoint path and architecture."""
+    c = record.get("checkpoint") or {}
+    model = c.get("model") or c.get("label")
+    if c.get("model") and c.get("branch"):
+        model = f"{c['model']} ({c['branch']})"
+    name = c.get("name") or (model_name(c["arch"], c.get("arch_kwargs"), bool(c.get("small_stem")))
+                             if c.get("arch") else None)
+    return {"run": c.get("run") or (run_name(c["path"]) if c.get("path") else None), "model": model,
+            "name": name, "mode": c.get("mode")}
+
+
+def _data(record: dict) -> str | None:
+    spec = (record.get("data") or {}).get("spec")
+    return data_name(spec) if spec else None
 
 
 def _row(r: dict) -> dict:
-    c, d = r.get("checkpoint", {}), r.get("data", {})
+    c = r.get("checkpoint") or {}
+    ident = identity(r)
     name, value = headline(r)
-    return {"task": r.get("task"), "checkpoint": _ckpt_name(r), "model": c.get("label"), "arch": c.get("arch"),
-            "format": c.get("format"), "mode": c.get("mode"), "pair": c.get("pair"), "data": d.get("spec"),
-            "metric": name, "value": value, "wall_time_s": r.get("wall_time_s"), "file": r.get("_file")}
+    return {"task": r.get("task"), "run": ident["run"], "model": ident["model"], "arch": ident["name"],
+            "mode": ident["mode"], "data": _data(r), "metric": name, "value": value, "unit": unit(r) if r else None,
+            "format": c.get("format"), "pair": c.get("pair"), "checkpoint": c.get("path"),
+            "data_spec": (r.get("data") or {}).get("spec"), "wall_time_s": r.get("wall_time_s"), "file": r.get("_file")}
 
 
 def _flatten(d: Any, prefix: str = "") -> dict:
@@ -70,55 +107,99 @@ def _flatten(d: Any, prefix: str = "") -> dict:
     return {prefix[:-1]: d}
 
 
-def render_markdown(records: list[dict]) -> str:
-    parts = ["# Results", "", f"{len(records)} result record(s).", "", "## All results", ""]
+def render_markdown(records: list[dict], skipped: Sequence[tuple[Path, str]] = ()) -> str:
+    parts = ["# Results", "", f"{len(records)} result record(s)"
+             + (f"; {len(skipped)} file(s) skipped (listed at the end)." if skipped else "."), "", "## All results", ""]
     rows = [_row(r) for r in records]
-    parts.append(markdown_table(["task", "checkpoint", "model", "arch", "data", "metric", "value (%)"],
-                                [[x["task"], x["checkpoint"], x["model"], x["arch"], x["data"], x["metric"],
-                                  x["value"]] for x in rows]))
+    parts.append(markdown_table(["task", "run", "model", "arch", "mode", "data", "metric", "value", "unit"],
+                                [[x["task"], x["run"], x["model"], x["arch"], x["mode"], x["data"], x["metric"],
+                                  x["value"], x["unit"]] for x in rows]))
     knn = [r for r in records if r.get("task") == "knn"]
     if knn:
-        ks = sorted({int(k) for r in knn for k in r["metrics"].get("top1", {})})
+        ks = sorted({int(k) for r in knn for k in r["metrics"]["top1"] if str(k).isdigit()})
         parts += ["", "## k-NN (top-1 / top-5, %)", ""]
         table = []
         for r in knn:
-            m = r["metrics"]
-            t1, t5 = m.get("top1", {}), m.get("top5", {})
-            table.append([_ckpt_name(r), r["checkpoint"].get("label"), r.get("data", {}).get("spec")]
-                         + [f"{t1[str(k)]:.2f} / {t5[str(k)]:.2f}" if str(k) in t1 else "-" for k in ks]
-                         + [m.get("best_k")])
-        parts.append(markdown_table(["checkpoint", "model", "data"] + [f"k={k}" for k in ks] + ["best k"], table))
+            m, ident = r["metrics"], identity(r)
+            t1, t5 = m["top1"], m["top5"]
+            table.append([ident["run"], ident["model"], ident["name"], ident["mode"], _data(r)]
+                         + [_pair_cell(t1.get(str(k)), t5.get(str(k))) for k in ks] + [m.get("best_k")])
+        parts.append(markdown_table(["run", "model", "arch", "mode", "data"] + [f"k={k}" for k in ks] + ["best k"],
+                                    table))
     grid = table1_grid(records)
     if grid:
         parts += ["", "## Table 1: independent training vs MOKD (%)", "", grid]
+    if skipped:
+        parts += ["", "## Skipped files", ""] + [f"- {p}: {why}" for p, why in skipped]
     return "\n".join(parts) + "\n"
 
 
+def _pair_cell(top1: Any, top5: Any) -> str:
+    a, b = _number(top1), _number(top5)
+    return "-" if a is None else f"{a:.2f} / {b:.2f}" if b is not None else f"{a:.2f}"
+
+
+def _summary(values: list[float]) -> str | float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+
+
+def _stable_settings(r: dict) -> str:
+    s = {k: v for k, v in (r.get("settings") or {}).items() if k not in VOLATILE_SETTINGS}
+    return json.dumps(s, sort_keys=True, default=str)
+
+
 def table1_grid(records: list[dict]) -> str | None:
-    """Rows: pair (net1 arch, net2 arch) and data; columns: task x mode x net, each the headline figure."""
-    cells: dict[tuple, dict] = {}
+    """Rows: pair (net1, net2 as built) and data; columns: task x mode x net, each the headline figure.
+
+    A cell that several records fall into shows mean ± std (sample std, n records); the records are listed
+    under the grid, with a warning when one checkpoint appears twice or their evaluation settings differ.
+    """
+    cells: dict[tuple, dict[tuple, list[dict]]] = {}
     for r in records:
-        c = r.get("checkpoint", {})
+        c = r.get("checkpoint") or {}
         if c.get("mode") not in dict(GRID_MODES) or not c.get("pair") or c.get("model") not in ("net1", "net2"):
             continue
         if r.get("task") not in dict(GRID_TASKS):
             continue
-        row = (c["pair"], r.get("data", {}).get("spec"))
+        row = (str(c["pair"]), _data(r))
         col = (r["task"], c["mode"], c["model"])
-        prev = cells.setdefault(row, {}).get(col)
-        value = headline(r)[1]
-        if prev is None or (r.get("created", ""), value) > (prev[0], prev[1]):  # newest record wins
-            cells[row][col] = (r.get("created", ""), value)
+        cells.setdefault(row, {}).setdefault(col, []).append(r)
     if not cells:
         return None
     cols = [(t, m, n) for t, _ in GRID_TASKS for m, _ in GRID_MODES for n in ("net1", "net2")]
-    headers = ["Net1", "Net2", "data"] + [f"{dict(GRID_TASKS)[t]} {dict(GRID_MODES)[m]} {n.capitalize()}"
-                                          for t, m, n in cols]
-    rows = []
-    for (pair, spec), vals in sorted(cells.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+    title = {c: f"{dict(GRID_TASKS)[c[0]]} {dict(GRID_MODES)[c[1]]} {c[2].capitalize()}" for c in cols}
+    headers = ["Net1", "Net2", "data"] + [title[c] for c in cols]
+    rows, notes = [], []
+    for (pair, data), vals in sorted(cells.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         net1, _, net2 = pair.partition("+")
-        rows.append([net1, net2, spec] + [vals[c][1] if c in vals else None for c in cols])
-    return markdown_table(headers, rows)
+        line = [net1, net2, data]
+        for col in cols:
+            recs = vals.get(col, [])
+            line.append(_summary([v for v in (headline(r)[1] for r in recs) if v is not None]))
+            if len(recs) > 1:
+                notes.append(_cell_note(f"{title[col]} of {net1} + {net2} on {data}", recs))
+        rows.append(line)
+    table = markdown_table(headers, rows)
+    if notes:
+        table += "\n\nCells with several records (mean ± sample std over them):\n\n" + "\n".join(notes)
+    return table
+
+
+def _cell_note(where: str, recs: list[dict]) -> str:
+    listed = ", ".join(f"{identity(r)['run']} {_fmt(headline(r)[1])}" for r in recs)
+    note = f"- {where}: {listed}"
+    shas = [(r.get("checkpoint") or {}).get("sha256") for r in recs]
+    if len(set(shas)) < len(shas):
+        note += "\n  warning: one checkpoint is counted more than once (evaluated twice); check the records: " \
+                + ", ".join(Path(r.get("_file", "?")).name for r in recs)
+    elif len({_stable_settings(r) for r in recs}) > 1:
+        note += "\n  warning: their evaluation settings differ, so the spread is not only between runs: " \
+                + ", ".join(Path(r.get("_file", "?")).name for r in recs)
+    return note
 
 
 def render_csv(records: list[dict]) -> str:
@@ -126,7 +207,7 @@ def render_csv(records: list[dict]) -> str:
     rows = []
     for r in records:
         row = _row(r)
-        row.update({f"metrics.{k}": v for k, v in _flatten(r.get("metrics", {})).items()})
+        row.update({f"metrics.{k}": v for k, v in _flatten(r.get("metrics") or {}).items()})
         rows.append(row)
     fields = list(_row({}).keys())
     fields += sorted({k for row in rows for k in row if k not in fields})
@@ -139,14 +220,16 @@ def render_csv(records: list[dict]) -> str:
 
 
 def write_report(directory: str | Path) -> tuple[str, Path, Path]:
-    """Render DIR's records -> (markdown text, DIR/report.md, DIR/report.csv)."""
+    """Render DIR's records -> (markdown text, DIR/report.md, DIR/report.csv). Files that cannot be read, and
+    records missing a field, are skipped and named in the report."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory} is not a folder (expected the --out folder of `mokd eval ...`)")
-    records = read_records(directory)
+    records, skipped = scan_records(directory)
     if not records:
-        raise UserError(f"{directory} holds no result records (JSON files written by `mokd eval ...`)")
-    md = render_markdown(records)
+        why = "; skipped: " + "; ".join(f"{p} ({r})" for p, r in skipped) if skipped else ""
+        raise UserError(f"{directory} holds no result records (JSON files written by `mokd eval ...`){why}")
+    md = render_markdown(records, skipped)
     md_path, csv_path = directory / "report.md", directory / "report.csv"
     md_path.write_text(md)
     csv_path.write_text(render_csv(records))

@@ -39,7 +39,7 @@ def narrow_pair(path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_torchvision_backend_trains_and_reports_six_metrics(tmp_path, coco):
+def test_torchvision_backend_trains_and_reports_twelve_metrics(tmp_path, coco):
     ckpt = narrow_pair(tmp_path / "pair.pth")
     out = tmp_path / "results"
     res = CliRunner().invoke(cli, [
@@ -54,12 +54,15 @@ def test_torchvision_backend_trains_and_reports_six_metrics(tmp_path, coco):
     metrics = record["metrics"]
     assert metrics["headline"] == "APb"
     for name in METRIC_NAMES:
-        v = metrics[name]
-        assert math.isfinite(v) and (0.0 <= v <= 100.0 or v == -1.0), (name, v)
+        v = metrics[name]  # None: no ground truth of that size (e.g. no large objects in 96 px images)
+        assert v is None or (math.isfinite(v) and 0.0 <= v <= 100.0), (name, v)
+    assert metrics["APb"] is not None and metrics["APb_large"] is None
     s = record["settings"]
-    assert s["backend"] == "torchvision" and s["iters"] == 3 and s["steps"] == [2, 3]
+    assert s["backend"] == "torchvision" and s["iters"] == 3 and s["steps"] == [2]  # a step at 3 never happens
     assert s["lr"] == pytest.approx(0.02 * 2 / 16)
-    assert record["data"]["classes"] == 2 and record["data"]["train_images"] == 8
+    assert record["data"]["num_classes"] == 2 and record["data"]["train_size"] == 8
+    assert record["data"]["paths"]["train_images"] == str(coco / "train2017")
+    assert "NaN" not in records[0].read_text()
 
 
 def test_c4_layout_shares_res5_between_boxes_and_masks():
@@ -90,7 +93,7 @@ def test_schedule_is_the_2x_shape_scaled():
     assert Schedule(iters=90, base_lr=0.1).steps == (60, 80) and Schedule(iters=90).warmup == 9
     from mokd_eval.detection.d2_config import schedule as d2_schedule
 
-    for iters in (3, 90, 1000, 180_000):  # both backends share the schedule's shape
+    for iters in (1, 2, 3, 4, 5, 90, 1000, 180_000):  # both backends share the schedule's shape
         d2 = d2_schedule(iters)
         assert d2["STEPS"] == list(Schedule(iters=iters).steps) and d2["WARMUP_ITERS"] == Schedule(iters=iters).warmup
 
@@ -113,9 +116,41 @@ def test_shipped_detectron2_configs_match_the_protocol():
 
 
 def test_detectron2_results_to_metrics():
-    r = {"bbox": {"AP": 40.1, "AP50": 60.2, "AP75": 43.3, "APs": 1.0}, "segm": {"AP": 35.0, "AP50": 57.0, "AP75": 37.0}}
-    assert metrics_from_d2(r) == {"APb": 40.1, "APb50": 60.2, "APb75": 43.3, "APs": 35.0, "APs50": 57.0,
-                                  "APs75": 37.0}
+    r = {"bbox": {"AP": 40.1, "AP50": 60.2, "AP75": 43.3, "APs": 1.0, "APm": 2.0, "APl": float("nan"),
+                  "AP-square": 3.0},
+         "segm": {"AP": 35.0, "AP50": 57.0, "AP75": 37.0, "APs": 4.0, "APm": 5.0, "APl": 6.0}}
+    assert metrics_from_d2(r) == {"APb": 40.1, "APb50": 60.2, "APb75": 43.3, "APb_small": 1.0, "APb_medium": 2.0,
+                                  "APb_large": None, "APs": 35.0, "APs50": 57.0, "APs75": 37.0, "APs_small": 4.0,
+                                  "APs_medium": 5.0, "APs_large": 6.0}
+    assert len(METRIC_NAMES) == 12
+
+
+def test_lr_steps_are_valid_for_detectron2_at_every_length():
+    """fvcore's MultiStepParamScheduler, as detectron2's build_lr_scheduler calls it, needs steps that are
+    strictly increasing, positive and below MAX_ITER, and at least len(steps) + 1 updates."""
+    from mokd_eval.detection.d2_config import lr_steps
+
+    for iters in range(1, 40):
+        steps = lr_steps(iters)
+        assert all(0 < s < iters for s in steps) and steps == sorted(set(steps)) and iters >= len(steps) + 1
+    assert lr_steps(3) == [2] and lr_steps(1) == [] and lr_steps(5) == [3, 4] and lr_steps(180_000) == [120_000, 160_000]
+
+
+def test_train_sizes_take_a_range_or_a_choice():
+    import click
+
+    from mokd_eval.detection.cli import parse_train_sizes
+    from mokd_eval.detection.tv_c4 import sizes_grid
+
+    assert parse_train_sizes("600,800") == ("range", (600, 800))
+    assert parse_train_sizes("640,672,704,736,768,800") == ("choice", (640, 672, 704, 736, 768, 800))
+    assert parse_train_sizes("choice:600,800") == ("choice", (600, 800))
+    assert parse_train_sizes("800") == ("choice", (800,))
+    for bad in ("800,600", "range:600,700,800", "big", "4,8", "spread:600,800"):
+        with pytest.raises(click.BadParameter):
+            parse_train_sizes(bad)
+    assert sizes_grid((600, 800), 800, "choice") == (600, 800)
+    assert sizes_grid((600, 800), 800) == (600, 625, 650, 675, 700, 725, 750, 775, 800)
 
 
 def _eval(args):
@@ -205,10 +240,37 @@ def test_detectron2_run_plumbing_without_detectron2(tmp_path, coco, monkeypatch)
     assert cfg["SOLVER"]["MAX_ITER"] == 90 and cfg["SOLVER"]["STEPS"] == [60, 80]
     assert cfg["SOLVER"]["BASE_LR"] == pytest.approx(0.01) and cfg["SOLVER"]["IMS_PER_BATCH"] == 8
     assert cfg["DATASETS"] == {"TRAIN": [d2_train.TRAIN_NAME], "TEST": [d2_train.VAL_NAME]}
+    assert cfg["TEST"]["PRECISE_BN"] == {"ENABLED": True, "NUM_ITER": 200} and cfg["SEED"] == 0
+    assert cfg["INPUT"]["MIN_SIZE_TRAIN"] == [600, 800] and cfg["INPUT"]["MIN_SIZE_TRAIN_SAMPLING"] == "range"
     with open(cfg["MODEL"]["WEIGHTS"], "rb") as f:
         assert "res5.1.conv2.norm.running_var" in pickle.load(f)["model"]
-    record = json.loads(next((tmp_path / "res").glob("*.json")).read_text())
+    path = next((tmp_path / "res").glob("*.json"))
+    record = json.loads(path.read_text())
     assert record["metrics"]["APs75"] == 6.0 and record["settings"]["backend"] == "detectron2"
+    assert record["metrics"]["APb_large"] is None and "NaN" not in path.read_text()  # strict JSON: null
+    assert set(METRIC_NAMES) <= set(record["metrics"])
+    assert record["data"]["train_size"] == 8 and record["data"]["num_classes"] == 2
+    assert set(record["data"]["paths"]) == {"train_json", "val_json", "train_images", "val_images"}
+
+    # a quick CPU run: any iteration count, a short precise BN, the sizes as a choice, its own seed
+    res = _eval([str(ckpt), "--coco", str(coco), "--out", str(tmp_path / "cpu"), "--iters", "3", "--batch-size",
+                 "2", "--device", "cpu", "--precise-bn-iters", "4", "--train-sizes", "64,80,96", "--seed", "5"])
+    assert res.exit_code == 0, res.output
+    cfg = seen["cfg"]
+    assert cfg["MODEL"]["DEVICE"] == "cpu" and cfg["SOLVER"]["STEPS"] == [2] and cfg["SEED"] == 5
+    assert cfg["TEST"]["PRECISE_BN"]["NUM_ITER"] == 4
+    assert cfg["INPUT"]["MIN_SIZE_TRAIN"] == [64, 80, 96] and cfg["INPUT"]["MIN_SIZE_TRAIN_SAMPLING"] == "choice"
+
+
+def test_detection_records_have_the_same_data_fields_for_both_backends(coco):
+    from mokd_eval.detection.coco import CocoDetection, split_counts
+
+    splits = resolve_coco(coco)
+    counts = split_counts(splits)
+    train = CocoDetection(splits.train_json, splits.train_images, train=True)
+    val = CocoDetection(splits.val_json, splits.val_images, train=False)
+    assert counts == {"train_size": len(train), "val_size": len(val), "num_classes": 2,
+                      "classes": ["square", "triangle"]}
 
 
 def test_basic_block_res5_head_with_a_stand_in_detectron2(monkeypatch):
@@ -224,7 +286,7 @@ def test_basic_block_res5_head_with_a_stand_in_detectron2(monkeypatch):
     class Res5ROIHeads:
         @classmethod
         def _build_res5_block(cls, cfg):
-            return "stock", 2048
+            return torch.nn.Sequential(torch.nn.Identity()), 2048
 
     class ResNet:
         @staticmethod
@@ -237,7 +299,14 @@ def test_basic_block_res5_head_with_a_stand_in_detectron2(monkeypatch):
             self[obj.__name__] = obj
 
     registry = Registry()
+    norms = []
+
+    def get_norm(norm, channels):
+        norms.append((norm, channels))
+        return torch.nn.BatchNorm2d(channels)
+
     modules = {"detectron2": types.ModuleType("detectron2"),
+               "detectron2.layers": SimpleNamespace(get_norm=get_norm),
                "detectron2.modeling": types.ModuleType("detectron2.modeling"),
                "detectron2.modeling.backbone": types.ModuleType("detectron2.modeling.backbone"),
                "detectron2.modeling.backbone.resnet": SimpleNamespace(BasicBlock="BasicBlock", ResNet=ResNet),
@@ -252,13 +321,35 @@ def test_basic_block_res5_head_with_a_stand_in_detectron2(monkeypatch):
         cfg = SimpleNamespace(MODEL=SimpleNamespace(RESNETS=SimpleNamespace(DEPTH=34, RES2_OUT_CHANNELS=64,
                                                                               NORM="SyncBN")))
         res5, channels = head._build_res5_block(cfg)
-        assert channels == 512 and len(res5) == 3
+        assert channels == 512 and len(res5) == 4 and isinstance(res5.norm, torch.nn.BatchNorm2d)  # 3 blocks + norm
         assert calls == [("BasicBlock", 3, {"stride_per_block": [2, 1, 1], "in_channels": 256, "out_channels": 512,
                                              "norm": "SyncBN"})]
         cfg.MODEL.RESNETS.DEPTH = 50
-        assert head._build_res5_block(cfg) == ("stock", 2048)
+        res5, channels = head._build_res5_block(cfg)  # the stock bottleneck res5, with the extra norm after it
+        assert channels == 2048 and list(dict(res5.named_children())) == ["0", "norm"]
+        assert norms == [("SyncBN", 512), ("SyncBN", 2048)]
         assert ext.AVAILABLE
     finally:
         monkeypatch.undo()
         importlib.reload(d2_ext)
     assert d2_ext.AVAILABLE == detectron2_available()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not detectron2_available(), reason="detectron2 is not installed")
+def test_detectron2_runs_for_real_on_the_cpu(tmp_path, coco):
+    """The whole detectron2 path, on the tiny set: export, config, training with a short schedule (3 iterations:
+    the count that crashed detectron2's scheduler), precise BN, COCO evaluation, the record."""
+    ckpt = tmp_path / "pair.pth"
+    make_mokd_checkpoint(ckpt, net1={"name": "resnet18", "kwargs": {}, "small_stem": False},
+                         net2={"name": "test_vit", "kwargs": {}, "small_stem": False})
+    out = tmp_path / "res"
+    res = _eval([str(ckpt), "--model", "net1", "--coco", str(coco), "--out", str(out), "--iters", "3",
+                 "--batch-size", "2", "--device", "cpu", "--precise-bn-iters", "2", "--train-sizes", "64,96",
+                 "--test-size", "96", "--num-workers", "0"])
+    assert res.exit_code == 0, res.output
+    path = next(out.glob("*.json"))
+    record = json.loads(path.read_text())
+    assert "NaN" not in path.read_text() and set(METRIC_NAMES) <= set(record["metrics"])
+    assert record["env"]["packages"]["detectron2"] and record["settings"]["steps"] == [2]
+    assert all(v is None or 0.0 <= v <= 100.0 for k, v in record["metrics"].items() if k in METRIC_NAMES)

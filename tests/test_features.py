@@ -105,3 +105,70 @@ def test_third_party_vit_is_resized_to_the_evaluation_size(tmp_path):
     ds = build_dataset(spec, "val").subset(range(4))
     fs = features_for(m, spec, "val", dataset=ds, device="cpu", use_cache=False)
     assert fs.features.shape == (4, 64) and fs.image_size == 32
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the cache key holds everything that changes the features (issue 13 item 2, issue 8 item 6)
+
+
+def test_cache_key_holds_arch_kwargs_resampling_precision_and_size(tmp_path):
+    torch.manual_seed(0)
+    torch.save(create_backbone("test_vit", {"img_size": 32, "patch_size": 8}).state_dict(), tmp_path / "v.pth")
+    spec = parse_data_spec("digits")
+    ds = build_dataset(spec, "val").subset(range(6))
+    (two,) = load_models(tmp_path / "v.pth", arch="test_vit", arch_kwargs={"img_size": 32, "patch_size": 8})
+    (four,) = load_models(tmp_path / "v.pth", arch="test_vit",
+                          arch_kwargs={"img_size": 32, "patch_size": 8, "num_heads": 4})  # same shapes
+    a = features_for(two, spec, "val", dataset=ds, device="cpu", precision="fp32")
+    b = features_for(four, spec, "val", dataset=ds, device="cpu", precision="fp32")
+    assert not b.from_cache and b.cache_path != a.cache_path  # a corrected command is not served stale features
+    assert not torch.allclose(a.features, b.features)
+    keys = {features_for(two, spec, "val", dataset=ds, device="cpu", precision="fp32", **kw).cache_path
+            for kw in ({}, {"pos_resample": "dino"}, {"image_size": 48})}
+    keys.add(features_for(two, spec, "val", dataset=ds, device="cpu", precision="bf16").cache_path)
+    assert len(keys) == 4 and a.cache_path in keys
+
+
+def _image_folder(root, n=3):
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (32, 32), (40 * i, 200 if c == "a" else 20, 90)).save(root / split / c / f"{i}.png")
+
+
+def test_image_replaced_in_place_is_re_extracted(tmp_path):
+    import os
+
+    _image_folder(tmp_path / "imgs")
+    make_mokd_checkpoint(tmp_path / "ours.pth")
+    (m,) = load_models(tmp_path / "ours.pth", model="net1")
+    spec = parse_data_spec(str(tmp_path / "imgs"))
+    ds = build_dataset(spec, "val")
+    said = []
+    a = features_for(m, spec, "val", dataset=ds, device="cpu", image_size=32, log=said.append)
+    assert any(f"cached in {a.cache_path}" in s for s in said)  # the first extraction says where it caches
+    assert features_for(m, spec, "val", dataset=ds, device="cpu", image_size=32).from_cache
+    target = tmp_path / "imgs" / "val" / "a" / "0.png"
+    st = os.stat(target)
+    Image.new("RGB", (32, 32), (250, 0, 250)).save(target)  # same name, same size on disk is not needed
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with the old mtime restored
+    b = features_for(m, spec, "val", dataset=ds, device="cpu", image_size=32)
+    assert not b.from_cache and b.cache_path != a.cache_path
+    assert not torch.allclose(a.features[0], b.features[0]) and torch.allclose(a.features[1:], b.features[1:])
+
+
+def test_large_sets_use_size_and_mtime(tmp_path, monkeypatch):
+    import os
+
+    from mokd_eval import features
+
+    _image_folder(tmp_path / "imgs", n=1)
+    spec = parse_data_spec(str(tmp_path / "imgs"))
+    ds = build_dataset(spec, "val")
+    monkeypatch.setattr(features, "CONTENT_HASH_MAX_FILES", 0)  # as for a set too big to read
+    before = features.data_fingerprint(spec, ds)
+    target = tmp_path / "imgs" / "val" / "a" / "0.png"
+    os.utime(target, ns=(1, 10**18))
+    assert features.data_fingerprint(spec, ds) != before
+    assert features.data_fingerprint(parse_data_spec("digits"), build_dataset(parse_data_spec("digits"), "val")) is None

@@ -52,7 +52,7 @@ def test_report_renders_table1_grid_and_csv(tmp_path):
     assert "10.00 / " not in md and "67.10 / 99.00" in md  # per-k k-NN table
     rows = list(csv.DictReader(io.StringIO((tmp_path / "report.csv").read_text())))
     assert len(rows) == 8 and {r["task"] for r in rows} == {"knn", "linear"}
-    knn_net1 = next(r for r in rows if r["task"] == "knn" and r["model"] == "net1-teacher" and r["mode"] == "mokd")
+    knn_net1 = next(r for r in rows if r["task"] == "knn" and r["model"] == "net1 (teacher)" and r["mode"] == "mokd")
     assert float(knn_net1["value"]) == 67.1 and float(knn_net1["metrics.top1.20"]) == 66.1
 
 

@@ -22,7 +22,26 @@ LAYOUT = ("expected the COCO 2017 layout: DIR/annotations/instances_train2017.js
           "DIR/annotations/instances_val2017.json, DIR/train2017/ and DIR/val2017/ (image folders), "
           "or give --train-json/--val-json/--train-images/--val-images for another COCO-format data set")
 
-METRIC_NAMES = ("APb", "APb50", "APb75", "APs", "APs50", "APs75")
+# Box AP ("b") and mask AP ("s", segmentation, as the paper writes them): AP, AP50, AP75 and COCO's
+# small / medium / large objects (COCO's APs, APm, APl, renamed to keep "s" for masks).
+_SIZES = {"AP": "", "AP50": "50", "AP75": "75", "APs": "_small", "APm": "_medium", "APl": "_large"}
+METRIC_NAMES = tuple(p + suffix for p in ("APb", "APs") for suffix in _SIZES.values())
+
+
+def metric_name(prefix: str, coco_name: str) -> str:
+    """("APb", "APm") -> "APb_medium"; coco_name is COCOeval's / detectron2's name."""
+    return prefix + _SIZES[coco_name]
+
+
+def split_counts(splits: "CocoSplits") -> dict:
+    """The record's counts, the same for both backends: training images with a usable annotation (what both
+    train on), validation images, and the categories (names in id order)."""
+    train, val = (check_annotations(p) for p in (splits.train_json, splits.val_json))
+    usable = {a["image_id"] for a in train["annotations"]
+              if not a.get("iscrowd", 0) and a["bbox"][2] > 1 and a["bbox"][3] > 1}
+    cats = sorted(train["categories"], key=lambda c: c["id"])
+    return {"train_size": sum(1 for im in train["images"] if im["id"] in usable), "val_size": len(val["images"]),
+            "num_classes": len(cats), "classes": [c["name"] for c in cats]}
 
 
 @dataclass
@@ -187,17 +206,18 @@ def coco_results(outputs: dict[int, dict], dataset: CocoDetection, mask_threshol
     return boxes_out, segm_out
 
 
-def coco_ap(dataset: CocoDetection, boxes: list[dict], segms: list[dict]) -> dict[str, float]:
-    """COCOeval AP, AP50, AP75 (in %) for boxes and masks: APb, APb50, APb75, APs, APs50, APs75.
+def coco_ap(dataset: CocoDetection, boxes: list[dict], segms: list[dict]) -> dict[str, float | None]:
+    """COCOeval AP, AP50, AP75, AP small/medium/large (in %) for boxes and masks: METRIC_NAMES.
 
-    pycocotools reports -1 where no ground truth qualifies; with no detections at all, AP is 0.
+    pycocotools reports -1 where no ground truth qualifies: None here (null in the record), as detectron2's
+    NaN. With no detections at all, AP is 0.
     """
     from pycocotools.cocoeval import COCOeval
 
     metrics = {}
     for prefix, iou_type, results in (("APb", "bbox", boxes), ("APs", "segm", segms)):
         if not results:
-            stats = [0.0, 0.0, 0.0]
+            stats = [0.0] * 6
         else:
             with contextlib.redirect_stdout(io.StringIO()):
                 dt = dataset.coco.loadRes(results)
@@ -206,7 +226,7 @@ def coco_ap(dataset: CocoDetection, boxes: list[dict], segms: list[dict]) -> dic
                 ev.evaluate()
                 ev.accumulate()
                 ev.summarize()
-            stats = [float(s) for s in ev.stats[:3]]
-        for suffix, s in zip(("", "50", "75"), stats):
-            metrics[prefix + suffix] = s * 100.0 if s >= 0 else -1.0
+            stats = [float(s) for s in ev.stats[:6]]
+        for coco_name, s in zip(_SIZES, stats):
+            metrics[metric_name(prefix, coco_name)] = s * 100.0 if s >= 0 else None
     return metrics

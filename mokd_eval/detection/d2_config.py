@@ -1,6 +1,7 @@
 """detectron2 configs for the paper's detection protocol (Sec. 4.4, Supp. A.5), as plain dicts.
 
-C4 Mask R-CNN on COCO train2017 / val2017, 2x schedule (180k iterations, lr steps at 120k and 160k), base lr
+C4 Mask R-CNN on COCO train2017 / val2017 as SEED [15] (and MoCo before it) run it: an extra norm layer after
+the res5 RoI head, 2x schedule (180k iterations, lr steps at 120k and 160k), base lr
 0.02 at batch 16, shorter side sampled in [600, 800] for training and 800 at test, SyncBN in the backbone
 and the res5 head with every stage fine-tuned, RGB input normalised with the ImageNet mean and std on the
 0-255 scale (the weights come from torchvision-style ResNets, whose stride sits in the 3x3 convolution).
@@ -17,14 +18,30 @@ from pathlib import Path
 import yaml
 
 DEPTHS = (18, 34, 50, 101)
-ROI_HEAD = "MokdRes5ROIHeads"  # mokd_eval.detection.d2_ext: basic-block res5 for R18/R34, stock otherwise
+# mokd_eval.detection.d2_ext: res5 (basic blocks for R18/R34, bottlenecks otherwise) followed by a norm layer,
+# as in the C4 recipe of SEED [15] (paper Sec. 4.4), which is MoCo's (its "Res5ROIHeadsExtraNorm").
+ROI_HEAD = "MokdRes5ROIHeads"
 PAPER_ITERS = 180_000
+PRECISE_BN_ITERS = 200  # detectron2's default TEST.PRECISE_BN.NUM_ITER
+
+
+def lr_steps(iters: int) -> list[int]:
+    """The lr steps at 2/3 and 8/9 of the run (120k and 160k of 180k), for any run length.
+
+    A step is kept only if it falls strictly inside the run and after the previous one: detectron2's
+    multi-step schedule (fvcore's MultiStepParamScheduler) refuses a step at MAX_ITER or a repeated one,
+    which short runs (fewer than 5 iterations) would otherwise produce.
+    """
+    steps: list[int] = []
+    for s in (round(iters * 2 / 3), round(iters * 8 / 9)):
+        if 0 < s < iters and (not steps or s > steps[-1]):
+            steps.append(s)
+    return steps
 
 
 def schedule(iters: int) -> dict:
-    """MAX_ITER and the two lr steps at 2/3 and 8/9 of it (120k and 160k of 180k); warm-up capped at 1000."""
-    return {"MAX_ITER": iters, "STEPS": [round(iters * 2 / 3), round(iters * 8 / 9)],
-            "WARMUP_ITERS": min(1000, max(1, iters // 10))}
+    """MAX_ITER, the lr steps (see lr_steps) and the warm-up: 1000 iterations, at most a tenth of the run."""
+    return {"MAX_ITER": iters, "STEPS": lr_steps(iters), "WARMUP_ITERS": min(1000, max(1, iters // 10))}
 
 
 def paper_config(depth: int) -> dict:
@@ -52,7 +69,7 @@ def paper_config(depth: int) -> dict:
                   "MAX_SIZE_TRAIN": 1333, "MIN_SIZE_TEST": 800, "MAX_SIZE_TEST": 1333},
         "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.02, "MOMENTUM": 0.9, "WEIGHT_DECAY": 0.0001,
                    **schedule(PAPER_ITERS), "CHECKPOINT_PERIOD": 20000},
-        "TEST": {"EVAL_PERIOD": 0, "PRECISE_BN": {"ENABLED": True}},
+        "TEST": {"EVAL_PERIOD": 0, "PRECISE_BN": {"ENABLED": True, "NUM_ITER": PRECISE_BN_ITERS}},
     }
 
 

@@ -27,11 +27,26 @@ def detectron2_available() -> bool:
 
 
 def run_config(base: dict, *, weights: Path, out_dir: Path, iters: int, batch_size: int, lr: float | None,
-               seed: int, num_classes: int) -> dict:
-    """The paper config with this run's weights, data, schedule and output folder filled in."""
+               seed: int, num_classes: int, device: str = "cuda", precise_bn_iters: int | None = None,
+               train_sizes: tuple[str, list[int]] | None = None, test_size: int | None = None,
+               num_workers: int | None = None) -> dict:
+    """The paper config with this run's weights, data, schedule, device and output folder filled in.
+
+    train_sizes: ("range", [MIN, MAX]) or ("choice", [S1, S2, ...]) for INPUT.MIN_SIZE_TRAIN(_SAMPLING).
+    """
     from mokd_eval.detection.d2_config import schedule
 
     cfg = json.loads(json.dumps(base))
+    cfg["MODEL"]["DEVICE"] = device
+    if precise_bn_iters is not None:
+        cfg["TEST"]["PRECISE_BN"]["NUM_ITER"] = precise_bn_iters
+        cfg["TEST"]["PRECISE_BN"]["ENABLED"] = precise_bn_iters > 0
+    if train_sizes is not None:
+        cfg["INPUT"].update(MIN_SIZE_TRAIN_SAMPLING=train_sizes[0], MIN_SIZE_TRAIN=list(train_sizes[1]))
+    if test_size is not None:
+        cfg["INPUT"]["MIN_SIZE_TEST"] = test_size
+    if num_workers is not None:
+        cfg["DATALOADER"] = {"NUM_WORKERS": num_workers}
     cfg["MODEL"]["WEIGHTS"] = str(weights)
     cfg["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] = num_classes
     cfg["DATASETS"] = {"TRAIN": [TRAIN_NAME], "TEST": [VAL_NAME]}
@@ -48,10 +63,13 @@ def run_detectron2(cfg: dict, splits, out_dir: Path) -> dict[str, float]:
     import torch
     from detectron2.engine import launch
 
-    num_gpus = torch.cuda.device_count()
-    if num_gpus == 0:
-        raise UserError("the detectron2 backend trains on CUDA GPUs and none is visible; "
-                        "use --backend torchvision to run on this machine")
+    if cfg["MODEL"].get("DEVICE", "cuda") == "cpu":
+        num_gpus = 1  # one process on the CPU: SyncBN then acts as plain BatchNorm
+    else:
+        num_gpus = torch.cuda.device_count()
+        if num_gpus == 0:
+            raise UserError("the detectron2 backend trains on CUDA GPUs and none is visible; pass --device cpu "
+                            "(slow, for checks) or use --backend torchvision")
     if cfg["SOLVER"]["IMS_PER_BATCH"] % num_gpus:
         raise UserError(f"--batch-size {cfg['SOLVER']['IMS_PER_BATCH']} does not split evenly over the {num_gpus} "
                         "visible GPUs (detectron2 needs the same number of images on each)")
@@ -68,12 +86,20 @@ def run_detectron2(cfg: dict, splits, out_dir: Path) -> dict[str, float]:
     return metrics_from_d2(results)
 
 
-def metrics_from_d2(results: dict) -> dict[str, float]:
-    """detectron2's COCOEvaluator output {"bbox": {"AP", "AP50", ...}, "segm": {...}} -> APb..APs75 (in %)."""
+def metrics_from_d2(results: dict) -> dict[str, float | None]:
+    """detectron2's COCOEvaluator output {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", ...}, "segm": ...}
+    -> the twelve figures of METRIC_NAMES (in %); NaN (no ground truth of that size) becomes None."""
+    import math
+
+    from mokd_eval.detection.coco import METRIC_NAMES, metric_name
+
     out = {}
-    for prefix, task in (("APb", "bbox"), ("APs", "segm")):
-        for suffix in ("", "50", "75"):
-            out[prefix + suffix] = float(results[task]["AP" + suffix])
+    for task, prefix in (("bbox", "APb"), ("segm", "APs")):
+        for coco_name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+            v = (results.get(task) or {}).get(coco_name)
+            v = float(v) if v is not None else None
+            out[metric_name(prefix, coco_name)] = v if v is not None and math.isfinite(v) else None
+    assert tuple(out) == METRIC_NAMES
     return out
 
 
@@ -84,6 +110,7 @@ def _worker(cfg_path: str, splits: dict, result_path: str) -> None:
     from detectron2.engine import DefaultTrainer
     from detectron2.evaluation import COCOEvaluator
     from detectron2.utils import comm
+    from detectron2.utils.env import seed_all_rng
     from detectron2.utils.logger import setup_logger
 
     import mokd_eval.detection.d2_ext  # noqa: F401  registers MokdRes5ROIHeads
@@ -96,6 +123,8 @@ def _worker(cfg_path: str, splits: dict, result_path: str) -> None:
     cfg.merge_from_file(cfg_path)
     cfg.freeze()
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detectron2")
+    # What detectron2's default_setup does: each rank its own seed, derived from SEED (Python, NumPy, torch).
+    seed_all_rng(cfg.SEED + comm.get_rank())
 
     class Trainer(DefaultTrainer):
         @classmethod

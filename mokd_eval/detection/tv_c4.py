@@ -41,8 +41,10 @@ class Schedule:
         return self.base_lr if self.base_lr is not None else 0.02 * self.batch_size / 16
 
     @property
-    def steps(self) -> tuple[int, int]:
-        return round(self.iters * 2 / 3), round(self.iters * 8 / 9)
+    def steps(self) -> tuple[int, ...]:
+        from mokd_eval.detection.d2_config import lr_steps
+
+        return tuple(lr_steps(self.iters))
 
     @property
     def warmup(self) -> int:
@@ -97,7 +99,8 @@ def standard_stem(resnet: nn.Module) -> None:
 
 
 def build_c4_mask_rcnn(resnet: nn.Module, num_classes: int, *, train_sizes=(600, 800), test_size: int = 800,
-                       max_size: int = 1333, rois_per_image: int = 512, test_proposals: int = 1000) -> nn.Module:
+                       max_size: int = 1333, rois_per_image: int = 512, test_proposals: int = 1000,
+                       sampling: str = "range") -> nn.Module:
     """torchvision MaskRCNN in the C4 design around a ResNet (its weights are used in place).
 
     num_classes: object classes (background added); train_sizes: (min, max) shorter side, sampled per image
@@ -122,7 +125,7 @@ def build_c4_mask_rcnn(resnet: nn.Module, num_classes: int, *, train_sizes=(600,
     anchors = AnchorGenerator(sizes=((32, 64, 128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),))
     pooler = MultiScaleRoIAlign(featmap_names=["0"], output_size=14, sampling_ratio=0)
     model = MaskRCNN(
-        backbone, num_classes=None, min_size=sizes_grid(train_sizes, test_size), max_size=max_size,
+        backbone, num_classes=None, min_size=sizes_grid(train_sizes, test_size, sampling), max_size=max_size,
         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
         rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=12000, rpn_post_nms_top_n_train=2000,
@@ -152,7 +155,10 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def sizes_grid(train_sizes, test_size: int) -> tuple[int, ...]:
+def sizes_grid(train_sizes, test_size: int, sampling: str = "range") -> tuple[int, ...]:
+    """The shorter sides training draws from: a range on a 25 px grid (both ends kept), or the listed choice."""
+    if sampling == "choice":
+        return tuple(sorted(set(train_sizes)))
     lo, hi = min(train_sizes), max(train_sizes)
     grid = sorted(set(range(lo, hi + 1, 25)) | {hi})
     return tuple(grid)
@@ -230,7 +236,7 @@ def evaluate_c4(model: nn.Module, dataset, *, device: torch.device, test_size: i
 
 def run_torchvision(resnet: nn.Module, splits, *, schedule: Schedule, train_sizes=(600, 800), test_size: int = 800,
                     rois_per_image: int = 512, test_proposals: int = 1000, device: torch.device, seed: int = 0,
-                    num_workers: int = 2, log=print) -> dict:
+                    num_workers: int = 2, log=print, sampling: str = "range") -> dict:
     """Train the C4 Mask R-CNN on splits.train, evaluate on splits.val: {"metrics", "history", "settings"}."""
     from mokd_eval.detection.coco import CocoDetection
 
@@ -241,12 +247,13 @@ def run_torchvision(resnet: nn.Module, splits, *, schedule: Schedule, train_size
                         f"{len(val_set.cat_ids)} ids)")
     torch.manual_seed(seed)
     model = build_c4_mask_rcnn(resnet, train_set.num_classes, train_sizes=train_sizes, test_size=test_size,
-                               rois_per_image=rois_per_image, test_proposals=test_proposals)
+                               rois_per_image=rois_per_image, test_proposals=test_proposals, sampling=sampling)
     history = train_c4(model, train_set, schedule, device=device, seed=seed, num_workers=num_workers, log=log)
     metrics = evaluate_c4(model, val_set, device=device, test_size=test_size, num_workers=num_workers)
     settings = {"backend": "torchvision", "design": "C4 Mask R-CNN (torchvision parts, FrozenBN)",
                 **asdict(schedule), "lr": schedule.lr, "steps": list(schedule.steps), "warmup": schedule.warmup,
-                "train_sizes": list(sizes_grid(train_sizes, test_size)), "test_size": test_size,
+                "train_sizes": list(sizes_grid(train_sizes, test_size, sampling)), "train_sizes_sampling": sampling,
+                "test_size": test_size,
                 "rois_per_image": rois_per_image, "test_proposals": test_proposals, "seed": seed}
     return {"metrics": metrics, "history": history, "settings": settings,
             "data": {"train_images": len(train_set), "val_images": len(val_set), "classes": train_set.num_classes}}
