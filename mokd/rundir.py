@@ -42,11 +42,7 @@ def run_files(out: Path) -> list[str]:
 
 
 def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Read-only checks of --out, before anything is built or written."""
-    if resume and overwrite:
-        raise UserError("--resume continues the run in --out and --overwrite starts it over: give one of them")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; expected a folder for the run's checkpoints and log")
+    """Refuse to start over a run by accident (read-only)."""
     present = run_files(out)
     if present and not resume and not overwrite:
         shown = ", ".join(present[:4]) + (f" and {len(present) - 4} more" if len(present) > 4 else "")
