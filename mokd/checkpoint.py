@@ -5,13 +5,18 @@ A checkpoint is one `.pth` holding plain containers and tensors only, so that it
   format "mokd", version 1, epoch (completed), step, config (resolved, plain dict),
   arch {net1: {name, kwargs, small_stem}, net2: {...}}, model (MOKDModel state dict), optimizer, scaler,
   rng, metrics.
-Writes are atomic: a temporary file in the same folder, fsync, then rename over the target.
+Writes are atomic: a temporary file in the same folder, fsync, then rename over the target. A write that
+runs out of space is one line naming the file system and the size needed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -25,10 +30,14 @@ FORMAT = "mokd"
 VERSION = 1
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
+TEMP_GLOB = ".*.tmp"  # what write_atomic leaves behind when its process is killed mid-write
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None], size_hint: int | None = None) -> None:
     """Call write(tmp) on a temporary file beside `path`, fsync it, then rename it over `path`.
 
-    A crash at any moment leaves either the old file or the new one, never a partial file.
+    A crash at any moment leaves either the old file or the new one, never a partial file. `size_hint`
+    (bytes) is what the message says is needed when the file system fills up.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,18 +51,66 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception) and out_of_space(e, path.parent, size_hint):
+            raise UserError(no_space_message(path, size_hint)) from e
         raise
+
+
+def out_of_space(e: BaseException, folder: Path, size_hint: int | None = None) -> bool:
+    """True for ENOSPC/EDQUOT, and for torch.save's errno-less 'file write failed' on a nearly full disk."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(e, RuntimeError) and "write" in str(e) and "fail" in str(e):
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return False
+        return free < max(size_hint or 0, 1 << 20)
+    return False
+
+
+def no_space_message(path: Path, size_hint: int | None = None) -> str:
+    folder = Path(path).parent
+    mount = _mount_point(folder)
+    try:
+        free = f", {shutil.disk_usage(folder).free / 2**20:.0f} MB free"
+    except OSError:
+        free = ""
+    need = f", needed about {size_hint / 2**20:.0f} MB" if size_hint else ""
+    return (f"no space left on {mount} (the file system of {folder}) writing {Path(path).name}{need}{free}. "
+            f"Free some space (or choose another --out) and run the same command with --resume; the files "
+            f"written before are intact.")
+
+
+def _mount_point(folder: Path) -> str:
+    p = Path(os.path.abspath(folder))
+    while not p.exists() or not os.path.ismount(p):
+        if p == p.parent:
+            break
+        p = p.parent
+    return str(p)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor inside nested dicts/lists: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to `path` atomically (see write_atomic)."""
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    write_atomic(path, lambda tmp: torch.save(obj, tmp), size_hint=tensor_bytes(obj) + (1 << 20))
 
 
 def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Read any checkpoint with weights_only=True; a missing or damaged file is a UserError."""
+    """Read any checkpoint with weights_only=True; a missing, damaged or unsafe file is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
@@ -67,11 +124,37 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        if path.stat().st_size == 0:
-            raise UserError(f"checkpoint {path} is empty (0 bytes): a copy or save was interrupted") from e
-        raise UserError(f"cannot read checkpoint {path}: it is truncated, corrupt, or holds objects other than "
-                        f"tensors and plain containers (read with weights_only=True). Details: "
-                        f"{str(e).splitlines()[0][:300]}") from e
+        raise UserError(_load_failure(path, e)) from e
+
+
+def _load_failure(path: Path, e: Exception) -> str:
+    text = str(e)
+    if path.stat().st_size == 0:
+        return f"checkpoint {path} is empty (0 bytes): a copy or save was interrupted"
+    blocked = re.search(r"GLOBAL (\S+) (?:was not an allowed|whose module)", text)
+    unsafe = ("Unpickling it would run code from the file, so mokd reads checkpoints with weights_only=True "
+              "(tensors and plain containers only) and will not load it. If you made this file yourself, save "
+              "the state dict alone (torch.save(model.state_dict(), path)) and load that.")
+    if blocked:
+        return f"refused to load {path}: it holds a pickled {blocked.group(1)} object. {unsafe}"
+    if "Weights only load failed" in text or isinstance(e, pickle.UnpicklingError):
+        detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", detail)
+        return f"refused to load {path}: it holds pickled objects other than tensors ({detail}). {unsafe}"
+    if "zip archive" in text or "central directory" in text or isinstance(e, EOFError):
+        return (f"checkpoint {path} is damaged: it is truncated or corrupt (not a complete torch archive), "
+                f"e.g. a copy or save was cut off")
+    return f"cannot read checkpoint {path}: it is truncated or corrupt ({text.splitlines()[0][:300]})"
+
+
+def non_finite(named: dict[str, torch.Tensor], limit: int = 4) -> tuple[list[str], int]:
+    """Names of the first `limit` floating tensors holding NaN or inf, and how many do."""
+    items = [(k, v) for k, v in named.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not items:
+        return [], 0
+    flags = torch.stack([torch.isfinite(v.detach()).all() for _, v in items]).cpu().tolist()
+    bad = [k for (k, _), ok in zip(items, flags) if not ok]
+    return bad[:limit], len(bad)
 
 
 def is_mokd_checkpoint(obj: Any) -> bool:

@@ -23,6 +23,15 @@ LAZY_COMMANDS = {
 }
 
 
+def user_message(e: UserError) -> str:
+    """The error's own line; a UserError raised in a DataLoader worker arrives wrapped in its traceback."""
+    text = str(e)
+    if text.startswith("Caught ") and "Traceback" in text:
+        tail = text.rstrip().splitlines()[-1]
+        return tail.split("UserError: ", 1)[-1]
+    return text
+
+
 class MokdGroup(click.Group):
     """Lazily loads sub-packages' commands, and turns UserError into a clean message and exit code 2."""
 
@@ -41,7 +50,7 @@ class MokdGroup(click.Group):
         except UserError as e:
             if ctx.meta.get("mokd.debug"):
                 raise
-            raise click.ClickException(str(e)) from e
+            raise click.ClickException(user_message(e)) from e
 
 
 @click.group(cls=MokdGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -56,7 +65,14 @@ def cli():
               help="YAML config (default: the embedded configs/default.yaml, a small CPU pair on digits).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config value, e.g. --set loss.ct=false --set net2.lam=0.1 (repeatable).")
-@click.option("--resume", is_flag=True, help="Continue from OUT/last.pth exactly where it stopped.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out exactly where it stopped (its newest readable checkpoint; "
+                   "from scratch when there is none yet).")
+@click.option("--overwrite", is_flag=True,
+              help="Start over in an --out that holds a run: its checkpoints, log and config are deleted.")
+@click.option("--skip-bad-images", "skip_bad_images", is_flag=True,
+              help="Leave out image files that do not decode (counted, and listed in log.jsonl) instead of "
+                   "stopping at the first one.")
 @data_options
 @out_option(default=None)
 @epochs_option
@@ -64,14 +80,19 @@ def cli():
 @device_option
 @click.option("--seed", type=int, default=None, help="Random seed (default: the config's).")
 @debug_option
-def train(config_file, overrides, resume, data, class_list, out, epochs, batch_size, device, seed):
+def train(config_file, overrides, resume, overwrite, skip_bad_images, data, class_list, out, epochs, batch_size,
+          device, seed):
     """Train a MOKD model pair (or, with loss.mode=independent, two plain DINO runs).
 
     Runs unchanged under torchrun: torchrun --nproc_per_node=8 -m mokd train --config configs/....yaml
+
+    SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 save a resumable checkpoint of the current step and exit with status
+    128 + the signal number; run the same command with --resume to continue.
     """
     from pathlib import Path
 
     from mokd.config import apply_cli_flags, load_config
+    from mokd.preemption import StoppedBySignal
     from mokd.trainer import train as run_training
 
     if resume and config_file is None:
@@ -82,7 +103,13 @@ def train(config_file, overrides, resume, data, class_list, out, epochs, batch_s
     cfg = load_config(config_file, overrides)
     cfg = apply_cli_flags(cfg, data=data, class_list=class_list, out=out, epochs=epochs, batch_size=batch_size,
                           device=device if device != "auto" else None, seed=seed)
-    run_training(cfg, resume_run=resume)
+    if skip_bad_images:
+        cfg.data.skip_bad_images = True
+    try:
+        run_training(cfg, resume_run=resume, overwrite=overwrite)
+    except StoppedBySignal as e:
+        click.echo(str(e), err=True)
+        sys.exit(e.exit_code)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ class DataConfig:
     class_list: str | None = None  # subset of classes (e.g. ImageNet-100)
     num_workers: int = 8
     subset: int = 0  # train on this many images only (a seeded pick; 0 = all): for smoke tests and dry runs
+    skip_bad_images: bool = False  # leave out files that do not decode (counted in the log) instead of stopping
 
 
 @dataclass
@@ -282,6 +283,7 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise UserError(msg)
 
+    _validate_numbers(cfg)
     need(cfg.loss.mode in ("mokd", "independent"), f"loss.mode must be 'mokd' or 'independent', got {cfg.loss.mode!r}")
     need(cfg.loss.ct_views in ("local", "global"), f"loss.ct_views must be 'local' or 'global', got {cfg.loss.ct_views!r}")
     need(cfg.loss.sm, "loss.sm cannot be switched off: it is the self-distillation every model trains with")
@@ -303,5 +305,46 @@ def validate(cfg: Config) -> None:
          f"train.compile must be auto, true or false, got {cfg.train.compile!r}")
 
 
+def _validate_numbers(cfg: Config) -> None:
+    """Numeric settings in their ranges (NaN fails every comparison, so it is refused too)."""
+    def at_least(key: str, lo: float, strict: bool = False, optional: bool = False):
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if v is None and optional:
+            return
+        ok = v == v and v != float("inf") and (v > lo if strict else v >= lo)
+        if not ok:
+            raise UserError(f"{key} must be {'>' if strict else '>='} {lo:g} (and finite), got {v!r}")
+
+    def fraction(key: str, hi_open: bool = False):
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if not (0.0 <= v < 1.0 if hi_open else 0.0 <= v <= 1.0):
+            raise UserError(f"{key} must be in [0, 1{')' if hi_open else ']'}, got {v!r}")
+
+    for name in ("net1", "net2"):
+        for k in ("lr", "min_lr", "weight_decay", "weight_decay_end", "thead_lr"):
+            at_least(f"{name}.{k}", 0.0, optional=True)
+        at_least(f"{name}.clip_grad", 0.0)
+        at_least(f"{name}.lam", 0.0)
+    for k in ("data.num_workers", "data.subset", "augment.local_crops", "augment.blur_kernel_frac",
+              "loss.warmup_teacher_temp_epochs", "optim.freeze_last_layer", "train.save_every", "train.knn_every"):
+        at_least(k, 0)
+    for k in ("augment.global_size", "augment.local_size", "head.hidden_dim", "head.bottleneck_dim",
+              "thead.dim", "thead.num_heads", "train.knn_k", "train.knn_max_train", "train.log_every"):
+        at_least(k, 1)
+    for k in ("loss.student_temp", "loss.teacher_temp", "loss.warmup_teacher_temp", "thead.mlp_ratio"):
+        at_least(k, 0.0, strict=True)
+    fraction("loss.center_momentum")
+    fraction("optim.sgd_momentum", hi_open=True)
+    for k in ("augment.global_scale", "augment.local_scale"):
+        lo, hi = getattr(cfg.augment, k.split(".")[1])
+        if not (0.0 < lo <= hi <= 1.0):
+            raise UserError(f"{k} must be a pair 0 < low <= high <= 1, got [{lo}, {hi}]")
+
+
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from mokd.checkpoint import write_atomic  # torch is not needed to read configs
+
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    write_atomic(path, lambda tmp: tmp.write_text(text))

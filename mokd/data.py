@@ -7,12 +7,16 @@ A data spec is a string:
   ``cifar10:PATH``      CIFAR-10 python archive folder (``cifar-10-batches-py``, or a folder that contains it)
   ``cifar100:PATH``     CIFAR-100 python archive folder (``cifar-100-python``, or a folder that contains it)
 An optional class-list file (one class folder name per line, e.g. ImageNet-100) selects a subset of classes.
+
+Images are read as 8-bit RGB: 16-bit and 32-bit modes are scaled to 0-255 (not clipped). A file that does not
+decode is a one-line error naming it, or, with `skip_unreadable`, left out and listed in `ImageDataset.skipped`.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -63,6 +67,8 @@ def parse_data_spec(spec: str | None, class_list: str | Path | None = None) -> D
         raise UserError("a class list only applies to ImageFolder data, not to CIFAR")
     if not path.exists():
         raise UserError(f"data path {path} does not exist. {_layout_help(kind)}")
+    if not path.is_dir():
+        raise UserError(f"data path {path} is a file, not a folder. {_layout_help(kind)}")
     return DataSpec(kind, path, cl)
 
 
@@ -82,6 +88,7 @@ class ImageDataset(torch.utils.data.Dataset):
                  transform: Callable | None = None, paths: list[str] | None = None):
         self.classes, self.targets, self._load, self.transform = classes, targets, load, transform
         self.paths = paths  # file paths for folder data (used by split files); None for in-memory sets
+        self.skipped: list[str] = []  # unreadable files left out (build_dataset(..., skip_unreadable=True))
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -97,15 +104,19 @@ class ImageDataset(torch.utils.data.Dataset):
         return sub
 
 
-def build_dataset(spec: DataSpec, split: str = "train", transform: Callable | None = None) -> ImageDataset:
-    """The `split` ('train' or 'val') of the data set named by `spec`, returning PIL RGB images."""
+def build_dataset(spec: DataSpec, split: str = "train", transform: Callable | None = None,
+                  skip_unreadable: bool = False) -> ImageDataset:
+    """The `split` ('train' or 'val') of the data set named by `spec`, returning PIL RGB images.
+
+    `skip_unreadable` (folders): decode every file once first and leave out those that fail.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if spec.kind == "digits":
         return _digits(split, transform)
     if spec.kind in ("cifar10", "cifar100"):
         return _cifar(spec.kind, spec.root, split, transform)
-    return _folder(spec.root, split, spec.class_list, transform)
+    return _folder(spec.root, split, spec.class_list, transform, skip_unreadable)
 
 
 def _digits(split: str, transform) -> ImageDataset:
@@ -173,7 +184,8 @@ def read_class_list(path: Path) -> list[str]:
     return names
 
 
-def _folder(root: Path, split: str, class_list: Path | None, transform) -> ImageDataset:
+def _folder(root: Path, split: str, class_list: Path | None, transform, skip_unreadable: bool = False
+            ) -> ImageDataset:
     if (root / "train").is_dir() or (root / "val").is_dir():
         split_root = root / split
         if not split_root.is_dir():
@@ -202,11 +214,52 @@ def _folder(root: Path, split: str, class_list: Path | None, transform) -> Image
         raise UserError(f"{split_root} holds class folders but no images ({', '.join(IMAGE_EXTENSIONS)}). "
                         f"{_layout_help('folder')}")
 
-    def load(i: int) -> Image.Image:
-        with open(paths[i], "rb") as f:
-            return Image.open(f).convert("RGB")
+    skipped = []
+    if skip_unreadable:
+        with ThreadPoolExecutor(8) as pool:  # PIL decodes without the GIL
+            ok = list(pool.map(_readable, paths))
+        skipped = [p for p, good in zip(paths, ok) if not good]
+        paths = [p for p, good in zip(paths, ok) if good]
+        targets = [t for t, good in zip(targets, ok) if good]
+        if not paths:
+            raise UserError(f"none of the images in {split_root} could be read")
 
-    return ImageDataset(classes, targets, load, transform, paths)
+    ds = ImageDataset(classes, targets, lambda i: read_image(paths[i]), transform, paths)
+    ds.skipped = skipped
+    return ds
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """One image file as 8-bit RGB; a file that does not decode is a UserError naming it."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path}: {str(e).splitlines()[0] or type(e).__name__}. Replace or "
+                        f"remove it, or leave unreadable files out with --skip-bad-images") from e
+    return to_rgb8(img)
+
+
+def _readable(path: str) -> bool:
+    try:
+        read_image(path)
+        return True
+    except UserError:
+        return False
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's convert clips 16/32-bit values to 255 (nearly all white); scale them instead:
+    16-bit integer modes (and "I", which 16-bit files widen to) by 255/65535, float images in [0, 1] by 255."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.float64).clip(0, 65535) / 257.0
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = a * 255.0 if a.size and a.max() <= 1.0 else a
+    else:
+        return img.convert("RGB")
+    return Image.fromarray(np.round(a).clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
 
 
 def check_same_classes(train: ImageDataset, val: ImageDataset) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from mokd.checkpoint import write_atomic
+
 
 class RunLog:
     """Appends JSON lines to `path` on the main rank; on resume, drops records past the resumed step."""
@@ -27,7 +29,8 @@ class RunLog:
                 continue
             if record.get("step", 0) < step:
                 kept.append(ln)
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        text = "".join(ln + "\n" for ln in kept)
+        write_atomic(self.path, lambda tmp: tmp.write_text(text))  # a kill now must not lose the whole log
 
     def write(self, record: dict) -> None:
         if self.enabled:

@@ -1,7 +1,8 @@
 """The training loop: plain functions, one screen per step (DINO's main_dino.py is the model).
 
-train(cfg) sets up data, the MOKDModel, one optimiser per model and the schedules, resumes if asked, and
-runs train_one_epoch; checkpoints are written atomically after every epoch.
+train(cfg) guards the run folder (mokd.rundir), sets up data, the MOKDModel, one optimiser per model and the
+schedules, resumes if asked, and runs train_one_epoch; checkpoints are written atomically after every epoch
+and, on SIGTERM/SIGINT/SIGUSR1, mid-epoch (mokd.preemption). No checkpoint with NaN/inf in it is written.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from mokd import distributed
+from mokd import distributed, rundir
 from mokd.augment import MultiCrop, SeededCrops
-from mokd.checkpoint import FORMAT, VERSION, load_file, rng_state, save_atomic, seed_everything, set_rng_state
+from mokd.checkpoint import FORMAT, VERSION, load_file, no_space_message, non_finite, out_of_space, rng_state, \
+    save_atomic, seed_everything, set_rng_state
 from mokd.config import Config, save_yaml, to_dict
-from mokd.data import build_dataset, parse_data_spec
+from mokd.data import build_dataset, check_same_classes, parse_data_spec
 from mokd.device import autocast, grad_scaler, resolve_compile, resolve_device, resolve_precision
 from mokd.errors import UserError
 from mokd.health import collapse_warning
@@ -28,6 +30,7 @@ from mokd.models.lowp import LowPrecisionCopy
 from mokd.models.mokd import NETS, MOKDModel
 from mokd.naming import model_name
 from mokd.optim import Schedules, apply_schedules, build_optimizer, build_schedules, resolve_optimizer
+from mokd.preemption import StopRequest, StoppedBySignal, ignore_stop_signals
 from mokd.runlog import RunLog, peak_memory_mb
 from mokd.schedules import teacher_temp_schedule
 
@@ -46,24 +49,39 @@ class TrainState:
     steps_per_epoch: int
 
 
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start its epoch's order at a given position (a mid-epoch resume)."""
+
+    skip = 0  # samples of this rank's order to leave out, from the start
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
 def build_loader(cfg: Config, dist_info: distributed.DistInfo) -> tuple[torch.utils.data.DataLoader, SeededCrops]:
     spec = parse_data_spec(cfg.data.spec, cfg.data.class_list)
-    images = build_dataset(spec, "train")
+    images = build_dataset(spec, "train", skip_unreadable=cfg.data.skip_bad_images)
+    skipped = images.skipped
     if 0 < cfg.data.subset < len(images):
         pick = np.random.default_rng(cfg.train.seed).choice(len(images), cfg.data.subset, replace=False)
         images = images.subset(sorted(pick.tolist()))
     dataset = SeededCrops(images, MultiCrop(cfg.augment), cfg.train.seed)
+    dataset.skipped = skipped  # unreadable files left out (data.skip_bad_images), reported by train()
     if cfg.optim.batch_size % dist_info.world_size:
         raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {dist_info.world_size} "
                         f"processes (the batch size is global)")
     per_rank = cfg.optim.batch_size // dist_info.world_size
     if len(dataset) < cfg.optim.batch_size:
         raise UserError(f"the data set has {len(dataset)} images, fewer than one batch of {cfg.optim.batch_size}")
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                                  shuffle=True, seed=cfg.train.seed, drop_last=True)
+    sampler = ResumableSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                               shuffle=True, seed=cfg.train.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
                                          num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
-                                         generator=torch.Generator().manual_seed(cfg.train.seed))
+                                         generator=torch.Generator().manual_seed(cfg.train.seed),
+                                         worker_init_fn=ignore_stop_signals)
     return loader, dataset
 
 
@@ -155,18 +173,28 @@ def train_step(state: TrainState, crops: list[torch.Tensor], step: int, freeze_l
     return losses
 
 
-def train_one_epoch(state: TrainState, loader, epoch: int, cfg: Config, log: RunLog) -> dict[str, float]:
-    """One pass over the loader; returns the epoch's mean of every logged quantity."""
+class EpochInterrupted(Exception):
+    """A stop signal arrived: `batches` steps of the epoch are done, `sums` their running sums."""
+
+    def __init__(self, batches: int, sums: dict[str, float]):
+        super().__init__(f"stopped after batch {batches}")
+        self.batches, self.sums = batches, sums
+
+
+def train_one_epoch(state: TrainState, loader, epoch: int, cfg: Config, log: RunLog, start: int = 0,
+                    sums: dict[str, float] | None = None, stop: StopRequest | None = None) -> dict[str, float]:
+    """One pass over the loader (from batch `start`, with the sums so far, on a mid-epoch resume); returns the
+    epoch's mean of every logged quantity. Raises EpochInterrupted after a step when `stop` was requested."""
     model, device = state.model, state.device
     model.train()
-    sums: dict[str, float] = {}
+    sums = dict(sums or {})
     window_start, window_images = time.perf_counter(), 0
     show = cfg.train.progress and distributed.is_main()
     progress = _progress(loader, epoch, cfg.optim.epochs, show)
     # Batch jobs (stderr not a terminal) get no bar: a plain line every log_every steps instead, as DINO's.
     lines = distributed.is_main() and not sys.stderr.isatty()
     epoch_start, total_steps = time.perf_counter(), cfg.optim.epochs * state.steps_per_epoch
-    for it, (crops, _) in enumerate(progress):
+    for it, (crops, _) in enumerate(progress, start=start):
         step = epoch * state.steps_per_epoch + it
         crops = [c.to(device, non_blocking=True) for c in crops]
         losses = train_step(state, crops, step, freeze_last_layer=epoch < cfg.optim.freeze_last_layer, cfg=cfg)
@@ -188,7 +216,7 @@ def train_one_epoch(state: TrainState, loader, epoch: int, cfg: Config, log: Run
                        "img_per_s": window_images / max(elapsed, 1e-9),
                        "peak_mem_mb": peak_memory_mb(device)})
             if lines:
-                per_step = (time.perf_counter() - epoch_start) / (it + 1)
+                per_step = (time.perf_counter() - epoch_start) / (it + 1 - start)
                 eta = per_step * (total_steps - step - 1)
                 print(f"epoch {epoch + 1}/{cfg.optim.epochs} step {step + 1}/{total_steps} "
                       f"loss1={record['loss1']:.4f} loss2={record['loss2']:.4f} "
@@ -196,6 +224,8 @@ def train_one_epoch(state: TrainState, loader, epoch: int, cfg: Config, log: Run
             window_start, window_images = time.perf_counter(), 0
         if show:
             progress.set_postfix(loss1=f"{record['loss1']:.3f}", loss2=f"{record['loss2']:.3f}")
+        if stop is not None and it + 1 < state.steps_per_epoch and stop.requested(device):
+            raise EpochInterrupted(it + 1, sums)
     return {k: v / state.steps_per_epoch for k, v in sums.items()}
 
 
@@ -243,6 +273,10 @@ def _progress(loader, epoch: int, epochs: int, show: bool):
     return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True, disable=None)
 
 
+class NonFiniteLoss(UserError):
+    """A loss term went NaN/inf; train() adds which checkpoint is the last good one."""
+
+
 def _check_finite(losses: dict[str, torch.Tensor], step: int, epoch: int) -> None:
     """Stop every rank together (a rank raising alone would leave the others in the gradient all-reduce)."""
     not_finite = torch.stack([(~torch.isfinite(v.detach())).any() for v in losses.values()]).float()
@@ -250,33 +284,81 @@ def _check_finite(losses: dict[str, torch.Tensor], step: int, epoch: int) -> Non
     if bool(not_finite.any()):
         bad = [k for k, flag in zip(losses, not_finite.tolist()) if flag]
         bad = [k for k in bad if not k.startswith("loss")] or bad  # name the term, not only the sums
-        raise UserError(f"non-finite loss {', '.join(bad)} at step {step} (epoch {epoch + 1}); stopping. The last "
-                        f"good checkpoint is untouched: lower the learning rate or use fp32 and --resume.")
+        raise NonFiniteLoss(f"non-finite loss {', '.join(bad)} at step {step} (epoch {epoch + 1}); stopping")
 
 
-def make_checkpoint(state: TrainState, cfg: Config, epoch: int, metrics: dict) -> dict:
-    return {
-        "format": FORMAT, "version": VERSION, "epoch": epoch, "step": epoch * state.steps_per_epoch,
+def make_checkpoint(state: TrainState, cfg: Config, epoch: int, metrics: dict, batches: int = 0,
+                    sums: dict[str, float] | None = None) -> dict:
+    """The checkpoint after `epoch` completed epochs and, mid-epoch, `batches` steps of the next one."""
+    ckpt = {
+        "format": FORMAT, "version": VERSION, "epoch": epoch, "step": epoch * state.steps_per_epoch + batches,
         "config": to_dict(cfg), "arch": state.model.arch(), "model": state.model.state_dict(),
         "optimizer": {n: state.optimizers[n].state_dict() for n in NETS},
         "scaler": state.scaler.state_dict(), "rng": rng_state(), "metrics": metrics,
     }
+    if batches:  # what a resume needs to finish the epoch as an uninterrupted run would
+        ckpt["partial_epoch"] = {"batches": batches, "of": state.steps_per_epoch, "sums": dict(sums or {})}
+    return ckpt
 
 
-def resume(state: TrainState, path: Path, cfg: Config) -> int:
-    """Load `path` into the state; returns the number of completed epochs."""
-    ckpt = load_file(path)
+def non_finite_state(state: TrainState) -> tuple[list[str], int]:
+    """Weights, buffers and optimiser state holding NaN/inf: (first names, count)."""
+    named = dict(state.model.state_dict())
+    for n in NETS:
+        names = {id(p): k for k, p in state.model.student[n].named_parameters()}
+        for p, slots in state.optimizers[n].state.items():
+            for slot, v in slots.items():
+                named[f"optimizer {n} {slot} of student.{n}.{names.get(id(p), '?')}"] = v
+    return non_finite(named)
+
+
+BUILD_KEYS = ("loss.mode", "loss.st", "loss.ct", "head", "thead", "net1.arch", "net1.kwargs", "net1.small_stem",
+              "net2.arch", "net2.kwargs", "net2.small_stem")
+
+
+def _setting(tree: dict, dotted: str):
+    for k in dotted.split("."):
+        tree = tree.get(k, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
+def read_resumable(path: Path, state: TrainState, cfg: Config) -> dict:
+    """Load `path` and check that it fits the model; UnusableCheckpoint when it is unreadable or damaged."""
+    try:
+        ckpt = load_file(path)
+    except UserError as e:
+        raise rundir.UnusableCheckpoint(str(e)) from e
+    needed = ("epoch", "step", "config", "arch", "model", "optimizer", "scaler", "rng")
     if not (isinstance(ckpt, dict) and ckpt.get("format") == FORMAT):
-        raise UserError(f"{path} is not a mokd training checkpoint; cannot resume from it")
+        raise rundir.UnusableCheckpoint(f"{path} is not a mokd training checkpoint")
+    if any(k not in ckpt for k in needed):
+        missing = [k for k in needed if k not in ckpt]
+        raise rundir.UnusableCheckpoint(f"{path} is damaged: it lacks {', '.join(missing)}")
     if ckpt["arch"] != state.model.arch():
         raise UserError(f"{path} was trained with {ckpt['arch']}, but the config asks for {state.model.arch()}")
     own = state.model.state_dict()
     differ = sorted(set(own) ^ set(ckpt["model"]))
     differ += [k for k in own if k in ckpt["model"] and own[k].shape != ckpt["model"][k].shape]
     if differ:
+        same_build = all(_setting(ckpt["config"], k) == _setting(to_dict(cfg), k) for k in BUILD_KEYS)
+        if same_build:  # its own config builds this very model, so tensors were lost, not renamed
+            raise rundir.UnusableCheckpoint(
+                f"{path} is damaged: {len(differ)} tensors are missing or misshapen although its own config builds "
+                f"this model (e.g. {', '.join(differ[:3])})")
         raise UserError(f"{path} does not fit the model this config builds ({len(differ)} tensors differ, e.g. "
                         f"{', '.join(differ[:4])}): loss.mode, loss.st/ct, head.* and thead.* must stay as they "
                         f"were. Resume without --config to use the run's own config.yaml.")
+    part = ckpt.get("partial_epoch")
+    if part and part["of"] != state.steps_per_epoch:
+        raise UserError(f"{path} was saved in the middle of an epoch of {part['of']} steps, but this config gives "
+                        f"{state.steps_per_epoch} steps per epoch (batch size or data changed); resume with the "
+                        f"run's batch size and data, or from a checkpoint_NNNN.pth")
+    return ckpt
+
+
+def resume(state: TrainState, ckpt: dict, cfg: Config) -> tuple[int, int, dict[str, float] | None]:
+    """Load a checkpoint (from read_resumable) into the state; returns (completed epochs, batches done in the
+    next epoch, their sums)."""
     state.model.load_state_dict(ckpt["model"])
     for n in NETS:
         foreach = state.optimizers[n].defaults.get("foreach")
@@ -289,7 +371,10 @@ def resume(state: TrainState, path: Path, cfg: Config) -> int:
     if ckpt["config"].get("optim", {}).get("epochs") != cfg.optim.epochs:
         print(f"note: resuming a run planned for {ckpt['config']['optim']['epochs']} epochs with "
               f"{cfg.optim.epochs}; the schedules follow the new length")
-    return int(ckpt["epoch"])
+    part = ckpt.get("partial_epoch")
+    if part:
+        return int(ckpt["epoch"]), int(part["batches"]), dict(part["sums"])
+    return int(ckpt["epoch"]), 0, None
 
 
 def knn_monitor(state: TrainState, cfg: Config, epoch: int, log: RunLog) -> dict[str, float]:
@@ -301,6 +386,7 @@ def knn_monitor(state: TrainState, cfg: Config, epoch: int, log: RunLog) -> dict
     native = spec.native_size is not None
     transform = eval_transform(cfg.augment.global_size, native)
     train_set, val_set = build_dataset(spec, "train", transform), build_dataset(spec, "val", transform)
+    check_same_classes(train_set, val_set)
     if len(train_set) > cfg.train.knn_max_train:
         idx = np.random.default_rng(0).choice(len(train_set), cfg.train.knn_max_train, replace=False)
         train_set = train_set.subset(sorted(idx.tolist()))
@@ -325,9 +411,81 @@ def knn_monitor(state: TrainState, cfg: Config, epoch: int, log: RunLog) -> dict
     return out
 
 
-def train(cfg: Config, resume_run: bool = False) -> Path:
-    """Train the pair described by `cfg`; returns the path of the final checkpoint."""
+def train(cfg: Config, resume_run: bool = False, overwrite: bool = False) -> Path:
+    """Train the pair described by `cfg`; returns the path of the final checkpoint.
+
+    A folder that holds a run needs `resume_run` (continue from its newest readable checkpoint) or `overwrite`
+    (start over). On SIGTERM, SIGINT or SIGUSR1 the current step finishes, a resumable checkpoint is saved and
+    StoppedBySignal is raised.
+    """
     dist_info = distributed.init_distributed(resolve_device(cfg.train.device).type)
+    out_dir = Path(cfg.train.output_dir)
+    lock, stop = None, StopRequest()
+    try:
+        if dist_info.is_main:  # before the model is built: a bad --out costs nothing
+            lock = _own_run_dir(out_dir, resume_run, overwrite)
+        distributed.barrier()
+        stop.install()
+        return _train(cfg, dist_info, resume_run, stop)
+    except OSError as e:
+        if out_of_space(e, out_dir):
+            raise UserError(no_space_message(Path(e.filename) if e.filename else out_dir / "log.jsonl")) from e
+        raise
+    finally:
+        stop.restore()
+        if lock is not None:
+            lock.release()
+        distributed.cleanup()
+
+
+def _own_run_dir(out_dir: Path, resume_run: bool, overwrite: bool) -> rundir.RunLock:
+    """Create and lock --out, refuse to start over a run by accident, clean up after killed writes."""
+    if resume_run and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite starts it over: give one of them")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; expected a folder for the run's checkpoints and log")
+    existed = out_dir.exists()
+    rundir.make_writable(out_dir)
+    lock = rundir.RunLock(out_dir)
+    try:
+        note = lock.acquire()
+    except BaseException:
+        if not existed:
+            out_dir.rmdir()
+        raise
+    try:
+        rundir.check_out_dir(out_dir, resume_run, overwrite)
+        if note:
+            print(f"note: {note}")
+        if n := rundir.clean_temp_files(out_dir):
+            print(f"note: removed {n} temporary file(s) left in {out_dir} by an interrupted write")
+        if overwrite and (removed := rundir.clear_run(out_dir)):
+            print(f"--overwrite: deleted {', '.join(removed)} in {out_dir}")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _refuse_non_finite(state: TrainState, step: int, last_good: str) -> None:
+    """Every rank, before a save: a model or optimiser holding NaN/inf never replaces a good file."""
+    bad, count = non_finite_state(state)
+    if bad:
+        more = f" and {count - len(bad)} more" if count > len(bad) else ""
+        raise UserError(f"non-finite values after step {step} (epoch {step // state.steps_per_epoch + 1}) in "
+                        f"{', '.join(bad)}{more}; not saved: {last_good}. Lower the learning rate or use "
+                        f"optim.precision=fp32, then --resume.")
+
+
+def _stopped(signum: int, path: Path, out_dir: Path, where: str) -> StoppedBySignal:
+    import signal
+
+    return StoppedBySignal(signum, f"stopped by {signal.Signals(signum).name}: saved {path} ({where}). Continue "
+                                   f"with: mokd train --out {out_dir} --resume (under torchrun: the same torchrun "
+                                   f"command plus --resume)")
+
+
+def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop: StopRequest) -> Path:
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels once
@@ -335,68 +493,104 @@ def train(cfg: Config, resume_run: bool = False) -> Path:
     out_dir = Path(cfg.train.output_dir)
     main = dist_info.is_main
     loader, dataset = build_loader(cfg, dist_info)
+    knn_on = cfg.train.knn_every > 0
+    if knn_on:  # the monitor's labels index one class list: check now, not after the first epoch
+        check_same_classes(dataset.dataset, build_dataset(parse_data_spec(cfg.data.spec, cfg.data.class_list), "val"))
     state = build_state(cfg, device, len(loader), dist_info)
+    spe = state.steps_per_epoch
     log = RunLog(out_dir / "log.jsonl", enabled=main)
-    last = out_dir / "last.pth"
-    start_epoch = 0
-    if resume_run and last.exists():
-        start_epoch = resume(state, last, cfg)
-        if main:
-            print(f"resumed from {last} after epoch {start_epoch}")
-    elif resume_run and main:
-        print(f"--resume: no checkpoint at {last}; starting from scratch")
+    last = out_dir / rundir.LAST
+    start_epoch, start_batch, start_sums, metrics = 0, 0, None, {}
+    last_good = "no checkpoint was written yet"
+    if resume_run:
+        found = rundir.find_resume_checkpoint(out_dir, lambda p: read_resumable(p, state, cfg))
+        if found is None:
+            if main:
+                print(f"--resume: no checkpoint in {out_dir} yet; starting from scratch")
+        else:
+            path, ckpt, notes = found
+            start_epoch, start_batch, start_sums = resume(state, ckpt, cfg)
+            metrics = dict(ckpt.get("metrics") or {})
+            last_good = f"{path} ({rundir.describe(ckpt)}) is untouched"
+            if main:
+                for note in notes:
+                    print(f"note: {note}")
+                print(f"resumed from {path} ({rundir.describe(ckpt)})")
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out_dir / "config.yaml")
-    if start_epoch == 0 and log.enabled:
-        log.path.unlink(missing_ok=True)
-    log.truncate_after(start_epoch * state.steps_per_epoch)
+    log.truncate_after(start_epoch * spe + start_batch)
     if main:
         def size(m: nn.Module) -> float:
             return sum(p.numel() for p in m.parameters()) / 1e6
 
+        branches = ((getattr(cfg, n), state.model.student[n]) for n in NETS)
         nets = [f"{model_name(c.arch, c.kwargs, c.small_stem, c.name)} (backbone {size(s.backbone):.3g}M + heads "
-                f"{size(s) - size(s.backbone):.3g}M)" for c, s in ((getattr(cfg, n), state.model.student[n]) for n in NETS)]
+                f"{size(s) - size(s.backbone):.3g}M)" for c, s in branches]
         print(f"mokd train: {' + '.join(nets)}, "
-              f"mode {cfg.loss.mode}, {len(dataset)} images, {state.steps_per_epoch} steps/epoch, "
+              f"mode {cfg.loss.mode}, {len(dataset)} images, {spe} steps/epoch, "
               f"{cfg.optim.epochs} epochs, {device} {state.precision}, {dist_info.world_size} process(es) -> {out_dir}")
+        if dataset.skipped:
+            print(f"left out {len(dataset.skipped)} unreadable image file(s) (data.skip_bad_images), e.g. "
+                  f"{dataset.skipped[0]}; all are listed in {log.path}")
+            metrics["skipped_images"] = len(dataset.skipped)
+            log.write({"type": "data", "step": -1, "skipped_images": len(dataset.skipped),
+                       "skipped_files": dataset.skipped[:100]})
 
-    knn_on = cfg.train.knn_every > 0
-    metrics: dict = {}
-    if knn_on and start_epoch == 0:
+    if knn_on and start_epoch == 0 and start_batch == 0:
         metrics["knn_init"] = knn_monitor(state, cfg, 0, log)
-    ckpt_path = last
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        # Stochastic depth draws from a generator seeded by (seed, rank, epoch): ranks draw independently,
-        # and a resumed run draws what an uninterrupted one would.
-        seed_everything((cfg.train.seed * 1_000_003 + dist_info.rank) * 10_007 + epoch)
-        dataset.set_epoch(epoch)
-        loader.sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        epoch_means = train_one_epoch(state, loader, epoch, cfg, log)
-        done = epoch + 1
-        metrics.update({"epoch": done, "epoch_time_s": time.perf_counter() - t0, **epoch_means})
-        if knn_on and (done % cfg.train.knn_every == 0 or done == cfg.optim.epochs):
-            metrics["knn"] = knn_monitor(state, cfg, done, log)
-        log.write({"type": "epoch", "epoch": done, "step": done * state.steps_per_epoch - 1,
-                   **{k: v for k, v in epoch_means.items()}})
-        if main:
-            terms = " ".join(f"{k}={v:.4f}" for k, v in epoch_means.items() if k not in state.model.health)
-            health = " ".join(f"{n}: H {epoch_means[f'entropy_{n}']:.2f} H(mean) {epoch_means[f'mean_entropy_{n}']:.2f}"
-                              f" agree {epoch_means[f'agreement_{n}']:.2f}" for n in NETS)
-            print(f"epoch {done}/{cfg.optim.epochs}: {terms} ({metrics['epoch_time_s']:.1f}s)", flush=True)
-            print(f"  teacher health (nats, log K = {np.log(cfg.head.out_dim):.2f}): {health}", flush=True)
-            for w in health_warnings(epoch_means, cfg):
-                print(w, flush=True)
-            ckpt = make_checkpoint(state, cfg, done, metrics)
-            save_atomic(ckpt, last)
-            if cfg.train.save_every and done % cfg.train.save_every == 0:
-                save_atomic(ckpt, out_dir / f"checkpoint_{done:04d}.pth")
-        distributed.barrier()
+    try:
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            mid = epoch == start_epoch and start_batch > 0
+            if not mid:  # a mid-epoch resume carries on with the generators' state saved at the cut instead
+                # Stochastic depth draws from a generator seeded by (seed, rank, epoch): ranks draw independently,
+                # and a resumed run draws what an uninterrupted one would.
+                seed_everything((cfg.train.seed * 1_000_003 + dist_info.rank) * 10_007 + epoch)
+            dataset.set_epoch(epoch)
+            loader.sampler.set_epoch(epoch)
+            loader.sampler.skip = start_batch * loader.batch_size if mid else 0
+            t0 = time.perf_counter()
+            try:
+                epoch_means = train_one_epoch(state, loader, epoch, cfg, log, start=start_batch if mid else 0,
+                                              sums=start_sums if mid else None, stop=stop)
+            except EpochInterrupted as cut:
+                step = epoch * spe + cut.batches
+                _refuse_non_finite(state, step - 1, last_good)
+                if main:
+                    save_atomic(make_checkpoint(state, cfg, epoch, metrics, cut.batches, cut.sums), last)
+                distributed.barrier()
+                raise _stopped(stop.signum, last, out_dir,
+                               f"step {step}, batch {cut.batches} of {spe} in epoch {epoch + 1}") from None
+            done = epoch + 1
+            metrics.update({"epoch": done, "epoch_time_s": time.perf_counter() - t0, **epoch_means})
+            if knn_on and (done % cfg.train.knn_every == 0 or done == cfg.optim.epochs):
+                metrics["knn"] = knn_monitor(state, cfg, done, log)
+            log.write({"type": "epoch", "epoch": done, "step": done * spe - 1,
+                       **{k: v for k, v in epoch_means.items()}})
+            _refuse_non_finite(state, done * spe - 1, last_good)
+            if main:
+                terms = " ".join(f"{k}={v:.4f}" for k, v in epoch_means.items() if k not in state.model.health)
+                health = " ".join(f"{n}: H {epoch_means[f'entropy_{n}']:.2f} H(mean) "
+                                  f"{epoch_means[f'mean_entropy_{n}']:.2f} agree {epoch_means[f'agreement_{n}']:.2f}"
+                                  for n in NETS)
+                print(f"epoch {done}/{cfg.optim.epochs}: {terms} ({metrics['epoch_time_s']:.1f}s)", flush=True)
+                print(f"  teacher health (nats, log K = {np.log(cfg.head.out_dim):.2f}): {health}", flush=True)
+                for w in health_warnings(epoch_means, cfg):
+                    print(w, flush=True)
+                ckpt = make_checkpoint(state, cfg, done, metrics)
+                # The numbered copy first: a kill between the two leaves it, and the resume picks the newer one.
+                if cfg.train.save_every and done % cfg.train.save_every == 0:
+                    save_atomic(ckpt, out_dir / f"checkpoint_{done:04d}.pth")
+                save_atomic(ckpt, last)
+            last_good = f"{last} (after epoch {done}) is untouched"
+            distributed.barrier()
+            if done < cfg.optim.epochs and stop.requested(device):
+                raise _stopped(stop.signum, last, out_dir, f"after epoch {done}")
+    except NonFiniteLoss as e:
+        raise UserError(f"{e}. {last_good[0].upper()}{last_good[1:]}: lower the learning rate or use "
+                        f"optim.precision=fp32, then --resume.") from e
     if main:
         summary = knn_summary(log.path, cfg) if knn_on else None
         if summary:
             print(summary, flush=True)
-        print(f"done: {ckpt_path}")
-    distributed.cleanup()
-    return ckpt_path
+        print(f"done: {last}")
+    return last

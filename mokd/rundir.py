@@ -1,0 +1,227 @@
+"""The run folder (`--out`): who may write it, when a run in it may be started over, what a resume reads.
+
+- A folder that holds a run (config.yaml, log.jsonl, last.pth, checkpoint_NNNN.pth) is continued with
+  --resume or started over with --overwrite; anything else is refused before a file changes.
+- One process owns a folder at a time: it holds an exclusive lock on OUT/.lock, with its pid and host
+  written in. The kernel drops the lock when the process dies however it dies, so a lock file left by a
+  killed run is recognised as stale and taken over.
+- The owner removes temporary files that a killed atomic write left behind.
+- A resume starts from the newest checkpoint that reads back: last.pth, or a numbered one when last.pth is
+  damaged or older (a kill between the two writes).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from mokd.checkpoint import TEMP_GLOB
+from mokd.errors import UserError
+
+LAST = "last.pth"
+RUN_FILES = ("config.yaml", "log.jsonl", LAST)
+NUMBERED = "checkpoint_*.pth"
+LOCK = ".lock"
+
+
+def numbered_checkpoints(out: Path) -> list[Path]:
+    """checkpoint_NNNN.pth files, newest (highest epoch) first."""
+    found = [p for p in out.glob(NUMBERED) if p.stem.split("_")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.stem.split("_")[-1]), reverse=True)
+
+
+def run_files(out: Path) -> list[str]:
+    if not out.is_dir():
+        return []
+    return [n for n in RUN_FILES if (out / n).exists()] + [p.name for p in numbered_checkpoints(out)]
+
+
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start over a run by accident (read-only)."""
+    present = run_files(out)
+    if present and not resume and not overwrite:
+        shown = ", ".join(present[:4]) + (f" and {len(present) - 4} more" if len(present) > 4 else "")
+        raise UserError(f"{out} already holds a run ({shown}); nothing was changed. Continue it with --resume, "
+                        f"start it over with --overwrite (deletes its checkpoints and log), or choose another --out")
+
+
+def make_writable(out: Path) -> None:
+    """Create --out and prove a file can be written there (root ignores permission bits, so try it)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out}: {e.strerror or e}. Choose a folder you can write to") from e
+
+
+def clear_run(out: Path) -> list[str]:
+    """--overwrite: delete the run's files (and only those)."""
+    removed = run_files(out)
+    for name in removed:
+        (out / name).unlink()
+    return removed
+
+
+def clean_temp_files(out: Path) -> int:
+    """Remove what killed atomic writes left (call only while holding the lock: no other writer exists)."""
+    n = 0
+    for p in out.glob(TEMP_GLOB):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _owner_text(raw: str) -> str:
+    try:
+        o = json.loads(raw)
+        return f"pid {o['pid']} on host {o['host']}, started {o['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "owner unknown"
+
+
+class RunLock:
+    """An exclusive lock on OUT/.lock for the life of this process (released by release() or by its death)."""
+
+    def __init__(self, out: Path):
+        self.path, self.fd = out / LOCK, None
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a note when it took over a stale lock, raises UserError when it is held."""
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _owner_text(os.pread(fd, 4096, 0).decode(errors="replace"))
+                os.close(fd)
+                raise UserError(f"{self.path.parent} is in use by another mokd train ({owner}); two runs cannot "
+                                f"write one folder. Wait for it to end, stop it, or choose another --out") from None
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    os.close(fd)
+                    raise
+                return self._acquire_without_flock(fd)
+            try:  # the previous owner unlinks the file as it ends: make sure ours is still the one at the path
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        self._write_owner(fd)
+        self.fd = fd
+        if previous:
+            return f"took over a stale lock ({_owner_text(previous)}; that process is gone)"
+        return None
+
+    def _acquire_without_flock(self, fd: int) -> str | None:
+        """File systems without locks (some Lustre mounts): trust the pid when it is on this host."""
+        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        note = None
+        if previous:
+            try:
+                o = json.loads(previous)
+                pid, host = int(o["pid"]), str(o["host"])
+            except (ValueError, KeyError, TypeError):
+                pid, host = -1, ""
+            if host == socket.gethostname() and pid != os.getpid() and _alive(pid):
+                os.close(fd)
+                raise UserError(f"{self.path.parent} is in use by another mokd train ({_owner_text(previous)}); "
+                                f"wait for it to end, stop it, or choose another --out")
+            if host and host != socket.gethostname():
+                os.close(fd)
+                raise UserError(f"{self.path.parent} may be in use by a mokd train on another host "
+                                f"({_owner_text(previous)}) and this file system has no locks to tell; if that "
+                                f"run is over, delete {self.path}")
+            note = f"took over a stale lock ({_owner_text(previous)}; that process is gone)"
+        self._write_owner(fd)
+        self.fd = fd
+        return note
+
+    @staticmethod
+    def _write_owner(fd: int) -> None:
+        owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
+        os.fsync(fd)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class UnusableCheckpoint(UserError):
+    """A checkpoint that does not read back or is damaged; a resume falls back past it."""
+
+
+def find_resume_checkpoint(out: Path, read: Callable[[Path], dict]) -> tuple[Path, dict, list[str]] | None:
+    """The newest checkpoint of the run in `out` that `read` accepts, with notes on what was passed over.
+
+    `read(path)` returns the checkpoint or raises UnusableCheckpoint (any other UserError, e.g. a config that
+    builds a different model, stops the search: it would stop every file alike). None when there is nothing.
+    """
+    notes, failures = [], []
+    best: tuple[Path, dict] | None = None
+    last = out / LAST
+    if last.exists():
+        try:
+            best = (last, read(last))
+        except UnusableCheckpoint as e:
+            failures.append(str(e))
+    for p in numbered_checkpoints(out):
+        number = int(p.stem.split("_")[-1])
+        if best is not None and number <= int(best[1]["epoch"]):
+            break
+        try:
+            ckpt = read(p)
+        except UnusableCheckpoint as e:
+            failures.append(str(e))
+            continue
+        if best is not None:
+            notes.append(f"{p.name} (epoch {number}) is newer than {LAST} (a save was cut off between them)")
+        best = (p, ckpt)
+        break
+    if best is None:
+        if failures:
+            raise UserError(f"--resume: no checkpoint in {out} reads back ({'; '.join(failures)}). Start over "
+                            f"with --overwrite, or put a good checkpoint back as {last}")
+        return None
+    if failures:
+        notes.insert(0, f"{failures[0]}; passing over it")
+    return best[0], best[1], notes
+
+
+def describe(ckpt: dict[str, Any]) -> str:
+    part = ckpt.get("partial_epoch")
+    if part:
+        return f"step {ckpt['step']}, batch {part['batches']} of {part['of']} in epoch {int(ckpt['epoch']) + 1}"
+    return f"after epoch {ckpt['epoch']}"

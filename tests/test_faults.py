@@ -1,0 +1,298 @@
+"""Faults a cluster throws at a run folder: each ends with the run intact, a one-line message and the right exit."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from mokd.checkpoint import load_file
+from mokd.cli import cli
+from tests.tiny import TINY_OVERRIDES
+
+TIMING_KEYS = {"img_per_s", "peak_mem_mb"}
+
+
+def tiny_args(out, *extra):
+    args = [a for o in TINY_OVERRIDES for a in ("--set", o)]
+    for e in extra:
+        args += ["--set", e]
+    return ["train", *args, "--out", str(out)]
+
+
+def run(args):
+    return CliRunner().invoke(cli, args)
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 1-epoch tiny run with checkpoint_0001.pth; tests work on copies."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    res = run(tiny_args(out, "train.save_every=1") + ["--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def copy_run(finished, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(finished, dst)
+    return dst
+
+
+def test_1_a_blow_up_is_never_saved(tmp_path):
+    # 1 step per epoch; warm-up makes step 0's lr 0, so epoch 1 saves; at step 1 a huge lr times a huge weight
+    # decay sends the weights to inf (torch refuses an lr beyond float range itself).
+    out = tmp_path / "run"
+    res = run(tiny_args(out, "data.subset=16", "net1.lr=1e37", "net1.weight_decay=1e10",
+                        "net1.weight_decay_end=1e10") + ["--epochs", "2"])
+    assert res.exit_code != 0
+    assert "non-finite values after step 1 (epoch 2) in" in res.output and "student.net1." in res.output
+    assert f"not saved: {out / 'last.pth'} (after epoch 1) is untouched" in res.output
+    assert "Traceback" not in res.output
+    ckpt = load_file(out / "last.pth")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert leftovers(out) == []  # no temp file, no lock
+
+
+@pytest.mark.slow
+def test_2_run_folder_is_guarded(finished, tmp_path):
+    from mokd.rundir import RunLock
+
+    out = copy_run(finished, tmp_path)
+    before = snapshot(out)
+    res = run(tiny_args(out) + ["--epochs", "1"])  # a second run into a finished folder, without --resume
+    assert res.exit_code != 0 and "already holds a run" in res.output and "--resume" in res.output
+    assert "--overwrite" in res.output and snapshot(out) == before and leftovers(out) == []
+
+    lock = RunLock(out)  # a concurrent start: another live process holds the folder
+    assert lock.acquire() is None
+    try:
+        res = run(["train", "--out", str(out), "--resume", "--epochs", "2"])
+        assert res.exit_code != 0 and "in use by another mokd train" in res.output
+        assert f"pid {os.getpid()}" in res.output and snapshot(out)["last.pth"] == before["last.pth"]
+    finally:
+        lock.release()
+
+    # A killed run left: a stale lock, a half-written temp file, a truncated last.pth. --resume copes.
+    (out / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": "gone", "started": "yesterday"}))
+    (out / ".last.pth.x1y2.tmp").write_bytes(b"partial")
+    (out / "last.pth").write_bytes(before["last.pth"][: len(before["last.pth"]) // 2])
+    res = run(["train", "--out", str(out), "--resume", "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    assert "took over a stale lock (pid 4206649 on host gone" in res.output
+    assert "removed 1 temporary file(s)" in res.output
+    assert "last.pth is damaged" in res.output and "passing over it" in res.output
+    assert f"resumed from {out / 'checkpoint_0001.pth'} (after epoch 1)" in res.output
+    assert load_file(out / "last.pth")["epoch"] == 2 and leftovers(out) == []
+
+    # --overwrite starts over: the old run's files go, a fresh run is written.
+    res = run(tiny_args(out) + ["--epochs", "1", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert "--overwrite: deleted" in res.output and not (out / "checkpoint_0001.pth").exists()
+
+
+@pytest.mark.slow
+def test_2_a_kill_between_the_numbered_copy_and_last_loses_nothing(finished, tmp_path, monkeypatch):
+    import mokd.trainer as trainer
+
+    out = copy_run(finished, tmp_path)
+    real = trainer.save_atomic
+
+    def killed_before_last(obj, path):
+        if path.name == "last.pth" and obj["epoch"] == 2:
+            raise KeyboardInterrupt("killed between the two writes")
+        real(obj, path)
+
+    monkeypatch.setattr(trainer, "save_atomic", killed_before_last)
+    res = run(["train", "--out", str(out), "--resume", "--epochs", "3"])
+    assert res.exit_code != 0 and (out / "checkpoint_0002.pth").exists()
+    assert load_file(out / "last.pth")["epoch"] == 1
+    monkeypatch.setattr(trainer, "save_atomic", real)
+    res = run(["train", "--out", str(out), "--resume", "--epochs", "3"])
+    assert res.exit_code == 0, res.output
+    assert "checkpoint_0002.pth (epoch 2) is newer than last.pth" in res.output
+    assert f"resumed from {out / 'checkpoint_0002.pth'}" in res.output
+    assert [p.name for p in sorted(out.glob("checkpoint_*"))] == [f"checkpoint_000{i}.pth" for i in (1, 2, 3)]
+
+
+def read_log(path):
+    return [{k: v for k, v in json.loads(ln).items() if k not in TIMING_KEYS} for ln in open(path)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
+def test_3_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, sig):
+    import mokd.trainer as trainer
+
+    full = tmp_path / "full"
+    assert run(tiny_args(full)).exit_code == 0
+    real = trainer._check_finite
+
+    def signal_at_step_4(losses, step, epoch):  # 3 steps an epoch: inside epoch 2
+        if step == 4:
+            os.kill(os.getpid(), sig)
+        real(losses, step, epoch)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(trainer, "_check_finite", signal_at_step_4)
+    res = run(tiny_args(cut))
+    assert res.exit_code == 128 + sig, res.output
+    assert f"stopped by {signal.Signals(sig).name}: saved {cut / 'last.pth'} (step 5, batch 2 of 3 in epoch 2)" \
+        in res.output
+    assert f"mokd train --out {cut} --resume" in res.output
+    ckpt = load_file(cut / "last.pth")
+    assert ckpt["step"] == 5 and ckpt["partial_epoch"]["batches"] == 2 and leftovers(cut) == []
+    assert signal.getsignal(sig) is signal.default_int_handler or signal.getsignal(sig) == signal.SIG_DFL
+    monkeypatch.setattr(trainer, "_check_finite", real)
+
+    res = run(["train", "--out", str(cut), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "step 5, batch 2 of 3 in epoch 2" in res.output
+    a, b = load_file(full / "last.pth"), load_file(cut / "last.pth")
+    assert a["epoch"] == b["epoch"] == 2 and "partial_epoch" not in b
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for n in ("net1", "net2"):
+        for i, slots in a["optimizer"][n]["state"].items():
+            for slot, v in slots.items():
+                assert torch.equal(v, b["optimizer"][n]["state"][i][slot]), (n, i, slot)
+    assert read_log(full / "log.jsonl") == read_log(cut / "log.jsonl")
+
+
+def test_4_io_failures_are_one_line(tmp_path, monkeypatch):
+    import mokd.checkpoint as checkpoint
+    import mokd.runlog as runlog
+    import mokd.trainer as trainer
+
+    # Disk full while torch.save writes (it reports no errno): the previous file stays, no temp file remains.
+    real_save = torch.save
+
+    def full_disk(obj, f):
+        open(f, "wb").write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing "
+                           "file data/7: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 2**19, 2**19))
+    out = tmp_path / "full"
+    res = run(tiny_args(out) + ["--epochs", "1"])
+    assert res.exit_code != 0, res.output
+    assert "no space left on /" in res.output and "writing last.pth, needed about" in res.output
+    assert "MB, 0 MB free" in res.output and "Traceback" not in res.output
+    assert not (out / "last.pth").exists() and leftovers(out) == []
+    monkeypatch.setattr(torch, "save", real_save)
+
+    # The log's append hits ENOSPC (a real errno) before any checkpoint.
+    def enospc(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runlog.RunLog, "write", enospc)
+    res = run(tiny_args(tmp_path / "log_full") + ["--epochs", "1"])
+    assert res.exit_code != 0 and "no space left on" in res.output and "log.jsonl" in res.output
+    monkeypatch.undo()
+
+    # An --out that cannot be a folder is refused before any data or model is built.
+    def not_reached(*a, **k):
+        raise AssertionError("built the data before checking --out")
+
+    monkeypatch.setattr(trainer, "build_loader", not_reached)
+    (tmp_path / "a_file").write_text("")
+    res = run(tiny_args(tmp_path / "a_file" / "run"))
+    assert res.exit_code != 0 and f"cannot write to --out {tmp_path / 'a_file' / 'run'}" in res.output
+    res = run(tiny_args(tmp_path / "a_file"))
+    assert res.exit_code != 0 and "is a file" in res.output
+    monkeypatch.undo()
+    res = run(tiny_args(tmp_path / "r") + ["--data", str(tmp_path / "a_file")])
+    assert res.exit_code != 0 and "is a file, not a folder" in res.output and "ROOT/train/<class>" in res.output
+    for bad, msg in [("net1.lr=-0.1", "net1.lr must be >= 0"), ("data.num_workers=-1", "data.num_workers must be >= 0"),
+                     ("net2.weight_decay=.nan", "net2.weight_decay must be >= 0"),
+                     ("augment.global_scale=[0.5, 0.2]", "augment.global_scale must be a pair"),
+                     ("loss.student_temp=0", "loss.student_temp must be > 0")]:
+        res = run(tiny_args(tmp_path / "r", bad))
+        assert res.exit_code != 0 and msg in res.output and "Traceback" not in res.output, (bad, res.output)
+    assert list((tmp_path / "r").iterdir()) == []  # the failed starts left nothing behind, no lock either
+
+
+def image_folder(root, n_per_class=8, sixteen_bit=False, with_val=True):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val") if with_val else ("train",):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n_per_class):
+                v8 = rng.integers(0, 256, (32, 32), dtype=np.uint16)
+                img = Image.fromarray(v8 * 257) if sixteen_bit else Image.fromarray(v8.astype(np.uint8))
+                img.save(root / split / c / f"{c}{i}.png")
+    return root
+
+
+def test_5_images_as_they_come(tmp_path):
+    from mokd.data import build_dataset, parse_data_spec
+
+    eight, sixteen = image_folder(tmp_path / "eight"), image_folder(tmp_path / "sixteen", sixteen_bit=True)
+    assert Image.open(sixteen / "train" / "a" / "a0.png").mode == "I;16"
+    a, b = (build_dataset(parse_data_spec(str(r)), "train") for r in (eight, sixteen))
+    for i in range(len(a)):
+        assert np.array_equal(np.asarray(a[i][0]), np.asarray(b[i][0])), a.paths[i]
+    assert np.asarray(b[0][0]).std() > 30  # grey levels, not clipped to black and white
+
+    bad = eight / "train" / "b" / "b3.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated
+    (eight / "train" / "a" / "notes.jpg").write_text("not an image")
+    args = tiny_args(tmp_path / "r", "data.subset=0") + ["--data", str(eight), "--epochs", "1", "--batch-size", "8"]
+    res = run(args)
+    assert res.exit_code != 0 and "cannot read image " in res.output and "--skip-bad-images" in res.output
+    assert ("notes.jpg" in res.output or "b3.png" in res.output) and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) <= 3
+    shutil.rmtree(tmp_path / "r")
+    res = run(args + ["--skip-bad-images"])
+    assert res.exit_code == 0, res.output
+    assert "left out 2 unreadable image file(s)" in res.output
+    records = [json.loads(ln) for ln in open(tmp_path / "r" / "log.jsonl")]
+    data = [r for r in records if r["type"] == "data"]
+    assert data[0]["skipped_images"] == 2 and sorted(os.path.basename(f) for f in data[0]["skipped_files"]) == \
+        ["b3.png", "notes.jpg"]
+    assert load_file(tmp_path / "r" / "last.pth")["metrics"]["skipped_images"] == 2
+
+    shutil.rmtree(sixteen / "val" / "b")  # the online k-NN monitor needs the same classes in train and val
+    res = run(tiny_args(tmp_path / "k", "data.subset=0", "train.knn_every=1") + ["--data", str(sixteen)])
+    assert res.exit_code != 0 and "train and val have different classes" in res.output
+
+
+class Gadget:
+    pass
+
+
+def test_7_messages_that_protect(finished, tmp_path):
+    from mokd.errors import UserError
+
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": Gadget()}, tmp_path / "gadget.pth")
+    with pytest.raises(UserError) as e:
+        load_file(tmp_path / "gadget.pth")
+    msg = str(e.value)
+    assert "refused to load" in msg and "tests.test_faults.Gadget" in msg and "would run code" in msg
+    assert "weights_only=False" not in msg
+
+    out = copy_run(finished, tmp_path)
+    (out / "checkpoint_0001.pth").unlink()
+    ckpt = load_file(out / "last.pth")
+    for k in [k for k in ckpt["model"] if k.startswith("teacher.net2.thead.")]:
+        del ckpt["model"][k]
+    torch.save(ckpt, out / "last.pth")
+    res = run(["train", "--out", str(out), "--resume", "--epochs", "2"])
+    assert res.exit_code != 0 and "last.pth is damaged" in res.output and "teacher.net2.thead." in res.output
+    assert "does not fit" not in res.output and "--overwrite" in res.output
+    assert load_file(out / "last.pth")["epoch"] == 1  # left as it was
