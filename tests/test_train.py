@@ -114,7 +114,7 @@ def test_cli_help_and_one_epoch(tmp_path):
     assert any(k.startswith("teacher.net1.backbone.") for k in ckpt["model"])
     steps = [r for r in read_log(tmp_path / "r" / "log.jsonl") if r["type"] == "step"]
     assert {"sm1", "st1", "cm1", "ct1", "sm2", "st2", "cm2", "ct2", "lr_net1", "momentum_net2",
-            "teacher_temp"} <= set(steps[0])
+            "teacher_temp_net1_self", "teacher_temp_net2_cross"} <= set(steps[0])
     assert (tmp_path / "r" / "config.yaml").exists()
 
 
@@ -188,7 +188,9 @@ def test_optimiser_groups_freezing_and_clipping(tiny_cfg):
     assert not torch.equal(backbone_before, next(state.model.student["net1"].backbone.parameters()))
     for n, opt in state.optimizers.items():  # the step set the scheduled values
         for g in opt.param_groups:
-            if g["apply_wd"]:
+            if g["apply_wd"] and (n, g["tag"]) == ("net1", "thead"):  # the CNN's T-Head: everything decays
+                assert any(p.ndim <= 1 for p in g["params"]) and g["weight_decay"] > 0
+            elif g["apply_wd"]:
                 assert all(p.ndim > 1 for p in g["params"]) and g["weight_decay"] > 0
             else:
                 assert all(p.ndim <= 1 for p in g["params"]) and g["weight_decay"] == 0.0
