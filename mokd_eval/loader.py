@@ -23,7 +23,8 @@ from torch import nn
 
 from mokd.checkpoint import load_file
 from mokd.errors import UserError
-from mokd.models.backbones import create_backbone
+from mokd.models.backbones import create_backbone, is_vit
+from mokd.models.pos_embed import dino_rule_applies, set_pos_resample
 from mokd_eval.formats import FORMATS, Candidate, Request, detect, select_key
 
 # Keys that belong to a classifier or an SSL head rather than to the backbone.
@@ -31,6 +32,9 @@ HEAD_PREFIXES = ("fc.", "head.", "heads.", "head_dist.", "classifier.", "project
                  "projection.", "predictor.", "prototypes.", "prototype.", "mlp_head.", "thead.", "last_layer.")
 # Buffers that carry no information for inference; old checkpoints lack them.
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)
+# Formats whose ViTs resample their position embedding by DINO's rule (mokd.models.pos_embed) in their own code,
+# so that evaluating them away from their native size should do the same; other files get timm's.
+DINO_RULE_FORMATS = ("dino", "mocov3", "mokd-official")
 
 
 @dataclass
@@ -96,14 +100,16 @@ def read_checkpoint(path: str | Path) -> Any:
 
 
 def load_models(path: str | Path, *, model: str | None = None, branch: str | None = None, arch: str | None = None,
-                arch_kwargs: dict | None = None, key: str | None = None, allow_partial: bool = False
-                ) -> list[LoadedModel]:
+                arch_kwargs: dict | None = None, key: str | None = None, allow_partial: bool = False,
+                pos_resample: str | None = None) -> list[LoadedModel]:
     """Load the backbone(s) of a checkpoint file.
 
     Ours: both models' teachers by default (`model=None`), or the one named; `branch` picks teacher/student.
     Third-party: one model; `arch` names the timm architecture when the file does not; `key` selects a
     sub-dict (or key prefix) by hand. Raises UserError for unreadable files, unknown layouts, unknown or
     ill-fitting architectures, and (unless `allow_partial`) any backbone tensor left unmatched.
+    A ViT resamples its position embedding by `pos_resample` (dino | timm; None: the rule its format trained
+    with, see eval_pos_resample); the record's checkpoint field says which.
     """
     path = Path(path)
     obj = read_checkpoint(path)
@@ -127,15 +133,33 @@ def load_models(path: str | Path, *, model: str | None = None, branch: str | Non
     for cand in candidates:
         a = _resolve_arch(cand, req, fmt, path)
         backbone = create_backbone(a["name"], a["kwargs"], a["small_stem"])
+        rule = None
+        if is_vit(backbone):
+            rule = pos_resample or eval_pos_resample(fmt, obj, cand)
+            if rule == "dino" and pos_resample is None and not dino_rule_applies(backbone):
+                rule = "timm"  # a ViT relative with a position embedding of its own (XCiT, ...)
+            set_pos_resample(backbone, rule, a["name"])
         report = match_and_load(backbone, cand.state, cand.ignored)
         label = cand.label if fmt == "mokd" else f"{path.stem}" + (f":{cand.label}" if len(candidates) > 1 else "")
         _check(report, a["name"], path, label, allow_partial, _arch_hint(cand.state))
         backbone.eval()
         ckpt = {"path": str(path.resolve()), "sha256": sha, "format": fmt, "model": cand.model,
                 "branch": cand.branch, "arch": a["name"], "arch_kwargs": a["kwargs"], "label": label,
-                **{k: v for k, v in cand.extra.items() if v is not None}}
+                **{k: v for k, v in cand.extra.items() if v is not None},
+                **({"pos_resample": rule} if rule else {})}
         out.append(LoadedModel(backbone, label, a, report, ckpt, cand.image_size))
     return out
+
+
+def eval_pos_resample(fmt: str, obj: Any, cand: Candidate) -> str:
+    """The position-embedding rule a checkpoint's ViT trained with: DINO's for DINO, MoCo v3 and official MOKD
+    files; ours: the run's net*.pos_resample (runs from before that setting used timm's); timm's otherwise."""
+    if fmt in DINO_RULE_FORMATS:
+        return "dino"
+    if fmt == "mokd" and isinstance(obj, dict):
+        net_cfg = (obj.get("config") or {}).get(cand.model) or {}
+        return net_cfg.get("pos_resample", "timm")
+    return "timm"
 
 
 def _resolve_arch(cand: Candidate, req: Request, fmt: str, path: Path) -> dict:

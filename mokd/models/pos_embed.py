@@ -80,10 +80,15 @@ def set_pos_resample(model: nn.Module, rule: str, label: str = "backbone") -> No
     if rule == "timm":
         model.__dict__.pop("_pos_embed", None)
         return
-    if not isinstance(model, VisionTransformer) or type(model)._pos_embed is not VisionTransformer._pos_embed:
+    if not dino_rule_applies(model):
         raise UserError(f"{label}: {type(model).__name__} has a position embedding of its own, which only timm's "
                         f"rule resamples; set pos_resample: timm for it")
     model._pos_embed = types.MethodType(_dino_pos_embed, model)
+
+
+def dino_rule_applies(model: nn.Module) -> bool:
+    """Whether set_pos_resample(model, "dino") can take effect: a timm VisionTransformer with timm's _pos_embed."""
+    return isinstance(model, VisionTransformer) and type(model)._pos_embed is VisionTransformer._pos_embed
 
 
 def pos_resample_of(model: nn.Module) -> str:
