@@ -36,6 +36,8 @@ class AugmentConfig:
     local_scale: tuple[float, float] = (0.05, 0.25)
     local_crops: int = 8
     blur_kernel_frac: float = 0.1  # Gaussian blur kernel ~ 10% of the crop side, as DINO's radius 0.1-2 at 224
+    blur_scale: str = "global"  # Gaussian-blur radius 0.1-2 px x S/224 for every crop, S: global (the global crop
+    # size: DINO and the release blur 96 px local crops by 0.1-2 px too) | crop (each crop's own size)
 
 
 @dataclass
@@ -296,6 +298,8 @@ def validate(cfg: Config) -> None:
 
     need(cfg.loss.mode in ("mokd", "independent"), f"loss.mode must be 'mokd' or 'independent', got {cfg.loss.mode!r}")
     need(cfg.loss.ct_views in ("local", "global"), f"loss.ct_views must be 'local' or 'global', got {cfg.loss.ct_views!r}")
+    need(cfg.augment.blur_scale in ("global", "crop"), f"augment.blur_scale must be global or crop, got "
+         f"{cfg.augment.blur_scale!r}")
     need(cfg.loss.sm, "loss.sm cannot be switched off: it is the self-distillation every model trains with")
     need(cfg.loss.mode != "mokd" or cfg.loss.ct_views == "global" or cfg.augment.local_crops > 0 or not cfg.loss.ct,
          "loss.ct_views=local needs augment.local_crops > 0 (or set loss.ct_views=global)")

@@ -307,3 +307,23 @@ def test_every_release_config_ends_each_kind_where_the_release_does(path):
         assert (cfg.thead.dim, cfg.thead.num_heads) == (768, 6)
     text = path.read_text()
     assert "docs/fidelity.md" in text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# found in the release besides: local crops are blurred by DINO's 0.1-2 px, as the global ones
+
+
+def test_local_crops_blur_by_the_global_crops_radius_as_the_release():
+    from mokd.augment import GaussianBlur, MultiCrop
+    from mokd.config import AugmentConfig
+
+    def radii(compose):
+        (b,) = [t for t in compose.transforms if isinstance(t, GaussianBlur)]
+        return b.lo, b.hi
+
+    release = MultiCrop(AugmentConfig(global_size=224, local_size=96))
+    assert radii(release.local) == pytest.approx((0.1, 2.0)) and radii(release.global1) == pytest.approx((0.1, 2.0))
+    own = MultiCrop(AugmentConfig(global_size=224, local_size=96, blur_scale="crop"))
+    assert radii(own.local) == pytest.approx((0.1 * 96 / 224, 2.0 * 96 / 224))
+    small = MultiCrop(AugmentConfig(global_size=32, local_size=16))
+    assert radii(small.local) == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))
