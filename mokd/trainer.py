@@ -6,6 +6,7 @@ runs train_one_epoch; checkpoints are written atomically after every epoch.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from mokd.config import Config, save_yaml, to_dict
 from mokd.data import build_dataset, parse_data_spec
 from mokd.device import autocast, grad_scaler, resolve_device, resolve_precision
 from mokd.errors import UserError
+from mokd.health import collapse_warning
 from mokd.models.backbones import configure_attention, is_vit
 from mokd.models.mokd import NETS, MOKDModel
 from mokd.optim import Schedules, apply_schedules, build_optimizer, build_schedules, resolve_optimizer
@@ -141,11 +143,14 @@ def train_one_epoch(state: TrainState, loader, epoch: int, cfg: Config, log: Run
     window_start, window_images = time.perf_counter(), 0
     show = cfg.train.progress and distributed.is_main()
     progress = _progress(loader, epoch, cfg.optim.epochs, show)
+    # Batch jobs (stderr not a terminal) get no bar: a plain line every log_every steps instead, as DINO's.
+    lines = distributed.is_main() and not sys.stderr.isatty()
+    epoch_start, total_steps = time.perf_counter(), cfg.optim.epochs * state.steps_per_epoch
     for it, (crops, _) in enumerate(progress):
         step = epoch * state.steps_per_epoch + it
         crops = [c.to(device, non_blocking=True) for c in crops]
         losses = train_step(state, crops, step, freeze_last_layer=epoch < cfg.optim.freeze_last_layer, cfg=cfg)
-        values = {k: v.detach().float() for k, v in losses.items()}
+        values = {k: v.detach().float() for k, v in {**losses, **model.health}.items()}
         stacked = distributed.all_reduce_mean(torch.stack(list(values.values())))
         record = dict(zip(values, stacked.tolist()))
         record["loss"] = record["loss1"] + record["loss2"]
@@ -162,10 +167,51 @@ def train_one_epoch(state: TrainState, loader, epoch: int, cfg: Config, log: Run
                        **{f"teacher_temp_{k}": float(v[step]) for k, v in state.teacher_temp.items()},
                        "img_per_s": window_images / max(elapsed, 1e-9),
                        "peak_mem_mb": peak_memory_mb(device)})
+            if lines:
+                per_step = (time.perf_counter() - epoch_start) / (it + 1)
+                eta = per_step * (total_steps - step - 1)
+                print(f"epoch {epoch + 1}/{cfg.optim.epochs} step {step + 1}/{total_steps} "
+                      f"loss1={record['loss1']:.4f} loss2={record['loss2']:.4f} "
+                      f"{window_images / max(elapsed, 1e-9):.1f} img/s eta {_hms(eta)}", flush=True)
             window_start, window_images = time.perf_counter(), 0
         if show:
             progress.set_postfix(loss1=f"{record['loss1']:.3f}", loss2=f"{record['loss2']:.3f}")
     return {k: v / state.steps_per_epoch for k, v in sums.items()}
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def health_warnings(means: dict[str, float], cfg: Config) -> list[str]:
+    """Collapse warnings (mokd.health) from an epoch's mean health figures, one per collapsed model."""
+    out = []
+    for n in NETS:
+        if f"entropy_{n}" in means:
+            w = collapse_warning(f"{n} ({getattr(cfg, n).arch})", means[f"entropy_{n}"], means[f"mean_entropy_{n}"],
+                                 cfg.head.out_dim)
+            if w:
+                out.append(w)
+    return out
+
+
+def knn_summary(log_path: Path, cfg: Config) -> str | None:
+    """The run's one-line result: each model's online k-NN at initialisation and at the end (from the log)."""
+    import json
+
+    try:
+        knn = [r for r in map(json.loads, log_path.read_text().splitlines()) if r.get("type") == "knn"]
+    except (OSError, json.JSONDecodeError):
+        return None
+    first = next((r for r in knn if r["epoch"] == 0), None)
+    if first is None or len(knn) < 2:
+        return None
+    last = knn[-1]
+    parts = [f"{n} ({getattr(cfg, n).arch}) {first[f'knn_top1_{n}']:.2f}% -> {last[f'knn_top1_{n}']:.2f}% "
+             f"({last[f'knn_top1_{n}'] - first[f'knn_top1_{n}']:+.2f})" for n in NETS]
+    head = f"summary: online k-NN top-1 (k={last['k']}) from initialisation to epoch {last['epoch']}: "
+    return head + ", ".join(parts)
 
 
 def _progress(loader, epoch: int, epochs: int, show: bool):
@@ -308,14 +354,22 @@ def train(cfg: Config, resume_run: bool = False) -> Path:
         log.write({"type": "epoch", "epoch": done, "step": done * state.steps_per_epoch - 1,
                    **{k: v for k, v in epoch_means.items()}})
         if main:
-            terms = " ".join(f"{k}={v:.4f}" for k, v in epoch_means.items())
+            terms = " ".join(f"{k}={v:.4f}" for k, v in epoch_means.items() if k not in state.model.health)
+            health = " ".join(f"{n}: H {epoch_means[f'entropy_{n}']:.2f} H(mean) {epoch_means[f'mean_entropy_{n}']:.2f}"
+                              f" agree {epoch_means[f'agreement_{n}']:.2f}" for n in NETS)
             print(f"epoch {done}/{cfg.optim.epochs}: {terms} ({metrics['epoch_time_s']:.1f}s)", flush=True)
+            print(f"  teacher health (nats, log K = {np.log(cfg.head.out_dim):.2f}): {health}", flush=True)
+            for w in health_warnings(epoch_means, cfg):
+                print(w, flush=True)
             ckpt = make_checkpoint(state, cfg, done, metrics)
             save_atomic(ckpt, last)
             if cfg.train.save_every and done % cfg.train.save_every == 0:
                 save_atomic(ckpt, out_dir / f"checkpoint_{done:04d}.pth")
         distributed.barrier()
     if main:
+        summary = knn_summary(log.path, cfg) if knn_on else None
+        if summary:
+            print(summary, flush=True)
         print(f"done: {ckpt_path}")
     distributed.cleanup()
     return ckpt_path

@@ -6,12 +6,15 @@ once (`_terms_for`) and called for (net1, net2) and (net2, net1).
 
 from __future__ import annotations
 
+import contextlib
+import zlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mokd.config import Config, NetConfig
+from mokd.health import health_metrics
 from mokd.losses import Center, dino_cross_entropy, paired_cross_entropy, sharpen
 from mokd.models.backbones import create_backbone, encode, feature_grid, global_dim, is_vit, local_dim
 from mokd.models.heads import DINOHead, THead, norm_last_layer_for
@@ -41,23 +44,43 @@ class BranchOutput:
         return self.glob[v] if self.is_vit else self.local[v].mean(dim=1)
 
 
+@contextlib.contextmanager
+def seeded_init(seed: int, net: str, module: str):
+    """Draw a module's initial weights from a generator seeded by (seed, net, module), not the global stream.
+
+    So with one seed a backbone (or head) starts from the same weights whatever else is built around it:
+    the loss mode, the Table 7 switches or the other model. The global RNG state is restored afterwards.
+    """
+    derived = zlib.crc32(f"{seed}/{net}/{module}".encode())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derived)
+        yield
+
+
 class Branch(nn.Module):
-    """backbone + mlp_head (+ thead). forward(crops) runs every crop, grouping equal resolutions."""
+    """backbone + mlp_head (+ thead). forward(crops) runs every crop, grouping equal resolutions.
+
+    The heads' weights are drawn by seeded_init(seed, net, "mlp_head" / "thead").
+    """
 
     def __init__(self, backbone: nn.Module, cfg: Config, grid: tuple[int, int] | None, channels_last: bool = False,
-                 net: NetConfig | None = None):
+                 net: str = "net"):
         super().__init__()
-        net = net or NetConfig()
         self.backbone = backbone
         self.is_vit = is_vit(backbone)
-        h = cfg.head
-        frozen = {k: norm_last_layer_for(k, self.is_vit, getattr(net, f"norm_last_layer_{k}"), h.norm_last_layer)
+        net_cfg = getattr(cfg, net) if net in NETS else NetConfig()
+        h, seed = cfg.head, cfg.train.seed
+        frozen = {k: norm_last_layer_for(k, self.is_vit, getattr(net_cfg, f"norm_last_layer_{k}"), h.norm_last_layer)
                   for k in ("mlp", "thead")}
-        self.mlp_head = DINOHead(global_dim(backbone), h.out_dim, h.hidden_dim, h.bottleneck_dim, h.use_bn,
-                                 frozen["mlp"])
+        with seeded_init(seed, net, "mlp_head"):
+            self.mlp_head = DINOHead(global_dim(backbone), h.out_dim, h.hidden_dim, h.bottleneck_dim, h.use_bn,
+                                     frozen["mlp"])
         t = cfg.thead
-        self.thead = None if grid is None else THead(local_dim(backbone), h.out_dim, grid, t.dim, t.depth,
-                                                     t.num_heads, t.mlp_ratio, frozen["thead"], net.pos_resample)
+        self.thead = None
+        if grid is not None:
+            with seeded_init(seed, net, "thead"):
+                self.thead = THead(local_dim(backbone), h.out_dim, grid, t.dim, t.depth, t.num_heads, t.mlp_ratio,
+                                   frozen["thead"], net_cfg.pos_resample)
         self.channels_last = channels_last and not self.is_vit
 
     def forward(self, crops: list[torch.Tensor]) -> BranchOutput:
@@ -111,15 +134,17 @@ class MOKDModel(nn.Module):
         students, teachers = {}, {}
         for n in NETS:
             nc = getattr(cfg, n)
-            backbone = create_backbone(nc.arch, nc.kwargs, nc.small_stem, nc.pos_resample)
+            with seeded_init(cfg.train.seed, n, "backbone"):
+                backbone = create_backbone(nc.arch, nc.kwargs, nc.small_stem, nc.pos_resample)
             label = f"{n} ({nc.arch})"
             grid = feature_grid(backbone, cfg.augment.global_size, label)
             if cfg.augment.local_crops > 0:
                 feature_grid(backbone, cfg.augment.local_size, label)
             grid = grid if self.use_thead else None
-            students[n] = Branch(backbone, cfg, grid, cfg.train.channels_last, nc)
+            students[n] = Branch(backbone, cfg, grid, cfg.train.channels_last, net=n)
+            # The teacher's own draws do not matter: it is overwritten with the student's weights.
             teacher_backbone = create_backbone(nc.arch, teacher_kwargs(nc.kwargs), nc.small_stem, nc.pos_resample)
-            teachers[n] = Branch(teacher_backbone, cfg, grid, cfg.train.channels_last, nc)
+            teachers[n] = Branch(teacher_backbone, cfg, grid, cfg.train.channels_last, net=n)
             teachers[n].load_state_dict(students[n].state_dict())
             for p in teachers[n].parameters():
                 p.requires_grad = False
@@ -130,6 +155,8 @@ class MOKDModel(nn.Module):
                                       for h in (("mlp", "thead") if self.use_thead else ("mlp",))})
         # DDP wrappers of the students, when distributed (a plain dict: not part of the state dict).
         self.student_forward = {n: self.student[n] for n in NETS}
+        # The last forward's training-health figures (mokd.health), per model: entropy_net1, agreement_net2, ...
+        self.health: dict[str, torch.Tensor] = {}
 
     def arch(self) -> dict:
         return {n: {"name": getattr(self.cfg, n).arch, "kwargs": dict(getattr(self.cfg, n).kwargs),
@@ -159,6 +186,11 @@ class MOKDModel(nn.Module):
         for i, j in (("net1", "net2"), ("net2", "net1")):
             temps = {t: _temp(teacher_temp, i, t) for t in TEMP_GROUPS}
             losses.update(self._terms_for(i, j, students, teachers, probs, temps, len(crops)))
+        self.health = {}
+        for n in NETS:
+            t_probs = probs(n, "mlp", _temp(teacher_temp, n, "sm"))
+            figures = health_metrics(t_probs, students[n].mlp[:len(t_probs)])
+            self.health.update({f"{k}_{n}": v for k, v in figures.items()})
         for n in NETS:
             self.centers[f"{n}_mlp"].update(teachers[n].mlp)
             if self.use_thead:

@@ -1,0 +1,272 @@
+"""Does MOKD beat its baseline? MOKD and the independent (two plain DINO runs) baseline, S seeds, one budget.
+
+    python benchmarks/reproduce.py                                  # default pair on digits, 3 seeds
+    python benchmarks/reproduce.py --seeds 5 --config configs/default.yaml --data digits --out runs/reproduce
+    python benchmarks/reproduce.py --ablation no_ct:loss.ct=false --ablation no_st:loss.st=false
+    python benchmarks/reproduce.py --set optim.epochs=8             # applies to every run alike
+
+For every seed and mode it runs `mokd train` (same config, same seed, same epochs: the only difference is
+loss.mode or the ablation's settings; with one seed both modes start from the same weights), with the online
+k-NN monitor every epoch. Then it evaluates both teachers of every final checkpoint with `mokd eval knn`
+(k=20) and `mokd eval linear --fast`, which write result records into OUT/records (read them with
+`mokd report OUT/records`). It prints one table: per model and mode the mean and standard deviation over
+seeds, the paired MOKD minus independent gap with its 95% confidence interval (Student t over seeds), and
+each model's gain over its own initialisation (online k-NN), beside a k-NN on raw pixels as a floor. It also
+writes OUT/summary.json and OUT/knn_curves.png. Finished runs are kept: rerunning the script skips them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+NETS = ("net1", "net2")
+BASELINE = "independent"
+
+
+def parse_ablation(text: str) -> tuple[str, list[str]]:
+    """'NAME:key=v,key=v' -> (NAME, ['key=v', 'key=v'])."""
+    name, sep, sets = text.partition(":")
+    if not sep or not name or not sets:
+        raise SystemExit(f"--ablation expects NAME:key=value[,key=value...], e.g. no_ct:loss.ct=false; got {text!r}")
+    return name, [s for s in sets.split(",") if s]
+
+
+def run_cli(args: list[str]) -> None:
+    """One `mokd` command in this process (imports once); a failure stops the harness with its message."""
+    from mokd.cli import cli
+
+    try:
+        cli.main(args, prog_name="mokd", standalone_mode=False)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise SystemExit(f"mokd {' '.join(args)} failed with exit code {e.code}") from e
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for ln in path.read_text().splitlines():
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def finished(run_dir: Path, epochs: int) -> bool:
+    return any(r.get("type") == "knn" and r.get("epoch") == epochs for r in read_log(run_dir)) and \
+        (run_dir / "last.pth").is_file()
+
+
+def train_run(run_dir: Path, base: list[str], extra: list[str], seed: int, epochs: int) -> float:
+    """Train one run unless it already finished; returns the training time in seconds (0 when skipped)."""
+    if finished(run_dir, epochs):
+        print(f"[reproduce] {run_dir} finished earlier: kept", flush=True)
+        return 0.0
+    if run_dir.exists():  # an unfinished run: continue it
+        extra_flags = ["--resume"] if (run_dir / "last.pth").is_file() else []
+    else:
+        extra_flags = []
+    args = ["train", *base, "--out", str(run_dir), "--seed", str(seed), "--set", "train.knn_every=1",
+            "--set", "train.progress=false", *[a for s in extra for a in ("--set", s)], *extra_flags]
+    print(f"[reproduce] mokd {' '.join(args)}", flush=True)
+    t0 = time.perf_counter()
+    run_cli(args)
+    return time.perf_counter() - t0
+
+
+def evaluate(run_dir: Path, records: Path, data: str, linear: bool) -> dict:
+    """k-NN (k=20) and fast linear probe of both teachers; returns {net: {knn, linear}} from their records."""
+    ckpt = run_dir / "last.pth"
+    common = [str(ckpt), "--branch", "teacher", "--data", data, "--out", str(records), "--no-cache",
+              "--seed", "0"]
+    run_cli(["eval", "knn", *common, "--ks", "20"])
+    if linear:
+        run_cli(["eval", "linear", *common, "--fast"])
+    out: dict = {n: {} for n in NETS}
+    for path in sorted(records.glob("*.json")):
+        r = json.loads(path.read_text())
+        c = r.get("checkpoint", {})
+        if Path(str(c.get("path", ""))).resolve() != ckpt.resolve():
+            continue
+        net = c.get("model")
+        if net in out:
+            out[net][r["task"]] = r["metrics"]["best_top1"] if r["task"] == "knn" else r["metrics"]["top1"]
+    return out
+
+
+def raw_pixel_knn(data: str, size: int) -> float:
+    """k-NN (k=20, DINO's weighted vote on cosine similarity) on the evaluation-transformed pixels."""
+    import torch
+
+    from mokd.data import build_dataset, parse_data_spec
+    from mokd_eval.features import eval_transform
+    from mokd_eval.knn import knn_evaluate
+
+    spec = parse_data_spec(data)
+    tf = eval_transform(size, spec.native_size is not None)
+
+    def load(split):
+        ds = build_dataset(spec, split, tf)
+        xs, ys = zip(*(ds[i] for i in range(len(ds))))
+        return torch.stack(xs).flatten(1), torch.tensor(ys), len(ds.classes)
+
+    tr, ytr, n_cls = load("train")
+    va, yva, _ = load("val")
+    tr, va = torch.nn.functional.normalize(tr, dim=1), torch.nn.functional.normalize(va, dim=1)
+    return knn_evaluate(tr, ytr, va, yva, ks=(20,), num_classes=n_cls, backend="torch", log=None)["top1"][20]
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    a = np.asarray(xs, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else float("nan")
+
+
+def paired_ci(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean of paired differences and its 95% confidence interval (Student t with S-1 degrees of freedom)."""
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=float)
+    m = float(d.mean())
+    if len(d) < 2:
+        return m, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+    return m, m - half, m + half
+
+
+def fmt(m: float, s: float, sign: str = "") -> str:
+    return f"{m:{sign}.2f} ± {s:.2f}" if not math.isnan(s) else f"{m:{sign}.2f}"
+
+
+def curves_png(results: dict, arch: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    modes = list(results)
+    colours = dict(zip(modes, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    for ax, n in zip(axes, NETS):
+        for mode in modes:
+            for i, (seed, run) in enumerate(sorted(results[mode].items())):
+                ep, acc = zip(*run["curve"][n])
+                ax.plot(ep, acc, color=colours[mode], marker="o", ms=3, lw=1.2, alpha=0.85,
+                        label=mode if i == 0 else None)
+        ax.set_title(f"{n}: {arch[n]}", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("online k-NN top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(title="one line per seed", fontsize=8, title_fontsize=8, loc="center left",
+                   bbox_to_anchor=(1.02, 0.5))
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", default=None, help="config file or shipped name (default: configs/default.yaml)")
+    ap.add_argument("--data", default="digits", help="data spec, as for mokd train (default: digits)")
+    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override applied to every run (repeatable)")
+    ap.add_argument("--ablation", action="append", default=[], metavar="NAME:KEY=V[,KEY=V]",
+                    help="an extra MOKD variant compared with the baseline too (repeatable)")
+    ap.add_argument("--out", default="runs/reproduce", help="folder for runs, records, summary and plot")
+    ap.add_argument("--no-linear", action="store_true", help="skip the linear probe (k-NN only)")
+    args = ap.parse_args(argv)
+    if args.seeds < 1:
+        raise SystemExit("--seeds must be >= 1")
+    sys.path.insert(0, str(ROOT))
+    from mokd.config import load_config
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = out / "records"
+    cfg = load_config(args.config, args.overrides)
+    base = (["--config", args.config] if args.config else []) + ["--data", args.data]
+    base += [a for s in args.overrides for a in ("--set", s)]
+    variants = {"mokd": ["loss.mode=mokd"], BASELINE: [f"loss.mode={BASELINE}"]}
+    variants.update(dict(parse_ablation(a) for a in args.ablation))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    arch = {n: getattr(cfg, n).arch for n in NETS}
+    t_start = time.perf_counter()
+    results: dict = {v: {} for v in variants}
+    for seed in seeds:  # seed-major: an interrupted harness has complete pairs for the seeds it finished
+        for name, sets in variants.items():
+            run_dir = out / name / f"seed{seed}"
+            train_s = train_run(run_dir, base, sets, seed, cfg.optim.epochs)
+            knn = [r for r in read_log(run_dir) if r.get("type") == "knn"]
+            ev = evaluate(run_dir, records, args.data, linear=not args.no_linear)
+            results[name][seed] = {
+                "train_s": train_s, "run": str(run_dir),
+                "init": {n: knn[0][f"knn_top1_{n}"] for n in NETS},
+                "online_end": {n: knn[-1][f"knn_top1_{n}"] for n in NETS},
+                "curve": {n: [(r["epoch"], r[f"knn_top1_{n}"]) for r in knn] for n in NETS},
+                "eval": ev,
+            }
+    floor = raw_pixel_knn(args.data, cfg.augment.global_size)
+    protocols = ["knn"] + ([] if args.no_linear else ["linear"])
+
+    rows, summary = [], {"config": args.config or "configs/default.yaml", "data": args.data, "seeds": seeds,
+                         "overrides": args.overrides, "epochs": cfg.optim.epochs, "raw_pixel_knn": floor,
+                         "arch": arch, "runs": results, "table": []}
+    for n in NETS:
+        for name in variants:
+            runs = [results[name][s] for s in seeds]
+            row = {"model": f"{n} ({arch[n]})", "mode": name}
+            gains = [r["online_end"][n] - r["init"][n] for r in runs]
+            row["init"] = mean_std([r["init"][n] for r in runs])
+            row["gain_over_init"] = mean_std(gains)
+            for p in protocols:
+                row[p] = mean_std([r["eval"][n][p] for r in runs])
+                if name != BASELINE:
+                    diffs = [results[name][s]["eval"][n][p] - results[BASELINE][s]["eval"][n][p] for s in seeds]
+                    row[f"{p}_gap"] = paired_ci(diffs)
+            rows.append(row)
+    summary["table"] = rows
+    summary["wall_time_s"] = time.perf_counter() - t_start
+
+    head = ["model", "mode", "k-NN init", "gain over init (online k-NN)"]
+    for p in protocols:
+        head += [f"{p} top-1", f"{p}: minus {BASELINE} [95% CI]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["model"], row["mode"], fmt(*row["init"]), fmt(*row["gain_over_init"], sign="+")]
+        for p in protocols:
+            cells.append(fmt(*row[p]))
+            if f"{p}_gap" in row:
+                m, lo, hi = row[f"{p}_gap"]
+                cells.append(f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else f"{m:+.2f}")
+            else:
+                cells.append("—")
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    (out / "table.md").write_text(table + "\n")
+    curves_png(results, arch, out / "knn_curves.png")
+    print()
+    print(f"MOKD vs {BASELINE} on {args.data}: {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
+          f"{cfg.optim.epochs} epochs each, teachers evaluated (k-NN k=20; linear = fast probe); mean ± std over seeds")
+    print(table)
+    print(f"floor: k-NN (k=20) on raw pixels at {cfg.augment.global_size} px: {floor:.2f}%")
+    print(f"wrote {out / 'summary.json'}, {out / 'table.md'}, {out / 'knn_curves.png'}, records in {records} "
+          f"({summary['wall_time_s'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Training health: DINO's two collapse signals and the student-teacher agreement, and what to do about them.
+
+Per model, on the MLP head's outputs for the two global views of a batch:
+- teacher entropy: the mean over samples of H(p_t), p_t the centred and sharpened teacher output. It reaches
+  log K when every output is uniform (one kind of collapse);
+- batch-mean entropy: H of the batch's mean teacher output. It falls towards 0 when one dimension wins for
+  every sample (the other kind); a healthy run keeps it high while the per-sample entropy is low;
+- agreement: the fraction of samples whose student argmax equals the teacher's on the same view.
+Entropies are in nats, computed on each process's own batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+@torch.no_grad()
+def health_metrics(teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """teacher_probs [N, K] (rows sum to 1), student_logits [N, K] for the same views -> three scalars."""
+    p = teacher_probs.float()
+    ent = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1).mean()
+    mean = p.mean(dim=0)
+    ent_mean = -(mean * torch.log(mean.clamp_min(1e-12))).sum()
+    agree = (student_logits.argmax(dim=-1) == p.argmax(dim=-1)).float().mean()
+    return {"entropy": ent, "mean_entropy": ent_mean, "agreement": agree}
+
+
+UNIFORM_FRACTION = 0.95  # per-sample entropy above this fraction of log K: outputs nearly uniform
+DOMINANT_NATS = math.log(2.0)  # batch-mean entropy below log 2: fewer than two dimensions in use
+
+
+def collapse_warning(name: str, entropy: float, mean_entropy: float, out_dim: int) -> str | None:
+    """A one-line warning when a model's teacher has collapsed, with the knob that usually cures it."""
+    log_k = math.log(out_dim)
+    if entropy > UNIFORM_FRACTION * log_k:
+        return (f"warning: {name} looks collapsed to uniform outputs (teacher entropy {entropy:.2f} of "
+                f"log K = {log_k:.2f} nats): sharpen the teacher (lower loss.teacher_temp or "
+                f"loss.warmup_teacher_temp) or lower the learning rate")
+    if mean_entropy < DOMINANT_NATS:
+        return (f"warning: {name} looks collapsed to one dominant dimension (entropy of the batch-mean output "
+                f"{mean_entropy:.2f} nats, under log 2): centre more (loss.center_momentum closer to 0.9 or "
+                f"below), soften the teacher (raise loss.teacher_temp) or lower the learning rate")
+    return None

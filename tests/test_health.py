@@ -1,0 +1,65 @@
+"""Training health: the collapse signals on hand-made teacher outputs, the batch-job progress line, the summary."""
+
+import json
+import math
+
+import torch
+from click.testing import CliRunner
+
+from mokd.cli import cli
+from mokd.health import collapse_warning, health_metrics
+from tests.tiny import TINY_OVERRIDES
+
+K, N = 64, 16
+
+
+def test_uniform_teacher_outputs():
+    probs = torch.full((N, K), 1.0 / K)
+    h = health_metrics(probs, torch.randn(N, K))
+    assert math.isclose(h["entropy"].item(), math.log(K), rel_tol=1e-5)
+    assert math.isclose(h["mean_entropy"].item(), math.log(K), rel_tol=1e-5)
+    w = collapse_warning("net2 (vit)", h["entropy"].item(), h["mean_entropy"].item(), K)
+    assert w is not None and "uniform" in w and "net2 (vit)" in w and "teacher_temp" in w
+
+
+def test_one_dimension_dominating():
+    probs = torch.zeros(N, K)
+    probs[:, 3] = 1.0
+    student = torch.zeros(N, K)
+    student[: N // 4, 3] = 1.0  # a quarter of the students agree with the teacher's argmax
+    student[N // 4:, 5] = 1.0
+    h = health_metrics(probs, student)
+    assert h["entropy"].item() < 1e-6 and h["mean_entropy"].item() < 1e-6
+    assert math.isclose(h["agreement"].item(), 0.25)
+    w = collapse_warning("net1", h["entropy"].item(), h["mean_entropy"].item(), K)
+    assert w is not None and "dominant" in w and "center_momentum" in w
+
+
+def test_healthy_one_hot_outputs_spread_over_dimensions():
+    probs = torch.eye(K)[:N]  # each sample its own dimension: sharp per sample, spread over the batch
+    h = health_metrics(probs, probs.clone())
+    assert h["entropy"].item() < 1e-6
+    assert math.isclose(h["mean_entropy"].item(), math.log(N), rel_tol=1e-5)
+    assert h["agreement"].item() == 1.0
+    assert collapse_warning("net1", h["entropy"].item(), h["mean_entropy"].item(), K) is None
+
+
+def test_batch_job_progress_health_log_and_summary(tmp_path):
+    """Under click's runner stderr is no terminal: a progress line per log_every steps, then the k-NN summary."""
+    out = tmp_path / "r"
+    args = ["train", "--out", str(out)]
+    for o in TINY_OVERRIDES + ["train.knn_every=1", "train.log_every=2", "optim.epochs=1"]:
+        args += ["--set", o]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("epoch 1/1 step")]
+    assert len(lines) == 2  # 48 images / batch 16 = 3 steps: steps 2 and 3 (the epoch's last step)
+    assert "step 2/3" in lines[0] and "loss1=" in lines[0] and "img/s" in lines[0] and "eta 0:" in lines[0]
+    assert "teacher health" in res.output
+    summary = [ln for ln in res.output.splitlines() if ln.startswith("summary: online k-NN")]
+    assert len(summary) == 1 and "-> " in summary[0] and "net1 (test_resnet)" in summary[0]
+    steps = [json.loads(ln) for ln in open(out / "log.jsonl") if '"type": "step"' in ln]
+    for n in ("net1", "net2"):
+        assert 0.0 <= steps[0][f"entropy_{n}"] <= math.log(64) + 1e-4
+        assert 0.0 <= steps[0][f"mean_entropy_{n}"] <= math.log(64) + 1e-4
+        assert 0.0 <= steps[0][f"agreement_{n}"] <= 1.0
