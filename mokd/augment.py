@@ -2,7 +2,8 @@
 
 Each image gets 2 global crops and N local crops. Global crop 1: random resized crop, flip, colour jitter
 (p 0.8), grayscale (p 0.2), Gaussian blur (p 1.0); global crop 2: the same with blur p 0.1 and solarisation
-p 0.2; local crops: the same with blur p 0.5. Blur radii scale with the crop side (DINO's 0.1-2 px at 224).
+p 0.2; local crops: the same with blur p 0.5. Blur radii are DINO's 0.1-2 px at 224, scaled by the global crop
+size for every crop (augment.blur_scale=global, as DINO and the release: local crops too) or by each crop's own.
 
 `SeededCrops` draws every random number of sample i in epoch e from a generator seeded by (seed, e, i), so
 crops do not depend on worker count, rank or batch layout: a resumed run and a 2-process run see exactly
@@ -48,11 +49,12 @@ class MultiCrop:
         normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         bicubic = T.InterpolationMode.BICUBIC
 
+        g, l = cfg.global_size, cfg.local_size
+
         def blur(size: int, p: float) -> GaussianBlur:
-            s = size / 224.0
+            s = (g if cfg.blur_scale == "global" else size) / 224.0
             return GaussianBlur(p, 0.1 * s, 2.0 * s)
 
-        g, l = cfg.global_size, cfg.local_size
         self.global1 = T.Compose([T.RandomResizedCrop(g, scale=cfg.global_scale, interpolation=bicubic),
                                   *flip_jitter, blur(g, 1.0), *normalize])
         self.global2 = T.Compose([T.RandomResizedCrop(g, scale=cfg.global_scale, interpolation=bicubic),

@@ -37,6 +37,8 @@ class AugmentConfig:
     local_scale: tuple[float, float] = (0.05, 0.25)
     local_crops: int = 8
     blur_kernel_frac: float = 0.1  # Gaussian blur kernel ~ 10% of the crop side, as DINO's radius 0.1-2 at 224
+    blur_scale: str = "global"  # Gaussian-blur radius 0.1-2 px x S/224 for every crop, S: global (the global crop
+    # size: DINO and the release blur 96 px local crops by 0.1-2 px too) | crop (each crop's own size)
 
 
 @dataclass
@@ -53,8 +55,22 @@ class NetConfig:
     weight_decay_end: float | None = None  # None -> 1e-4 for SGD (constant), 0.4 for AdamW (DINO cosine)
     thead_lr: float | None = None  # T-Head base lr; None -> a CNN's (SGD) T-Head uses the AdamW lr and wd
     # schedules, as the official code does (a ViT's T-Head trains with the ViT)
+    thead_min_lr: float | None = None  # final lr of the T-Head's cosine; None -> min_lr scaled as thead_lr is to lr
+    # (an SGD net's T-Head: 1e-6 x thead_lr / 3e-4)
+    thead_decay: str = "auto"  # which T-Head parameters get weight decay: all (the release's CNN T-Head, biases
+    # and norms included) | weights (biases and norms without, as everywhere else) | auto (all for CNNs, weights for ViTs)
     clip_grad: float = 3.0  # per-parameter gradient-norm cap (DINO); 0 disables clipping
     momentum_teacher: float = 0.996  # EMA momentum at step 0, cosine to 1
+    # Frozen weight-norm gain (DINO's norm_last_layer) of this net's MLP head / T-Head; None -> head.norm_last_layer
+    # if set, else the release's: frozen for a CNN's MLP head, trainable for a ViT's and for every T-Head.
+    norm_last_layer_mlp: bool | None = None
+    norm_last_layer_thead: bool | None = None
+    # Teacher-temperature warm-up (epochs) of this net's self terms (sm, st) and cross terms (cm, ct);
+    # None -> loss.warmup_teacher_temp_epochs. The release: 50 for the CNN's self terms, 30 for the rest.
+    warmup_teacher_temp_epochs: int | None = None
+    warmup_teacher_temp_epochs_cross: int | None = None
+    pos_resample: str = "dino"  # position embedding at other grids (ViT backbone, T-Head): dino (bicubic,
+    # scale (n+0.1)/N, as DINO and the release) | timm (bicubic to size n, antialiased); mokd.models.pos_embed
 
 
 @dataclass
@@ -62,7 +78,7 @@ class HeadConfig:
     out_dim: int = 65536  # K, shared by the MLP head and the T-Head
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
-    norm_last_layer: bool = True
+    norm_last_layer: bool | None = None  # one setting for every head; None -> net*.norm_last_layer_mlp/_thead
     use_bn: bool = False
 
 
@@ -85,7 +101,8 @@ class LossConfig:
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 30  # shortened to optim.epochs for shorter runs
+    warmup_teacher_temp_epochs: int = 30  # every term's, unless net*.warmup_teacher_temp_epochs(_cross) say
+    # otherwise; shortened to optim.epochs for shorter runs
     center_momentum: float = 0.9
 
 
@@ -286,6 +303,8 @@ def validate(cfg: Config) -> None:
     _validate_numbers(cfg)
     need(cfg.loss.mode in ("mokd", "independent"), f"loss.mode must be 'mokd' or 'independent', got {cfg.loss.mode!r}")
     need(cfg.loss.ct_views in ("local", "global"), f"loss.ct_views must be 'local' or 'global', got {cfg.loss.ct_views!r}")
+    need(cfg.augment.blur_scale in ("global", "crop"), f"augment.blur_scale must be global or crop, got "
+         f"{cfg.augment.blur_scale!r}")
     need(cfg.loss.sm, "loss.sm cannot be switched off: it is the self-distillation every model trains with")
     need(cfg.loss.mode != "mokd" or cfg.loss.ct_views == "global" or cfg.augment.local_crops > 0 or not cfg.loss.ct,
          "loss.ct_views=local needs augment.local_crops > 0 (or set loss.ct_views=global)")
@@ -294,6 +313,11 @@ def validate(cfg: Config) -> None:
         need(n.optimizer in ("auto", "sgd", "adamw"), f"{name}.optimizer must be auto, sgd or adamw")
         need(0.0 <= n.lam, f"{name}.lam must be >= 0, got {n.lam}")
         need(0.0 <= n.momentum_teacher <= 1.0, f"{name}.momentum_teacher must be in [0, 1]")
+        need(n.thead_decay in ("auto", "all", "weights"), f"{name}.thead_decay must be auto, all or weights, "
+             f"got {n.thead_decay!r}")
+        need(n.pos_resample in ("dino", "timm"), f"{name}.pos_resample must be dino or timm, got {n.pos_resample!r}")
+        for key in ("warmup_teacher_temp_epochs", "warmup_teacher_temp_epochs_cross"):
+            need(getattr(n, key) is None or getattr(n, key) >= 0, f"{name}.{key} must be >= 0 (or null)")
     need(cfg.optim.epochs >= 1, "optim.epochs must be >= 1")
     need(cfg.optim.batch_size >= 1, "optim.batch_size must be >= 1")
     need(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")

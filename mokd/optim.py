@@ -22,7 +22,8 @@ def resolve_optimizer(net: NetConfig, vit: bool) -> dict:
     """Fill the net's None fields from the optimiser's defaults; returns the resolved settings.
 
     The T-Head of an SGD-trained CNN follows the official code: it sits in the CNN's optimiser but in
-    groups of its own on the ViT (AdamW) lr and weight-decay schedules, unless thead_lr says otherwise.
+    groups of its own on the ViT (AdamW) lr and weight-decay schedules, unless thead_lr says otherwise;
+    which of its parameters decay is thead_decay's (thead_decays_all).
     """
     kind = net.optimizer if net.optimizer != "auto" else ("adamw" if vit else "sgd")
     d = OPTIMIZER_DEFAULTS[kind]
@@ -34,23 +35,33 @@ def resolve_optimizer(net: NetConfig, vit: bool) -> dict:
     if kind == "sgd":
         a = OPTIMIZER_DEFAULTS["adamw"]
         t_lr = net.thead_lr if net.thead_lr is not None else a["lr"]
-        thead = {"lr": t_lr, "min_lr": a["min_lr"] * t_lr / a["lr"], "weight_decay": a["weight_decay"],
-                 "weight_decay_end": a["weight_decay_end"]}
+        t_min = a["min_lr"] * t_lr / a["lr"]
+        thead = {"lr": t_lr, "weight_decay": a["weight_decay"], "weight_decay_end": a["weight_decay_end"]}
     else:
         t_lr = net.thead_lr if net.thead_lr is not None else lr
-        thead = {"lr": t_lr, "min_lr": min_lr * t_lr / lr, "weight_decay": wd, "weight_decay_end": wd_end}
+        t_min = min_lr * t_lr / lr
+        thead = {"lr": t_lr, "weight_decay": wd, "weight_decay_end": wd_end}
+    thead["min_lr"] = net.thead_min_lr if net.thead_min_lr is not None else t_min
     return {"optimizer": kind, "lr": lr, "min_lr": min_lr, "weight_decay": wd, "weight_decay_end": wd_end,
-            "thead": thead}
+            "thead": thead, "thead_decay_all": thead_decays_all(net, vit)}
 
 
-def param_groups(module: nn.Module) -> list[dict]:
-    """Weights with decay; biases and norm parameters (ndim <= 1) without; the T-Head's likewise, apart."""
+def thead_decays_all(net: NetConfig, vit: bool) -> bool:
+    """net.thead_decay resolved: the release decays every parameter of the CNN's T-Head (biases and LayerNorm
+    included, in one group on the ViT's schedules) and only the weights of the ViT's."""
+    return net.thead_decay == "all" or (net.thead_decay == "auto" and not vit)
+
+
+def param_groups(module: nn.Module, thead_decay_all: bool = False) -> list[dict]:
+    """Weights with decay; biases and norm parameters (ndim <= 1) without; the T-Head's likewise, apart
+    (or, with thead_decay_all, every T-Head parameter with decay)."""
     groups = {(t, d): [] for t in ("main", "thead") for d in (True, False)}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not (p.ndim <= 1 or name.endswith(".bias"))
-        groups[("thead" if name.startswith("thead.") else "main", decay)].append(p)
+        thead = name.startswith("thead.")
+        decay = (thead and thead_decay_all) or not (p.ndim <= 1 or name.endswith(".bias"))
+        groups[("thead" if thead else "main", decay)].append(p)
     return [{"params": ps, "tag": tag, "apply_wd": decay, **({} if decay else {"weight_decay": 0.0})}
             for (tag, decay), ps in groups.items() if ps]
 
@@ -59,7 +70,7 @@ def build_optimizer(module: nn.Module, settings: dict, optim: OptimConfig, forea
                     ) -> torch.optim.Optimizer:
     """SGD or AdamW over `param_groups(module)`; foreach=True updates each group with one multi-tensor kernel
     per operation instead of one call per parameter (the same arithmetic, up to float rounding)."""
-    groups = param_groups(module)
+    groups = param_groups(module, settings["thead_decay_all"])
     if settings["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=optim.sgd_momentum, foreach=foreach)
     return torch.optim.AdamW(groups, lr=0.0, foreach=foreach)

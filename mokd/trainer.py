@@ -32,7 +32,7 @@ from mokd.naming import model_name
 from mokd.optim import Schedules, apply_schedules, build_optimizer, build_schedules, resolve_optimizer
 from mokd.preemption import StopRequest, StoppedBySignal, ignore_stop_signals
 from mokd.runlog import RunLog, peak_memory_mb
-from mokd.schedules import teacher_temp_schedule
+from mokd.schedules import teacher_temp_schedules
 
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,7 +42,7 @@ class TrainState:
     model: MOKDModel
     optimizers: dict[str, torch.optim.Optimizer]
     schedules: dict[str, Schedules]
-    teacher_temp: np.ndarray
+    teacher_temp: dict[str, np.ndarray]  # "net1_self", "net1_cross", ... (mokd.schedules.teacher_temp_schedules)
     scaler: torch.amp.GradScaler
     device: torch.device
     precision: str
@@ -120,9 +120,7 @@ def build_state(cfg: Config, device: torch.device, steps_per_epoch: int, dist_in
         settings = resolve_optimizer(net_cfg, is_vit(model.student[n].backbone))
         optimizers[n] = build_optimizer(model.student[n], settings, cfg.optim, foreach=fast)
         schedules[n] = build_schedules(settings, net_cfg, cfg.optim, steps_per_epoch)
-    lc = cfg.loss
-    temp = teacher_temp_schedule(lc.warmup_teacher_temp, lc.teacher_temp, lc.warmup_teacher_temp_epochs,
-                                 cfg.optim.epochs, steps_per_epoch)
+    temp = teacher_temp_schedules(cfg, steps_per_epoch)
     return TrainState(model, optimizers, schedules, temp, grad_scaler(device, precision), device, precision,
                       steps_per_epoch)
 
@@ -154,7 +152,7 @@ def train_step(state: TrainState, crops: list[torch.Tensor], step: int, freeze_l
     for n in NETS:
         apply_schedules(state.optimizers[n], state.schedules[n], step)
     with autocast(state.device, state.precision):
-        losses = model(crops, float(state.teacher_temp[step]))
+        losses = model(crops, {k: float(v[step]) for k, v in state.teacher_temp.items()})
     losses.update(model.total_losses(losses))
     _check_finite(losses, step, step // state.steps_per_epoch)
 
@@ -212,7 +210,7 @@ def train_one_epoch(state: TrainState, loader, epoch: int, cfg: Config, log: Run
                        **{f"wd_{n}": state.optimizers[n].param_groups[0]["weight_decay"] for n in NETS},
                        **{f"lr_thead_{n}": float(state.schedules[n].thead_lr[step]) for n in NETS},
                        **{f"momentum_{n}": float(state.schedules[n].momentum[step]) for n in NETS},
-                       "teacher_temp": float(state.teacher_temp[step]),
+                       **{f"teacher_temp_{k}": float(v[step]) for k, v in state.teacher_temp.items()},
                        "img_per_s": window_images / max(elapsed, 1e-9),
                        "peak_mem_mb": peak_memory_mb(device)})
             if lines:

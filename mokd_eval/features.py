@@ -241,7 +241,8 @@ def features_for(loaded, spec: DataSpec, split: str, *, device: torch.device | s
     ds.transform = eval_transform(size, native)
     path = None
     if use_cache:
-        resample = pos_resample if is_vit(loaded.backbone) else None  # CNNs have no position embedding
+        # the loader's rule (recorded in the checkpoint field) unless one is given; CNNs have no position embedding
+        resample = (pos_resample or loaded.checkpoint.get("pos_resample")) if is_vit(loaded.backbone) else None
         key = cache_key(loaded.checkpoint, spec, split, ds, size, native, mode, n_last_blocks, precision,
                         arch=loaded.arch, pos_resample=resample)
         path = cache_dir(cache) / f"{key}.pt"

@@ -23,6 +23,8 @@ from torch import nn
 
 from mokd.checkpoint import load_file
 from mokd.errors import UserError
+from mokd.models.backbones import is_vit
+from mokd.models.pos_embed import dino_rule_applies, set_pos_resample
 from mokd.naming import model_name, run_name
 from mokd_eval import architecture
 from mokd_eval.formats import FORMATS, Candidate, Request, detect, select_key
@@ -32,6 +34,9 @@ HEAD_PREFIXES = ("fc.", "head.", "heads.", "head_dist.", "classifier.", "project
                  "projection.", "predictor.", "prototypes.", "prototype.", "mlp_head.", "thead.", "last_layer.")
 # Buffers that carry no information for inference; old checkpoints lack them.
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)
+# Formats whose ViTs resample their position embedding by DINO's rule (mokd.models.pos_embed) in their own code,
+# so that evaluating them away from their native size should do the same; other files get timm's.
+DINO_RULE_FORMATS = ("dino", "mocov3", "mokd-official")
 
 
 @dataclass
@@ -98,7 +103,7 @@ def read_checkpoint(path: str | Path) -> Any:
 
 def load_models(path: str | Path, *, model: str | None = None, branch: str | None = None, arch: str | None = None,
                 arch_kwargs: dict | None = None, key: str | None = None, allow_partial: bool = False,
-                cifar_stem: bool = False) -> list[LoadedModel]:
+                cifar_stem: bool = False, pos_resample: str | None = None) -> list[LoadedModel]:
     """Load the backbone(s) of a checkpoint file.
 
     Ours: both models' teachers by default (`model=None`), or the one named; `branch` picks teacher/student.
@@ -108,6 +113,8 @@ def load_models(path: str | Path, *, model: str | None = None, branch: str | Non
     recognised from the shapes without it). Raises UserError for unreadable files, unknown layouts, files
     without backbone weights, architectures that contradict the file or do not fit it, non-finite weights,
     and (unless `allow_partial`) any backbone tensor left unmatched.
+    A ViT resamples its position embedding by `pos_resample` (dino | timm; None: the rule its format trained
+    with, see eval_pos_resample); the record's checkpoint field says which.
     """
     path = Path(path)
     obj = read_checkpoint(path)
@@ -133,6 +140,12 @@ def load_models(path: str | Path, *, model: str | None = None, branch: str | Non
         _check_has_backbone(cand, path, fmt)
         a, notes = resolve_arch(cand, req, fmt, path, cifar_stem)
         backbone = architecture.build(a)
+        rule = None
+        if is_vit(backbone):
+            rule = pos_resample or eval_pos_resample(fmt, obj, cand)
+            if rule == "dino" and pos_resample is None and not dino_rule_applies(backbone):
+                rule = "timm"  # a ViT relative with a position embedding of its own (XCiT, ...)
+            set_pos_resample(backbone, rule, a["name"])
         report = match_and_load(backbone, cand.state, cand.ignored)
         report.notes.extend(notes)
         _check(report, a["name"], path, label, allow_partial, _arch_hint(cand.state))
@@ -144,7 +157,8 @@ def load_models(path: str | Path, *, model: str | None = None, branch: str | Non
                 "shape": model_name(a["name"], a["kwargs"], a["small_stem"]),
                 "name": model_name(a["name"], a["kwargs"], a["small_stem"], (cand.arch or {}).get("given_name")),
                 "run": run_name(path),
-                **{k: v for k, v in cand.extra.items() if v is not None}}
+                **{k: v for k, v in cand.extra.items() if v is not None},
+                **({"pos_resample": rule} if rule else {})}
         out.append(LoadedModel(backbone, label, a, report, ckpt, cand.image_size))
     return out
 
@@ -236,6 +250,17 @@ def check_finite(backbone: nn.Module, what: str, several: bool = False) -> None:
         raise UserError(f"{what}: the backbone holds non-finite values (NaN or inf) in {len(bad)} tensor(s): "
                         f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. The run that wrote it diverged; "
                         f"use an earlier checkpoint{pick}.")
+
+
+def eval_pos_resample(fmt: str, obj: Any, cand: Candidate) -> str:
+    """The position-embedding rule a checkpoint's ViT trained with: DINO's for DINO, MoCo v3 and official MOKD
+    files; ours: the run's net*.pos_resample (runs from before that setting used timm's); timm's otherwise."""
+    if fmt in DINO_RULE_FORMATS:
+        return "dino"
+    if fmt == "mokd" and isinstance(obj, dict):
+        net_cfg = (obj.get("config") or {}).get(cand.model) or {}
+        return net_cfg.get("pos_resample", "timm")
+    return "timm"
 
 
 def _arch_hint(state: dict) -> str:

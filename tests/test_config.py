@@ -24,7 +24,9 @@ def test_paper_configs_load_with_the_paper_settings(path):
         assert n.arch in timm.list_models()
     assert (cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.warmup_epochs) == (100, 256, 10)
     assert (cfg.augment.global_size, cfg.augment.local_size, cfg.augment.local_crops) == (224, 96, 8)
-    assert cfg.head.out_dim == 65536 and cfg.thead.depth == 3 and cfg.thead.dim == 384
+    vit_b = "vit_base_patch16_224" in (cfg.net1.arch, cfg.net2.arch)  # the release: T-Head at the ViT's width
+    assert cfg.head.out_dim == 65536 and cfg.thead.depth == 3 and cfg.thead.dim == (768 if vit_b else 384)
+    assert cfg.thead.num_heads == 6
     assert (cfg.loss.student_temp, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp) == (0.1, 0.04, 0.07)
     lams = sorted([cfg.net1.lam, cfg.net2.lam])
     assert lams == ([1.0, 1.0] if cfg.net1.arch == cfg.net2.arch else [0.1, 1.0])

@@ -14,10 +14,15 @@ import torch
 from torch import nn
 
 from mokd.errors import UserError
+from mokd.models.pos_embed import set_pos_resample
 
 
-def create_backbone(name: str, kwargs: dict | None = None, small_stem: bool = False) -> nn.Module:
+def create_backbone(name: str, kwargs: dict | None = None, small_stem: bool = False,
+                    pos_resample: str = "timm") -> nn.Module:
     """timm.create_model(name, num_classes=0, **kwargs), with an optional small-image stem for CNNs.
+
+    A ViT resamples its position embedding for other input sizes by `pos_resample` (dino | timm; see
+    mokd.models.pos_embed); CNNs ignore it.
 
     The small stem keeps every parameter (so the state dict stays a timm state dict) but removes the
     stem's downsampling: the first convolution gets stride 1 and a stem max-pool is dropped. At 32 px a
@@ -35,6 +40,8 @@ def create_backbone(name: str, kwargs: dict | None = None, small_stem: bool = Fa
     if is_vit(model) and getattr(model, "dynamic_img_size", True) is False and "dynamic_img_size" not in kwargs:
         # Multi-crop feeds ViTs several resolutions: let timm interpolate the position embedding per input.
         model = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+    if is_vit(model):
+        set_pos_resample(model, pos_resample, name)
     if small_stem:
         if is_vit(model):
             raise UserError(f"small_stem applies to CNNs; for the ViT {name!r} set img_size and patch_size instead")

@@ -9,6 +9,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from mokd.models.pos_embed import resample_grid
+
 
 def _init_linear(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):
@@ -53,14 +55,17 @@ class THead(nn.Module):
     """Transformer head over local features, with an optional prepended query token.
 
     local [B, N, in_dim] -> input projection to width D (identity when in_dim == D) + positional embedding
-    (learned on the training grid, bicubically interpolated to other grids) -> [query ; tokens] ->
-    `depth` ViT blocks -> norm -> drop the query position -> mean over tokens -> weight-normed FC -> [B, K].
+    (learned on the training grid, resampled to other grids by `pos_resample`: mokd.models.pos_embed) ->
+    [query ; tokens] -> `depth` ViT blocks -> norm -> drop the query position -> mean over tokens ->
+    weight-normed FC -> [B, K].
     """
 
     def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, int], dim: int = 384, depth: int = 3,
-                 num_heads: int = 6, mlp_ratio: float = 4.0, norm_last_layer: bool = True):
+                 num_heads: int = 6, mlp_ratio: float = 4.0, norm_last_layer: bool = False,
+                 pos_resample: str = "dino"):
         super().__init__()
         self.grid = tuple(grid)
+        self.pos_resample = pos_resample
         self.proj = nn.Identity() if in_dim == dim else nn.Linear(in_dim, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], dim))
         self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True)
@@ -77,10 +82,7 @@ class THead(nn.Module):
         side = int(round(n ** 0.5))
         if side * side != n:
             raise ValueError(f"T-Head got {n} local tokens, which is not a square grid")
-        h, w = self.grid
-        pe = self.pos_embed.reshape(1, h, w, -1).permute(0, 3, 1, 2)
-        pe = F.interpolate(pe.float(), size=(side, side), mode="bicubic", align_corners=False)
-        return pe.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, n, -1)
+        return resample_grid(self.pos_embed, self.grid, (side, side), self.pos_resample)
 
     def query(self, feature: torch.Tensor) -> torch.Tensor:
         """A pooled feature [B, in_dim] projected to a query token [B, D]."""
@@ -94,3 +96,19 @@ class THead(nn.Module):
         if query is not None:
             x = x[:, 1:]
         return self.fc(x.mean(dim=1))
+
+
+# The authors' release: the CNN's MLP head keeps its weight-norm gain frozen at 1 (DINO's norm_last_layer);
+# the ViT's MLP head and both T-Heads train theirs (its script's --norm_last_layer flag is never read).
+RELEASE_NORM_LAST_LAYER = {("cnn", "mlp"): True, ("vit", "mlp"): False, ("cnn", "thead"): False,
+                           ("vit", "thead"): False}
+
+
+def norm_last_layer_for(head: str, vit: bool, per_net: bool | None, all_heads: bool | None = None) -> bool:
+    """Whether the last layer's gain of `head` ("mlp" | "thead") stays frozen: the net's own setting, else
+    the single head.norm_last_layer (all heads), else the release's default for the backbone kind."""
+    if per_net is not None:
+        return per_net
+    if all_heads is not None:
+        return all_heads
+    return RELEASE_NORM_LAST_LAYER[("vit" if vit else "cnn", head)]

@@ -13,14 +13,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mokd.config import Config
+from mokd.config import Config, NetConfig
 from mokd.health import health_metrics
 from mokd.losses import Center, dino_cross_entropy, paired_cross_entropy, sharpen
 from mokd.models.backbones import create_backbone, encode, feature_grid, global_dim, is_vit, local_dim
-from mokd.models.heads import DINOHead, THead
+from mokd.models.heads import DINOHead, THead, norm_last_layer_for
+from mokd.schedules import TEMP_GROUPS
 
 NETS = ("net1", "net2")
 N_GLOBAL = 2
+
+
+def _temp(teacher_temp: float | dict[str, float], net: str, term: str) -> float:
+    """The teacher temperature of `net`'s term ("sm", "st", "cm", "ct")."""
+    if isinstance(teacher_temp, dict):
+        return float(teacher_temp[f"{net}_{TEMP_GROUPS[term]}"])
+    return float(teacher_temp)
 
 
 @dataclass
@@ -59,17 +67,20 @@ class Branch(nn.Module):
                  net: str = "net"):
         super().__init__()
         self.backbone = backbone
+        self.is_vit = is_vit(backbone)
+        net_cfg = getattr(cfg, net) if net in NETS else NetConfig()
         h, seed = cfg.head, cfg.train.seed
+        frozen = {k: norm_last_layer_for(k, self.is_vit, getattr(net_cfg, f"norm_last_layer_{k}"), h.norm_last_layer)
+                  for k in ("mlp", "thead")}
         with seeded_init(seed, net, "mlp_head"):
             self.mlp_head = DINOHead(global_dim(backbone), h.out_dim, h.hidden_dim, h.bottleneck_dim, h.use_bn,
-                                     h.norm_last_layer)
+                                     frozen["mlp"])
         t = cfg.thead
         self.thead = None
         if grid is not None:
             with seeded_init(seed, net, "thead"):
                 self.thead = THead(local_dim(backbone), h.out_dim, grid, t.dim, t.depth, t.num_heads, t.mlp_ratio,
-                                   h.norm_last_layer)
-        self.is_vit = is_vit(backbone)
+                                   frozen["thead"], net_cfg.pos_resample)
         self.channels_last = channels_last and not self.is_vit
 
     def forward(self, crops: list[torch.Tensor]) -> BranchOutput:
@@ -125,7 +136,7 @@ class MOKDModel(nn.Module):
         for n in NETS:
             nc = getattr(cfg, n)
             with seeded_init(cfg.train.seed, n, "backbone"):
-                backbone = create_backbone(nc.arch, nc.kwargs, nc.small_stem)
+                backbone = create_backbone(nc.arch, nc.kwargs, nc.small_stem, nc.pos_resample)
             label = f"{n} ({nc.arch})"
             grid = feature_grid(backbone, cfg.augment.global_size, label)
             if cfg.augment.local_crops > 0:
@@ -133,7 +144,7 @@ class MOKDModel(nn.Module):
             grid = grid if self.use_thead else None
             students[n] = Branch(backbone, cfg, grid, cfg.train.channels_last, net=n)
             # The teacher's own draws do not matter: it is overwritten with the student's weights.
-            teacher_backbone = create_backbone(nc.arch, teacher_kwargs(nc.kwargs), nc.small_stem)
+            teacher_backbone = create_backbone(nc.arch, teacher_kwargs(nc.kwargs), nc.small_stem, nc.pos_resample)
             teachers[n] = Branch(teacher_backbone, cfg, grid, cfg.train.channels_last, net=n)
             teachers[n].load_state_dict(students[n].state_dict())
             for p in teachers[n].parameters():
@@ -155,25 +166,33 @@ class MOKDModel(nn.Module):
         return {n: {"name": getattr(self.cfg, n).arch, "kwargs": dict(getattr(self.cfg, n).kwargs),
                     "small_stem": getattr(self.cfg, n).small_stem} for n in NETS}
 
-    def forward(self, crops: list[torch.Tensor], teacher_temp: float) -> dict[str, torch.Tensor]:
+    def forward(self, crops: list[torch.Tensor], teacher_temp: float | dict[str, float]) -> dict[str, torch.Tensor]:
         """crops: 2 global views then local views, each [B, 3, S, S]. Returns sm1, st1, cm1, ct1, sm2, ...
 
+        teacher_temp: one temperature for every term, or {"net1_self", "net1_cross", "net2_self", "net2_cross"}
+        (mokd.schedules.teacher_temp_schedules): model i's sm/st use i_self, its cm/ct use i_cross.
         Teacher outputs are detached; centres move after the terms are computed (DINO's order).
         """
         students = {n: self.student_forward[n](crops) for n in NETS}
         with torch.no_grad():
             teachers = {n: self.teacher_forward[n](crops[:N_GLOBAL]) for n in NETS}
-            probs = {(n, "mlp"): sharpen(teachers[n].mlp, teacher_temp, self.centers[f"{n}_mlp"].center)
-                     for n in NETS}
-            if self.use_thead:
-                probs.update({(n, "thead"): sharpen(teachers[n].thead, teacher_temp,
-                                                    self.centers[f"{n}_thead"].center) for n in NETS})
+        cache: dict[tuple[str, str, float], torch.Tensor] = {}
+
+        def probs(n: str, head: str, temp: float) -> torch.Tensor:
+            """Teacher n's centred, sharpened output of `head` at `temp` (shared by the terms that use it)."""
+            if (n, head, temp) not in cache:
+                with torch.no_grad():
+                    cache[(n, head, temp)] = sharpen(getattr(teachers[n], head), temp,
+                                                     self.centers[f"{n}_{head}"].center)
+            return cache[(n, head, temp)]
+
         losses = {}
         for i, j in (("net1", "net2"), ("net2", "net1")):
-            losses.update(self._terms_for(i, j, students, teachers, probs, teacher_temp, len(crops)))
+            temps = {t: _temp(teacher_temp, i, t) for t in TEMP_GROUPS}
+            losses.update(self._terms_for(i, j, students, teachers, probs, temps, len(crops)))
         self.health = {}
         for n in NETS:
-            t_probs = probs[(n, "mlp")]
+            t_probs = probs(n, "mlp", _temp(teacher_temp, n, "sm"))
             figures = health_metrics(t_probs, students[n].mlp[:len(t_probs)])
             self.health.update({f"{k}_{n}": v for k, v in figures.items()})
         for n in NETS:
@@ -182,24 +201,28 @@ class MOKDModel(nn.Module):
                 self.centers[f"{n}_thead"].update(teachers[n].thead)
         return losses
 
-    def _terms_for(self, i: str, j: str, students: dict, teachers: dict, probs: dict, teacher_temp: float,
+    def _terms_for(self, i: str, j: str, students: dict, teachers: dict, probs, temps: dict[str, float],
                    n_views: int) -> dict[str, torch.Tensor]:
-        """The terms of model i: L_sm, L_st (own teacher), L_cm, L_ct (the other model j's teacher)."""
+        """The terms of model i: L_sm, L_st (own teacher), L_cm, L_ct (the other model j's teacher).
+
+        probs(net, head, temp) gives a teacher's centred, sharpened output; temps maps sm/st/cm/ct to model
+        i's temperature for that term.
+        """
         lc, idx = self.cfg.loss, i[-1]
         s = students[i]
 
         def ce(student_logits, teacher_probs):
             return dino_cross_entropy(student_logits, teacher_probs, lc.student_temp, n_views, N_GLOBAL)
 
-        out = {f"sm{idx}": ce(s.mlp, probs[(i, "mlp")])}
+        out = {f"sm{idx}": ce(s.mlp, probs(i, "mlp", temps["sm"]))}
         if not self.mokd:
             return out
         if lc.st:
-            out[f"st{idx}"] = ce(s.thead, probs[(i, "thead")])
+            out[f"st{idx}"] = ce(s.thead, probs(i, "thead", temps["st"]))
         if lc.cm:
-            out[f"cm{idx}"] = ce(s.mlp, probs[(j, "mlp")])
+            out[f"cm{idx}"] = ce(s.mlp, probs(j, "mlp", temps["cm"]))
         if lc.ct:
-            out[f"ct{idx}"] = self._feature_search_loss(i, j, s, teachers[j], teacher_temp, n_views)
+            out[f"ct{idx}"] = self._feature_search_loss(i, j, s, teachers[j], temps["ct"], n_views)
         return out
 
     def _feature_search_loss(self, i: str, j: str, s: BranchOutput, t: BranchOutput, teacher_temp: float,
