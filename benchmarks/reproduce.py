@@ -5,7 +5,7 @@
     python benchmarks/reproduce.py --ablation no_ct:loss.ct=false --ablation no_st:loss.st=false
     python benchmarks/reproduce.py --set optim.epochs=8             # applies to every run alike
 
-For every seed and mode it runs `mokd train` (same config, same seed, same epochs: the only difference is
+For every seed and mode it runs `mokd train` (`--jobs` at once, each in its own process; same config, same seed, same epochs: the only difference is
 loss.mode or the ablation's settings; with one seed both modes start from the same weights), with the online
 k-NN monitor every epoch. Then it evaluates both teachers of every final checkpoint with `mokd eval knn`
 (k=20) and `mokd eval linear --fast`, which write result records into OUT/records (read them with
@@ -20,8 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -68,21 +71,31 @@ def finished(run_dir: Path, epochs: int) -> bool:
         (run_dir / "last.pth").is_file()
 
 
-def train_run(run_dir: Path, base: list[str], extra: list[str], seed: int, epochs: int) -> float:
-    """Train one run unless it already finished; returns the training time in seconds (0 when skipped)."""
+def train_run(run_dir: Path, base: list[str], extra: list[str], seed: int, epochs: int, threads: int) -> float:
+    """Train one run unless it already finished, in a process of its own with `threads` intra-op threads;
+    returns the training time in seconds (0 when skipped). Its console output goes to RUN/train.out."""
     if finished(run_dir, epochs):
         print(f"[reproduce] {run_dir} finished earlier: kept", flush=True)
         return 0.0
-    if run_dir.exists():  # an unfinished run: continue it
-        extra_flags = ["--resume"] if (run_dir / "last.pth").is_file() else []
-    else:
-        extra_flags = []
+    # An unfinished run continues where it stopped (--resume starts from scratch when it holds no checkpoint).
+    extra_flags = ["--resume"] if run_dir.exists() else []
     args = ["train", *base, "--out", str(run_dir), "--seed", str(seed), "--set", "train.knn_every=1",
             "--set", "train.progress=false", *[a for s in extra for a in ("--set", s)], *extra_flags]
     print(f"[reproduce] mokd {' '.join(args)}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir.parent / f"{run_dir.name}.train.out"
     t0 = time.perf_counter()
-    run_cli(args)
-    return time.perf_counter() - t0
+    with open(log_path, "w") as out:
+        rc = subprocess.run([sys.executable, "-m", "mokd", *args], env=env, stdout=out,
+                            stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-5:])
+        raise SystemExit(f"training {run_dir} failed (exit code {rc}); the end of {log_path}:\n{tail}")
+    elapsed = time.perf_counter() - t0
+    print(f"[reproduce] {run_dir} trained in {elapsed / 60:.1f} min", flush=True)
+    return elapsed
 
 
 def evaluate(run_dir: Path, records: Path, data: str, linear: bool) -> dict:
@@ -187,9 +200,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="an extra MOKD variant compared with the baseline too (repeatable)")
     ap.add_argument("--out", default="runs/reproduce", help="folder for runs, records, summary and plot")
     ap.add_argument("--no-linear", action="store_true", help="skip the linear probe (k-NN only)")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="trainings run at once, each in its own process (default: 2, one per core of a 2-core "
+                         "machine, which beats one process with two threads there)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads per training (default: cores / jobs)")
     args = ap.parse_args(argv)
-    if args.seeds < 1:
-        raise SystemExit("--seeds must be >= 1")
+    if args.seeds < 1 or args.jobs < 1:
+        raise SystemExit("--seeds and --jobs must be >= 1")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     sys.path.insert(0, str(ROOT))
     from mokd.config import load_config
 
@@ -205,19 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     arch = {n: getattr(cfg, n).arch for n in NETS}
     t_start = time.perf_counter()
     results: dict = {v: {} for v in variants}
-    for seed in seeds:  # seed-major: an interrupted harness has complete pairs for the seeds it finished
-        for name, sets in variants.items():
-            run_dir = out / name / f"seed{seed}"
-            train_s = train_run(run_dir, base, sets, seed, cfg.optim.epochs)
-            knn = [r for r in read_log(run_dir) if r.get("type") == "knn"]
-            ev = evaluate(run_dir, records, args.data, linear=not args.no_linear)
-            results[name][seed] = {
-                "train_s": train_s, "run": str(run_dir),
-                "init": {n: knn[0][f"knn_top1_{n}"] for n in NETS},
-                "online_end": {n: knn[-1][f"knn_top1_{n}"] for n in NETS},
-                "curve": {n: [(r["epoch"], r[f"knn_top1_{n}"]) for r in knn] for n in NETS},
-                "eval": ev,
-            }
+    # Seed-major order: an interrupted harness has complete pairs for the seeds it finished.
+    plan = [(seed, name, sets, out / name / f"seed{seed}") for seed in seeds for name, sets in variants.items()]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        times = list(pool.map(lambda job: train_run(job[3], base, job[2], job[0], cfg.optim.epochs, threads), plan))
+    for (seed, name, sets, run_dir), train_s in zip(plan, times):
+        knn = [r for r in read_log(run_dir) if r.get("type") == "knn"]
+        ev = evaluate(run_dir, records, args.data, linear=not args.no_linear)
+        results[name][seed] = {
+            "train_s": train_s, "run": str(run_dir),
+            "init": {n: knn[0][f"knn_top1_{n}"] for n in NETS},
+            "online_end": {n: knn[-1][f"knn_top1_{n}"] for n in NETS},
+            "curve": {n: [(r["epoch"], r[f"knn_top1_{n}"]) for r in knn] for n in NETS},
+            "eval": ev,
+        }
     floor = raw_pixel_knn(args.data, cfg.augment.global_size)
     protocols = ["knn"] + ([] if args.no_linear else ["linear"])
 
