@@ -221,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"mokd": ["loss.mode=mokd"], BASELINE: [f"loss.mode={BASELINE}"]}
     variants.update(dict(parse_ablation(a) for a in args.ablation))
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    arch = {n: getattr(cfg, n).arch for n in NETS}
+    from mokd.naming import model_name
+
+    arch = {n: model_name(getattr(cfg, n).arch, getattr(cfg, n).kwargs, getattr(cfg, n).small_stem,
+                          getattr(cfg, n).name) for n in NETS}
     t_start = time.perf_counter()
     results: dict = {v: {} for v in variants}
     # Seed-major order: an interrupted harness has complete pairs for the seeds it finished.
