@@ -244,21 +244,16 @@ def health_warnings(means: dict[str, float], cfg: Config) -> list[str]:
     return out
 
 
-def knn_summary(log_path: Path, cfg: Config) -> str | None:
-    """The run's one-line result: each model's online k-NN at initialisation and at the end (from the log)."""
-    import json
+def knn_summary(metrics: dict, cfg: Config) -> str | None:
+    """The run's one-line result: each model's online k-NN at initialisation and at the end.
 
-    try:
-        knn = [r for r in map(json.loads, log_path.read_text().splitlines()) if r.get("type") == "knn"]
-    except (OSError, json.JSONDecodeError):
+    From the run's metrics (carried in every checkpoint, so a resumed run still knows its start)."""
+    first, last = metrics.get("knn_init"), metrics.get("knn")
+    if not first or not last:
         return None
-    first = next((r for r in knn if r["epoch"] == 0), None)
-    if first is None or len(knn) < 2:
-        return None
-    last = knn[-1]
-    parts = [f"{n} ({getattr(cfg, n).arch}) {first[f'knn_top1_{n}']:.2f}% -> {last[f'knn_top1_{n}']:.2f}% "
-             f"({last[f'knn_top1_{n}'] - first[f'knn_top1_{n}']:+.2f})" for n in NETS]
-    head = f"summary: online k-NN top-1 (k={last['k']}) from initialisation to epoch {last['epoch']}: "
+    parts = [f"{n} ({getattr(cfg, n).arch}) {first[n]:.2f}% -> {last[n]:.2f}% ({last[n] - first[n]:+.2f})"
+             for n in NETS]
+    head = f"summary: online k-NN top-1 (k={cfg.train.knn_k}) from initialisation to epoch {metrics['epoch']}: "
     return head + ", ".join(parts)
 
 
@@ -587,7 +582,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop:
         raise UserError(f"{e}. {last_good[0].upper()}{last_good[1:]}: lower the learning rate or use "
                         f"optim.precision=fp32, then --resume.") from e
     if main:
-        summary = knn_summary(log.path, cfg) if knn_on else None
+        summary = knn_summary(metrics, cfg) if knn_on else None
         if summary:
             print(summary, flush=True)
         print(f"done: {last}")
