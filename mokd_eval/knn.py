@@ -7,13 +7,15 @@ CUDA are present), a chunked torch matmul, or the certified reduced-precision se
 queries x bank similarity matrix is never built.
 
 Certified search: similarities in bf16 (CPU) / fp16 (GPU) give each query its top-(k + margin) candidates,
-which are re-ranked in fp32. With u the unit roundoff of the low precision and D the width, every
-low-precision similarity is within E = ((2u + u^2 + g(1 + u)^2)(1 + u) + u) |q| max|b| of the exact one
-(rounding of both inputs, fp32 accumulation with g = D 2^-24 / (1 - D 2^-24), rounding of the output).
-No bank row outside the candidates has a low-precision score above the last candidate's score c, so its
-fp32 similarity is at most c + E + g |q| max|b|; when the k-th re-ranked similarity exceeds that (with a
-further 2g for the two fp32 evaluations), the k found are exactly the fp32 top-k. Queries that cannot be
-certified are searched again in fp32.
+which are re-ranked in fp32. The bound uses the rounding actually done: with q~, b~ the rounded inputs and
+dq = |q - q~|, db = max over the bank of |b - b~| (exact residual norms, computed once), every fp32-accumulated
+low-precision product is within E = |q~| db + dq max|b~| + dq db + 2g |q~| max|b~| of the exact q.b
+(Cauchy-Schwarz on the residuals; g = D 2^-24 / (1 - D 2^-24) for the sums, doubled for accumulators that
+truncate), and its rounding to the low precision moves it by at most u |s| (u: unit roundoff). No bank row
+outside the candidates has a low-precision score above the last candidate's, c, so its exact similarity is at
+most c + u |c| / (1 - u) + E. When the k-th re-ranked fp32 similarity exceeds that by 3 g |q| max|b| (the
+rounding of the two fp32 evaluations compared), the k found are exactly the fp32 top-k. Queries that cannot
+be certified are searched again in fp32.
 """
 
 from __future__ import annotations
@@ -56,8 +58,7 @@ def faiss_available() -> bool:
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """'auto' -> the fastest exact search measured for the device (benchmarks/knn.py): the certified
-    reduced-precision search where low-precision matmuls run in hardware (CUDA fp16; CPUs with AMX or
-    AVX512-BF16), else the chunked fp32 torch matmul (on a 2-core CPU 3.3x faster than FAISS's flat index)."""
+    reduced-precision search where low-precision matmuls beat fp32 (CUDA fp16; CPUs with AMX), else the chunked fp32 torch matmul (on a 2-core CPU 3.3x faster than FAISS's flat index)."""
     if backend not in BACKENDS:
         raise UserError(f"k-NN backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend != "auto":
@@ -125,12 +126,24 @@ def _torch_search(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size:
     return torch.cat(sims), torch.cat(idx)
 
 
-def rounding_bound(dtype: torch.dtype, dim: int) -> tuple[float, float]:
-    """(relative error bound of a `dtype` similarity with fp32 accumulation, that of an fp32 similarity),
-    both per unit of |q| |b| (see the module docstring)."""
-    u = UNIT_ROUNDOFF[dtype]
-    g = dim * 2.0 ** -24 / (1 - dim * 2.0 ** -24)
-    return (2 * u + u * u + g * (1 + u) ** 2) * (1 + u) + u, g
+def _residual_norms(x32: torch.Tensor, dtype: torch.dtype, rows: int = 65536) -> torch.Tensor:
+    """|x - round_dtype(x)| per row (exact differences in fp32), by blocks of rows."""
+    return torch.cat([(x - x.to(dtype).float()).norm(dim=1) for x in x32.split(rows)]) if len(x32) else x32.new_zeros(0)
+
+
+def rounding_bound(q32: torch.Tensor, bank32: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query: (E, the bound on |low-precision product before its output rounding - exact q.b| over every
+    bank row; F = |q| max|b|, the scale of one fp32 evaluation's error g F). See the module docstring."""
+    d = q32.shape[1]
+    g = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
+    fudge = 1 + 4 * g  # the norms themselves are fp32 sums
+    q_low_norm = q32.to(dtype).float().norm(dim=1) * fudge
+    b_low_max = bank32.to(dtype).float().norm(dim=1).max() * fudge if len(bank32) else q32.new_zeros(())
+    dq = _residual_norms(q32, dtype) * fudge
+    db = _residual_norms(bank32, dtype).max() * fudge
+    e = q_low_norm * db + dq * b_low_max + dq * db + 2 * g * q_low_norm * b_low_max
+    f = q32.norm(dim=1) * bank32.norm(dim=1).max() * fudge
+    return e, f
 
 
 @torch.no_grad()
@@ -140,22 +153,29 @@ def certified_search(bank: torch.Tensor, queries: torch.Tensor, k: int, *, dtype
     """The fp32 top-k found through a reduced-precision search: bank [N, D], queries [M, D] ->
     (similarities [M, k] fp32, indices [M, k], number of queries that were re-searched in fp32).
 
-    dtype: bf16 on the CPU, fp16 on CUDA by default. margin: extra candidates per query (default k/4 + 8).
+    dtype: bf16 on the CPU, fp16 on CUDA by default. margin: extra candidates per query (default k/2 + 16).
     """
     n, d = bank.shape
     m = queries.shape[0]
     dtype = dtype or (torch.float16 if bank.is_cuda else torch.bfloat16)
-    margin = min(n - k, margin if margin is not None else k // 4 + 8)
+    margin = min(n - k, margin if margin is not None else k // 2 + 16)
     bank32, queries32 = bank.float(), queries.float().to(bank.device)
     if m == 0:
         return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long), 0
     low = bank32.to(dtype)
+    name = str(dtype).replace("torch.", "")
     if log:
-        log(f"k-NN search (certified {str(dtype).replace('torch.', '')} -> fp32 re-rank): bank {n} x {d} "
-            f"{str(dtype).replace('torch.', '')} = {_mib(low.element_size() * n * d)} (+ the fp32 bank "
-            f"{_mib(4 * n * d)} for the re-rank), {k} + {margin} candidates per query")
-    rel, g = rounding_bound(dtype, d)
-    scale = queries32.norm(dim=1) * bank32.norm(dim=1).max()  # |q| max|b|, per query
+        log(f"k-NN search (certified {name} -> fp32 re-rank): bank {n} x {d} {name} = "
+            f"{_mib(low.element_size() * n * d)} (+ the fp32 bank {_mib(4 * n * d)} for the re-rank), "
+            f"{k} + {margin} candidates per query")
+    e_in, scale = rounding_bound(queries32, bank32, dtype)
+    u = UNIT_ROUNDOFF[dtype]
+    g = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
+    # An output below the normal range rounds by at most a subnormal step (tiny 2u); bf16 kernels may flush
+    # subnormal inputs, and fp32 accumulators subnormal products, to zero: at most d of each per score.
+    tiny = torch.finfo(dtype).tiny * 2 * u + d * torch.finfo(torch.float32).tiny
+    if dtype == torch.bfloat16:
+        tiny += d * torch.finfo(dtype).tiny
     reduced = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False  # the bound assumes fp32 sums
     try:
@@ -173,8 +193,12 @@ def certified_search(bank: torch.Tensor, queries: torch.Tensor, k: int, *, dtype
         idx.append(cand_idx[a:a + per].gather(1, top.indices))
     sims, idx = torch.cat(sims), torch.cat(idx)
     # outside the candidates no low-precision score exceeds the last candidate's
-    beyond = cand_vals[:, -1].float() if k + margin < n else torch.full((m,), -float("inf"), device=bank.device)
-    certified = sims[:, -1] - 2 * g * scale > beyond + (rel + g) * scale
+    if k + margin < n:
+        c = cand_vals[:, -1].float()
+        beyond = c + u * c.abs() / (1 - u) + tiny + e_in
+    else:
+        beyond = torch.full((m,), -float("inf"), device=bank.device)
+    certified = sims[:, -1] - 3 * g * scale > beyond
     redo = (~certified).nonzero()[:, 0]
     if len(redo):
         s32, i32 = _torch_search(bank32, queries32[redo], k, chunk_size)

@@ -55,7 +55,7 @@ def test_fast_step_fp32_equals_plain_step_after_3_steps(tiny_cfg, crops):
     assert_same_run(plain, fast, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow  # bf16 is emulated (slow) on CPUs without AMX/AVX512-BF16
+@pytest.mark.slow  # bf16 is slow on CPUs without AMX (emulated on AVX2)
 def test_fast_step_bf16_uses_teacher_copies_and_matches_the_plain_bf16_step(tiny_cfg, crops):
     cfg = ("optim.precision=bf16", "train.compile=false")
     plain = run_steps(tiny_cfg("train.fast_step=false", *cfg), crops, 1)
