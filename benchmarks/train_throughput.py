@@ -6,7 +6,7 @@ each precision, best of --repeats alternating rounds; the step's matrix FLOPs (t
 over its time as a fraction of the peak of a --peak-size^3 matmul measured in the same process, in fp32 and
 in bf16; and a torch.profiler top-10 of one fast step per precision:
 
-  python benchmarks/train_throughput.py [--preset r18-vitt-64] [--precisions fp32,bf16] [--repeats 5]
+  python benchmarks/train_throughput.py [--preset r18-vitt16-128] [--precisions fp32,bf16] [--repeats 5]
 
 --vs-dino: MOKD against net1 and net2 trained alone as plain DINO. All figures come from one invocation, on the same batch of crops (the first batch of the config's data),
 each configuration in its own subprocess so that peak memory is per configuration:
@@ -34,6 +34,13 @@ PRESETS = {
     "r18-vitt-64": ["net1.arch=resnet18", "net1.kwargs={}", "net1.small_stem=true",
                     "net2.arch=vit_tiny_patch16_224", "net2.kwargs={img_size: 64, patch_size: 8}",
                     "augment.global_size=64", "augment.local_size=32"],
+    # the shapes of the issue's measurement of the authors' step: R18 + ViT-T/16, batch 16, 2x128 + 6x64 px,
+    # K = 4096, the paper's head and T-Head widths
+    "r18-vitt16-128": ["net1.arch=resnet18", "net1.kwargs={}", "net1.small_stem=false",
+                       "net2.arch=vit_tiny_patch16_224", "net2.kwargs={img_size: 128}",
+                       "augment.global_size=128", "augment.local_size=64", "augment.local_crops=6",
+                       "head.out_dim=4096", "head.hidden_dim=2048", "head.bottleneck_dim=256",
+                       "thead.dim=384", "thead.num_heads=6", "thead.depth=3", "optim.batch_size=16"],
 }
 
 
