@@ -305,7 +305,8 @@ def extract_to_shards(backbone: nn.Module, dataset: torch.utils.data.Dataset, fo
         missing = [name for name in names if not (folder / name).is_file()]
         if missing:
             raise UserError(f"{folder}: shards written by other ranks are missing ({', '.join(missing[:3])}): the "
-                            "feature cache must be on a file system all ranks share (--cache-dir DIR), or use --no-cache")
+                            "feature cache must be on a file system all ranks share (--cache-dir DIR), or use "
+                            "--no-cache")
         index = {"version": CACHE_VERSION, "n": n, "dim": dim, "files": names, "rows": [b - a for _, a, b in plan],
                  **(meta or {})}
         write_atomic(folder / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=1, default=str)))
@@ -475,6 +476,6 @@ def features_for(loaded, spec: DataSpec, split: str, *, device: torch.device | s
     bank, labels = extract_to_shards(loaded.backbone, ds, entry, shard_rows=shard_rows, meta=meta, **kw)
     if log:
         log(f"features ({loaded.label}, {split}): cached in {entry} ({len(bank.files)} shard(s) of up to "
-            f"{max(bank.rows, default=0)} rows; --cache-dir DIR or $MOKD_CACHE moves the cache, --no-cache skips it, "
-            f"${SHARD_ROWS_ENV} sets the rows per shard)")
+            f"{max(bank.rows, default=0)} rows; --cache-dir DIR or $MOKD_CACHE moves the cache, --no-cache skips "
+            f"it, ${SHARD_ROWS_ENV} sets the rows per shard)")
     return FeatureSet(bank, labels, list(ds.classes), size, mode, entry, False)

@@ -16,6 +16,11 @@ outside the candidates has a low-precision score above the last candidate's, c, 
 most c + u |c| / (1 - u) + E. When the k-th re-ranked fp32 similarity exceeds that by 3 g |q| max|b| (the
 rounding of the two fp32 evaluations compared), the k found are exactly the fp32 top-k. Queries that cannot
 be certified are searched again in fp32.
+
+A bank given as row blocks (the sharded feature cache) is streamed: each block is normalised and searched as
+it is read and the per-query top-k merged with global row indices. The certified search takes candidates and
+E per block; a query is certified only when its final k-th similarity clears the bound of every block (the
+largest over blocks, with max|b| over the whole bank in the 3 g |q| max|b| term).
 """
 
 from __future__ import annotations
