@@ -6,33 +6,43 @@ Modes (what one image becomes):
   avgpool  ViT: CLS token and the mean of the patch tokens of the last block, concatenated (DINO, ViT-B)
 CNNs give their pooled output in every mode (as DINO's linear evaluation does for ResNets).
 
-Under torchrun each rank extracts one contiguous shard; the shards are gathered in rank order, so the
+Under torchrun each rank extracts one contiguous slice; in memory the slices are gathered in rank order, so the
 result equals the single-process result row for row.
+
+The cache holds one folder per entry: shards `shard_00000.pt`, ... of at most `shard_rows` rows (about 1 GiB of
+fp32 each by default, `$MOKD_SHARD_ROWS` rows if set), written while the features are extracted (each rank its
+own slice's shards, no gather), and `index.json`, written last, which marks the entry complete. A cached bank is
+read lazily (`ShardedFeatures`), one memory-mapped shard at a time, so a bank larger than memory can be searched.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from mokd import distributed as dist
-from mokd.checkpoint import save_atomic
+from mokd.checkpoint import save_atomic, write_atomic
 from mokd.data import DataSpec, ImageDataset, build_dataset
 from mokd.device import autocast
+from mokd.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("cls", "lastn", "avgpool")
 DEFAULT_CACHE = Path("~/.cache/mokd/features")
 CACHE_VERSION = 1
+SHARD_BYTES = 1 << 30  # fp32 features per cache shard by default
+SHARD_ROWS_ENV = "MOKD_SHARD_ROWS"
+INDEX = "index.json"
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -98,33 +108,48 @@ def effective_mode(backbone: nn.Module, mode: str) -> str:
     return mode if is_vit(backbone) else "cls"
 
 
-@torch.no_grad()
-def extract_features(backbone: nn.Module, dataset: torch.utils.data.Dataset, *, device: torch.device | str,
-                     batch_size: int = 256, precision: str = "fp32", num_workers: int = 0, mode: str = "cls",
-                     n_last_blocks: int = 4, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every image of `dataset` -> (features [N, D] float32 on CPU, labels [N] long).
+def _rank_rows(n: int, world: int, rank: int) -> range:
+    """The contiguous slice of `n` rows that `rank` of `world` extracts."""
+    per = -(-n // world)
+    return range(min(rank * per, n), min((rank + 1) * per, n))
 
-    Sharded across ranks when a process group is up (each rank a contiguous slice, gathered in rank order);
-    every rank returns the full result. `batch_size` is per rank.
-    """
-    device = torch.device(device)
+
+def _feature_batches(backbone: nn.Module, dataset: torch.utils.data.Dataset, rows: range, *, device: torch.device,
+                     batch_size: int, precision: str, num_workers: int, mode: str, n_last_blocks: int,
+                     progress: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(features [B, D] float32, labels [B] long) on `device`, batch by batch, for images `rows` of `dataset`."""
     backbone = backbone.to(device).eval()
-    n, ws, rk = len(dataset), dist.world_size(), dist.rank()
-    per = -(-n // ws)
-    shard = torch.utils.data.Subset(dataset, range(min(rk * per, n), min((rk + 1) * per, n)))
-    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=batch_size,
+                                         shuffle=False, num_workers=num_workers,
                                          pin_memory=device.type == "cuda", drop_last=False)
     if progress and dist.is_main():
         from tqdm import tqdm
 
         loader = tqdm(loader, desc="features", leave=False)
-    feats, labels = [], []
     for x, y in loader:
         x = x.to(device, non_blocking=True)
         with autocast(device, precision):
             f = forward_features(backbone, x, mode, n_last_blocks)
-        feats.append(f.float())
-        labels.append(torch.as_tensor(y, device=device).long())
+        yield f.float(), torch.as_tensor(y, device=device).long()
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, dataset: torch.utils.data.Dataset, *, device: torch.device | str,
+                     batch_size: int = 256, precision: str = "fp32", num_workers: int = 0, mode: str = "cls",
+                     n_last_blocks: int = 4, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every image of `dataset` -> (features [N, D] float32 on CPU, labels [N] long), in memory.
+
+    Sharded across ranks when a process group is up (each rank a contiguous slice, gathered in rank order);
+    every rank returns the full result. `batch_size` is per rank. See `extract_to_shards` for banks too
+    large to hold.
+    """
+    device = torch.device(device)
+    rows = _rank_rows(len(dataset), dist.world_size(), dist.rank())
+    feats, labels = [], []
+    for f, y in _feature_batches(backbone, dataset, rows, device=device, batch_size=batch_size, precision=precision,
+                                 num_workers=num_workers, mode=mode, n_last_blocks=n_last_blocks, progress=progress):
+        feats.append(f)
+        labels.append(y)
     if feats:
         f, y = torch.cat(feats), torch.cat(labels)
     else:  # an empty shard (more ranks than images): still take part in the gather, with the right width
@@ -143,15 +168,183 @@ def _feature_width(backbone, dataset, device, precision, mode, n_last_blocks) ->
 # cache
 
 
+def shard_rows_for(dim: int, shard_rows: int | None = None) -> int:
+    """Rows per cache shard: `shard_rows` > $MOKD_SHARD_ROWS > about 1 GiB of fp32 rows (2^28 // D)."""
+    value = shard_rows if shard_rows is not None else os.environ.get(SHARD_ROWS_ENV) or None
+    if value is None:
+        return max(1, SHARD_BYTES // (4 * max(dim, 1)))
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise UserError(f"${SHARD_ROWS_ENV} (rows per feature-cache shard) must be a positive integer, got {value!r}")
+    return rows
+
+
+def shard_plan(n: int, world: int, rows: int) -> list[tuple[int, int, int]]:
+    """The shards of an entry of `n` rows, in row order: (rank that writes it, first row, end row).
+
+    Each rank's slice is cut into pieces of at most `rows` rows, so shard i (`shard_name(i)`) follows shard
+    i - 1 in the rows whichever rank wrote it, and every rank knows the whole plan without communicating.
+    """
+    plan = []
+    for r in range(world):
+        part = _rank_rows(n, world, r)
+        plan += [(r, a, min(a + rows, part.stop)) for a in range(part.start, part.stop, rows)]
+    return plan
+
+
+def shard_name(i: int) -> str:
+    return f"shard_{i:05d}.pt"
+
+
+def _load_shard(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+@dataclass(frozen=True)
+class ShardedFeatures:
+    """A bank [N, D] float32 kept in the cache's shard files: iterating gives its row blocks [n_i, D] in order,
+    each memory-mapped on demand, so no more than one shard need be in memory (see knn.search)."""
+    folder: Path
+    files: tuple[str, ...]
+    rows: tuple[int, ...]
+    dim: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(self.rows), self.dim
+
+    def __len__(self) -> int:
+        return sum(self.rows)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for name in self.files:
+            yield _load_shard(self.folder / name)["features"]
+
+    def materialize(self) -> torch.Tensor:
+        """The whole bank [N, D] in memory (filled shard by shard: no second copy)."""
+        out, at = torch.empty(self.shape), 0
+        for block in self:
+            out[at:at + len(block)] = block
+            at += len(block)
+        return out
+
+
+def load_sharded(folder: Path) -> tuple[ShardedFeatures, torch.Tensor, dict]:
+    """A complete cache entry -> (its lazy bank, labels [N] long, its index).
+
+    Every shard the index lists is opened (memory-mapped: its tensors are not read) and checked against the
+    index; a missing, damaged or mismatched shard raises, so that the entry is recomputed, never trusted.
+    """
+    index = json.loads((folder / INDEX).read_text())
+    bank = ShardedFeatures(folder, tuple(index["files"]), tuple(int(r) for r in index["rows"]), int(index["dim"]))
+    labels = []
+    for name, rows in zip(bank.files, bank.rows, strict=True):
+        blob = _load_shard(folder / name)
+        f, y = blob["features"], blob["labels"]
+        if f.dtype != torch.float32 or tuple(f.shape) != (rows, bank.dim) or tuple(y.shape) != (rows,):
+            raise ValueError(f"{folder / name}: features {tuple(f.shape)} {f.dtype}, labels {tuple(y.shape)}; "
+                             f"the index says {rows} x {bank.dim} float32")
+        labels.append(y.clone())
+    return bank, (torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)), index
+
+
+def _write_rank_shards(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], folder: Path,
+                       pieces: list[tuple[str, int]], dim: int) -> None:
+    """Copy feature batches into shards of the planned sizes, saving each one (atomically) once it is full."""
+    batches = iter(batches)
+    f = y = None
+    at = 0
+    for name, rows in pieces:
+        feats, labels, fill = torch.empty(rows, dim), torch.empty(rows, dtype=torch.long), 0
+        while fill < rows:
+            if f is None or at == len(f):
+                f, y = next(batches)
+                f, y, at = f.cpu(), y.cpu(), 0
+            take = min(rows - fill, len(f) - at)
+            feats[fill:fill + take], labels[fill:fill + take] = f[at:at + take], y[at:at + take]
+            fill, at = fill + take, at + take
+        save_atomic({"features": feats, "labels": labels}, folder / name)
+    if next(batches, None) is not None or (f is not None and at < len(f)):
+        raise RuntimeError(f"{folder}: more features than the shard plan holds")
+
+
+@torch.no_grad()
+def extract_to_shards(backbone: nn.Module, dataset: torch.utils.data.Dataset, folder: Path, *,
+                      device: torch.device | str, batch_size: int = 256, precision: str = "fp32",
+                      num_workers: int = 0, mode: str = "cls", n_last_blocks: int = 4, shard_rows: int | None = None,
+                      meta: dict | None = None, progress: bool = False) -> tuple[ShardedFeatures, torch.Tensor]:
+    """Features of every image of `dataset`, written into `folder` while extracted -> (lazy bank, labels [N]).
+
+    Shards hold {"features": [n_i, D] float32, "labels": [n_i] long}, at most `shard_rows` rows each (see
+    `shard_rows_for`); each is written atomically, so a crash leaves whole shards and no index. `index.json`
+    (files, rows per shard, dim, and `meta`) comes last, atomically, and marks the entry complete. Under
+    torchrun each rank writes its own slice's shards and rank 0 the index, after a barrier: `folder` must be on
+    a file system every rank sees. Collective; memory: one shard and one batch.
+    """
+    device = torch.device(device)
+    n, world, rank = len(dataset), dist.world_size(), dist.rank()
+    folder.mkdir(parents=True, exist_ok=True)
+    batches = _feature_batches(backbone, dataset, _rank_rows(n, world, rank), device=device, batch_size=batch_size,
+                               precision=precision, num_workers=num_workers, mode=mode, n_last_blocks=n_last_blocks,
+                               progress=progress)
+    first = next(batches, None)
+    if first is not None:
+        dim = int(first[0].shape[1])
+    else:  # an empty slice (more ranks than images) writes nothing; rank 0 still needs the width
+        dim = _feature_width(backbone, dataset, device, precision, mode, n_last_blocks) if dist.is_main() else 0
+    plan = shard_plan(n, world, shard_rows_for(dim, shard_rows))
+    names = [shard_name(i) for i in range(len(plan))]
+    if first is not None:
+        mine = [(names[i], b - a) for i, (r, a, b) in enumerate(plan) if r == rank]
+        _write_rank_shards(itertools.chain([first], batches), folder, mine, dim)
+    dist.barrier()
+    if dist.is_main():
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise UserError(f"{folder}: shards written by other ranks are missing ({', '.join(missing[:3])}): the "
+                            "feature cache must be on a file system all ranks share (--cache-dir DIR), or use "
+                            "--no-cache")
+        index = {"version": CACHE_VERSION, "n": n, "dim": dim, "files": names, "rows": [b - a for _, a, b in plan],
+                 **(meta or {})}
+        write_atomic(folder / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=1, default=str)))
+        for stale in set(p.name for p in folder.glob("shard_*.pt")) - set(names):  # left by an earlier attempt
+            (folder / stale).unlink(missing_ok=True)
+    dist.barrier()
+    bank, labels, _ = load_sharded(folder)
+    return bank, labels
+
+
 @dataclass
 class FeatureSet:
-    features: torch.Tensor  # [N, D] float32
+    """One split's features: `bank` [N, D] float32 in memory, or a `ShardedFeatures` read lazily from the cache."""
+    bank: torch.Tensor | ShardedFeatures
     labels: torch.Tensor  # [N] long
     classes: list[str]
     image_size: int
     mode: str
-    cache_path: Path | None  # where it is (or would be) cached; None with the cache off
+    cache_path: Path | None  # the cache entry (a folder; a .pt file in the old layout); None with the cache off
     from_cache: bool
+
+    @property
+    def features(self) -> torch.Tensor:
+        """[N, D] float32 in memory, for protocols that need the whole tensor (a sharded bank is read once)."""
+        if isinstance(self.bank, ShardedFeatures):
+            self.bank = self.bank.materialize()
+        return self.bank
+
+    @features.setter
+    def features(self, value: torch.Tensor) -> None:
+        self.bank = value
+
+    @property
+    def dim(self) -> int:
+        return int(self.bank.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.bank.shape[0])
 
 
 def cache_dir(path: str | Path | None = None) -> Path:
@@ -228,9 +421,12 @@ def features_for(loaded, spec: DataSpec, split: str, *, device: torch.device | s
                  batch_size: int = 256, precision: str = "fp32", mode: str = "cls", n_last_blocks: int = 4,
                  image_size: int | None = None, num_workers: int = 0, cache: str | Path | None = None,
                  use_cache: bool = True, progress: bool = False, log: Callable[[str], None] | None = None,
-                 pos_resample: str | None = None) -> FeatureSet:
+                 pos_resample: str | None = None, shard_rows: int | None = None) -> FeatureSet:
     """Features of `split` of `spec` for a `LoadedModel`, read from the cache when there, written to it when not.
 
+    With the cache, the features are written in shards while they are extracted (see `extract_to_shards`;
+    `shard_rows` or $MOKD_SHARD_ROWS sets their size) and the set returned reads them lazily; without it they
+    are held in memory. Entries of the earlier single-file layout (`{key}.pt`) are still read.
     `dataset` may be given when it was already built (e.g. to check the class lists); its transform is
     replaced by the evaluation transform on a shallow copy. Collective under torchrun: call it on every rank.
     """
@@ -239,37 +435,47 @@ def features_for(loaded, spec: DataSpec, split: str, *, device: torch.device | s
     mode = effective_mode(loaded.backbone, mode)
     ds = copy.copy(dataset) if dataset is not None else build_dataset(spec, split)
     ds.transform = eval_transform(size, native)
-    path = None
+    entry = None
     if use_cache:
         # the loader's rule (recorded in the checkpoint field) unless one is given; CNNs have no position embedding
         resample = (pos_resample or loaded.checkpoint.get("pos_resample")) if is_vit(loaded.backbone) else None
         key = cache_key(loaded.checkpoint, spec, split, ds, size, native, mode, n_last_blocks, precision,
                         arch=loaded.arch, pos_resample=resample)
-        path = cache_dir(cache) / f"{key}.pt"
-        hit = torch.tensor([float(path.is_file())])
+        entry, single = cache_dir(cache) / key, cache_dir(cache) / f"{key}.pt"
+        hit = torch.tensor([float((entry / INDEX).is_file() or single.is_file())])
         if dist.is_enabled():  # extraction is collective: every rank must agree on hit or miss
             hit = hit.to(torch.device(device))
             torch.distributed.all_reduce(hit, op=torch.distributed.ReduceOp.MIN)
         if hit.item() == 1.0:
             try:
-                blob = torch.load(path, map_location="cpu", weights_only=True)
+                if (entry / INDEX).is_file():
+                    bank, labels, _ = load_sharded(entry)
+                    path = entry
+                else:
+                    blob = torch.load(single, map_location="cpu", weights_only=True)
+                    bank, labels, path = blob["features"], blob["labels"], single
                 if log:
                     log(f"features ({loaded.label}, {split}): from cache {path}")
-                return FeatureSet(blob["features"], blob["labels"], list(ds.classes), size, mode, path, True)
+                return FeatureSet(bank, labels, list(ds.classes), size, mode, path, True)
             except Exception:  # a damaged cache entry is recomputed, never trusted
                 if dist.is_enabled():
                     raise
+                (entry / INDEX).unlink(missing_ok=True)
+                single.unlink(missing_ok=True)
     fit_input_size(loaded.backbone, size)
     if log:
         shown = f"mode {mode}" if is_vit(loaded.backbone) else "pooled"  # a CNN gives its pooled map in any mode
         log(f"features ({loaded.label}, {split}): extracting {len(ds)} images at {size} px, {shown}, {precision}")
-    feats, labels = extract_features(loaded.backbone, ds, device=device, batch_size=batch_size, precision=precision,
-                                     num_workers=num_workers, mode=mode, n_last_blocks=n_last_blocks,
-                                     progress=progress)
-    if path is not None and dist.is_main():
-        save_atomic({"features": feats, "labels": labels, "classes": list(ds.classes), "image_size": size,
-                     "mode": mode, "checkpoint": dict(loaded.checkpoint), "split": split, "data": str(spec)}, path)
-        if log:
-            log(f"features ({loaded.label}, {split}): cached in {path} (--cache-dir DIR or $MOKD_CACHE moves the "
-                "cache, --no-cache skips it)")
-    return FeatureSet(feats, labels, list(ds.classes), size, mode, path, False)
+    kw = dict(device=device, batch_size=batch_size, precision=precision, num_workers=num_workers, mode=mode,
+              n_last_blocks=n_last_blocks, progress=progress)
+    if entry is None:
+        feats, labels = extract_features(loaded.backbone, ds, **kw)
+        return FeatureSet(feats, labels, list(ds.classes), size, mode, None, False)
+    meta = {"classes": list(ds.classes), "image_size": size, "mode": mode, "checkpoint": dict(loaded.checkpoint),
+            "split": split, "data": str(spec)}
+    bank, labels = extract_to_shards(loaded.backbone, ds, entry, shard_rows=shard_rows, meta=meta, **kw)
+    if log:
+        log(f"features ({loaded.label}, {split}): cached in {entry} ({len(bank.files)} shard(s) of up to "
+            f"{max(bank.rows, default=0)} rows; --cache-dir DIR or $MOKD_CACHE moves the cache, --no-cache skips "
+            f"it, ${SHARD_ROWS_ENV} sets the rows per shard)")
+    return FeatureSet(bank, labels, list(ds.classes), size, mode, entry, False)

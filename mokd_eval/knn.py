@@ -16,13 +16,18 @@ outside the candidates has a low-precision score above the last candidate's, c, 
 most c + u |c| / (1 - u) + E. When the k-th re-ranked fp32 similarity exceeds that by 3 g |q| max|b| (the
 rounding of the two fp32 evaluations compared), the k found are exactly the fp32 top-k. Queries that cannot
 be certified are searched again in fp32.
+
+A bank given as row blocks (the sharded feature cache) is streamed: each block is normalised and searched as
+it is read and the per-query top-k merged with global row indices. The certified search takes candidates and
+E per block; a query is certified only when its final k-th similarity clears the bound of every block (the
+largest over blocks, with max|b| over the whole bank in the 3 g |q| max|b| term).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import click
 import torch
@@ -69,43 +74,123 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return "certified" if device.type == "cuda" or native_bf16(device) else "torch"
 
 
-def search(bank: torch.Tensor, queries: torch.Tensor, k: int, *, backend: str = "auto",
+def bank_layout(bank: torch.Tensor | Iterable[torch.Tensor]) -> tuple[list[int], int]:
+    """(rows of each block, D) of a bank given as one tensor [N, D] or as re-iterable row blocks [n_i, D]:
+    a list of tensors, or a lazy set with `rows` and `shape` such as features.ShardedFeatures."""
+    if isinstance(bank, torch.Tensor):
+        return [bank.shape[0]], bank.shape[1]
+    if iter(bank) is bank:
+        raise TypeError("a bank of row blocks is read more than once: give a list of tensors or a ShardedFeatures, "
+                        "not a one-shot iterator")
+    if hasattr(bank, "rows"):
+        return list(bank.rows), int(bank.shape[1])
+    blocks = list(bank)
+    if not blocks:
+        raise ValueError("a bank of row blocks needs at least one block")
+    return [b.shape[0] for b in blocks], blocks[0].shape[1]
+
+
+def _blocks(bank: torch.Tensor | Iterable[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """The bank's row blocks as float32 on `device`, read one at a time (a tensor is a single block)."""
+    for block in (bank,) if isinstance(bank, torch.Tensor) else bank:
+        yield block.float().to(device)
+
+
+class NormalisedBlocks:
+    """Row blocks of a bank, each L2-normalised on `device` as it is read: never a normalised copy of the bank."""
+
+    def __init__(self, blocks: Iterable[torch.Tensor], device: torch.device | str):
+        self.blocks, self.device = blocks, torch.device(device)
+        self.rows, dim = bank_layout(blocks)
+        self.shape = (sum(self.rows), dim)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for block in self.blocks:
+            yield F.normalize(block.float().to(self.device), dim=1)
+
+
+def _merge_topk(sims: torch.Tensor, idx: torch.Tensor, new_sims: torch.Tensor, new_idx: torch.Tensor, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-k [M, <=k] and one block's best [M, k_i] (global indices) -> the top-k of both."""
+    if sims.shape[1] == 0:
+        return new_sims, new_idx
+    s, i = torch.cat([sims, new_sims], dim=1), torch.cat([idx, new_idx], dim=1)
+    top = s.topk(min(k, s.shape[1]), dim=1)
+    return top.values, i.gather(1, top.indices)
+
+
+def _streamed(rows: list[int], d: int) -> str:
+    """The part of a search's log line that says how a bank of several blocks is read."""
+    if len(rows) == 1:
+        return ""
+    r = max(rows)
+    return f", streamed in {len(rows)} blocks of up to {r} rows ({_mib(4 * r * d)} each, one in memory at a time)"
+
+
+def search(bank: torch.Tensor | Iterable[torch.Tensor], queries: torch.Tensor, k: int, *, backend: str = "auto",
            chunk_size: int | None = None, margin: int | None = None, log: Callable[[str], None] | None = print
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact inner-product search: bank [N, D], queries [M, D] -> (similarities [M, k], indices [M, k]), best first.
 
+    The bank may also be given as row blocks [n_i, D] (see `bank_layout`): each block is searched as it is
+    read and the per-query top-k merged with global row indices, so that memory holds one block, not the bank.
     backend: "faiss", "torch" (chunked fp32 matmul), "certified" (reduced precision, proven equal to fp32,
     see the module docstring) or "auto" (see `resolve_backend`; the choice is logged). All run on the
-    bank's device (FAISS: a GPU index when the bank is on CUDA and faiss-gpu is installed).
+    bank's device, for blocks the queries' (FAISS: a GPU index when on CUDA and faiss-gpu is installed).
     """
-    chosen = resolve_backend(backend, bank.device)
+    device = bank.device if isinstance(bank, torch.Tensor) else queries.device
+    chosen = resolve_backend(backend, device)
     if backend == "auto" and log:
-        log(f"k-NN backend auto -> {chosen} (on {bank.device.type})")
+        log(f"k-NN backend auto -> {chosen} (on {device.type})")
     backend = chosen
-    n, d = bank.shape
-    m = queries.shape[0]
+    rows, d = bank_layout(bank)
+    n, m, r = sum(rows), queries.shape[0], max(rows)
     if backend == "faiss":
         if not faiss_available():
             raise UserError("k-NN backend faiss: the faiss package is not installed (pip install faiss-cpu)")
-        import faiss
-
         if log:
-            log(f"k-NN search (faiss): bank {n} x {d} float32 = {_mib(4 * n * d)}, results {m} x {k}")
-        index = faiss.IndexFlatIP(d)
-        if bank.is_cuda and hasattr(faiss, "StandardGpuResources"):  # faiss-gpu build and a CUDA device
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), bank.device.index or 0, index)
-        index.add(bank.detach().float().cpu().contiguous().numpy())
-        sims, idx = index.search(queries.detach().float().cpu().contiguous().numpy(), k)
-        return torch.from_numpy(sims), torch.from_numpy(idx).long()
+            log(f"k-NN search (faiss): bank {n} x {d} float32 = {_mib(4 * n * d)}{_streamed(rows, d)}, "
+                f"results {m} x {k}")
+        return _faiss_search(_blocks(bank, device), queries, k)
     if backend == "certified":
         sims, idx, _ = certified_search(bank, queries, k, margin=margin, chunk_size=chunk_size, log=log)
         return sims, idx
     if log:
-        chunk = chunk_size or max(1, min(m, TORCH_CHUNK_BYTES // (4 * max(n, 1))))
-        log(f"k-NN search (torch, chunked): bank {n} x {d} float32 = {_mib(4 * n * d)}, "
-            f"similarity blocks of {chunk} x {n} = {_mib(4 * chunk * n)}")
-    sims, idx = _torch_search(bank.float(), queries, k, chunk_size)
+        chunk = chunk_size or max(1, min(m, TORCH_CHUNK_BYTES // (4 * max(r, 1))))
+        log(f"k-NN search (torch, chunked): bank {n} x {d} float32 = {_mib(4 * n * d)}{_streamed(rows, d)}, "
+            f"similarity blocks of {chunk} x {r} = {_mib(4 * chunk * r)}")
+    sims, idx = _stream_torch(_blocks(bank, device), queries.to(device), k, chunk_size)
     return sims.cpu(), idx.cpu()
+
+
+def _faiss_search(blocks: Iterable[torch.Tensor], queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A flat inner-product index per block, results merged: [M, k] similarities and global indices (CPU)."""
+    import faiss
+
+    q = queries.detach().float().cpu().contiguous().numpy()
+    sims, idx, offset = torch.zeros(len(q), 0), torch.zeros(len(q), 0, dtype=torch.long), 0
+    for block in blocks:
+        index = faiss.IndexFlatIP(block.shape[1])
+        if block.is_cuda and hasattr(faiss, "StandardGpuResources"):  # faiss-gpu build and a CUDA device
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), block.device.index or 0, index)
+        index.add(block.detach().cpu().contiguous().numpy())
+        s, i = index.search(q, min(k, len(block)))
+        sims, idx = _merge_topk(sims, idx, torch.from_numpy(s), torch.from_numpy(i).long() + offset, k)
+        offset += len(block)
+    return sims, idx
+
+
+def _stream_torch(blocks: Iterable[torch.Tensor], queries: torch.Tensor, k: int, chunk_size: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of queries @ bank.T over the bank's row blocks, merged: [M, k] values and global indices."""
+    sims = queries.new_zeros(queries.shape[0], 0)
+    idx, offset = torch.zeros(queries.shape[0], 0, dtype=torch.long, device=queries.device), 0
+    for block in blocks:
+        if len(block):
+            s, i = _torch_search(block, queries, min(k, len(block)), chunk_size)
+            sims, idx = _merge_topk(sims, idx, s, i + offset, k)
+        offset += len(block)
+    return sims, idx
 
 
 def _torch_search(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: int | None = None
@@ -146,62 +231,90 @@ def rounding_bound(q32: torch.Tensor, bank32: torch.Tensor, dtype: torch.dtype) 
     return e, f
 
 
-@torch.no_grad()
-def certified_search(bank: torch.Tensor, queries: torch.Tensor, k: int, *, dtype: torch.dtype | None = None,
-                     margin: int | None = None, chunk_size: int | None = None,
-                     log: Callable[[str], None] | None = print) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The fp32 top-k found through a reduced-precision search: bank [N, D], queries [M, D] ->
-    (similarities [M, k] fp32, indices [M, k], number of queries that were re-searched in fp32).
-
-    dtype: bf16 on the CPU, fp16 on CUDA by default. margin: extra candidates per query (default k/2 + 16).
-    """
-    n, d = bank.shape
-    m = queries.shape[0]
-    dtype = dtype or (torch.float16 if bank.is_cuda else torch.bfloat16)
-    margin = min(n - k, margin if margin is not None else k // 2 + 16)
-    bank32, queries32 = bank.float(), queries.float().to(bank.device)
-    if m == 0:
-        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long), 0
-    low = bank32.to(dtype)
-    name = str(dtype).replace("torch.", "")
-    if log:
-        log(f"k-NN search (certified {name} -> fp32 re-rank): bank {n} x {d} {name} = "
-            f"{_mib(low.element_size() * n * d)} (+ the fp32 bank {_mib(4 * n * d)} for the re-rank), "
-            f"{k} + {margin} candidates per query")
-    e_in, scale = rounding_bound(queries32, bank32, dtype)
+def _certified_block(block32: torch.Tensor, queries32: torch.Tensor, k: int, margin: int, dtype: torch.dtype,
+                     chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block [n, D] of the certified search -> (fp32 top-min(k, n) of its candidates [M, .], their indices in
+    the block, `beyond` [M]: the bound on the exact similarity of every row of the block outside the candidates
+    (-inf when all rows are candidates), F [M]: the block's scale of fp32 rounding, see `rounding_bound`)."""
+    n, d = block32.shape
+    m, cands = queries32.shape[0], min(k + margin, n)
     u = UNIT_ROUNDOFF[dtype]
-    g = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
     # An output below the normal range rounds by at most a subnormal step (tiny 2u); bf16 kernels may flush
     # subnormal inputs, and fp32 accumulators subnormal products, to zero: at most d of each per score.
     tiny = torch.finfo(dtype).tiny * 2 * u + d * torch.finfo(torch.float32).tiny
     if dtype == torch.bfloat16:
         tiny += d * torch.finfo(dtype).tiny
-    reduced = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False  # the bound assumes fp32 sums
-    try:
-        cand_vals, cand_idx = _torch_search(low, queries32, k + margin, chunk_size)
-    finally:
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
+    e_in, scale = rounding_bound(queries32, block32, dtype)
+    cand_vals, cand_idx = _torch_search(block32.to(dtype), queries32, cands, chunk_size)
     # fp32 re-rank of the candidates, in chunks of queries that bound the gathered rows' memory
-    per = max(1, RERANK_CHUNK_BYTES // (4 * d * (k + margin)))
+    per = max(1, RERANK_CHUNK_BYTES // (4 * d * cands))
     sims, idx = [], []
     for a in range(0, m, per):
-        rows = bank32[cand_idx[a:a + per]]  # [c, k+margin, D]
-        exact = torch.bmm(rows, queries32[a:a + per, :, None])[..., 0]  # [c, k+margin]
-        top = exact.topk(k, dim=1)
+        rows = block32[cand_idx[a:a + per]]  # [c, cands, D]
+        exact = torch.bmm(rows, queries32[a:a + per, :, None])[..., 0]  # [c, cands]
+        top = exact.topk(min(k, cands), dim=1)
         sims.append(top.values)
         idx.append(cand_idx[a:a + per].gather(1, top.indices))
-    sims, idx = torch.cat(sims), torch.cat(idx)
     # outside the candidates no low-precision score exceeds the last candidate's
-    if k + margin < n:
+    if cands < n:
         c = cand_vals[:, -1].float()
         beyond = c + u * c.abs() / (1 - u) + tiny + e_in
     else:
-        beyond = torch.full((m,), -float("inf"), device=bank.device)
+        beyond = torch.full((m,), -float("inf"), device=block32.device)
+    return torch.cat(sims), torch.cat(idx), beyond, scale
+
+
+@torch.no_grad()
+def certified_search(bank: torch.Tensor | Iterable[torch.Tensor], queries: torch.Tensor, k: int, *,
+                     dtype: torch.dtype | None = None, margin: int | None = None, chunk_size: int | None = None,
+                     log: Callable[[str], None] | None = print) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The fp32 top-k found through a reduced-precision search: bank [N, D] (or its row blocks, see
+    `bank_layout`), queries [M, D] -> (similarities [M, k] fp32, indices [M, k], number of queries that were
+    re-searched in fp32).
+
+    Row blocks are searched one at a time: each gives its candidates, re-ranked in fp32 and merged, and its
+    own bound; a query is certified only if its final k-th similarity clears the bound of every block (the
+    largest `beyond`, with F the largest over blocks). Uncertified queries are searched again in fp32, streamed.
+    dtype: bf16 on the CPU, fp16 on CUDA by default. margin: extra candidates per query (default k/2 + 16).
+    """
+    device = bank.device if isinstance(bank, torch.Tensor) else queries.device
+    rows, d = bank_layout(bank)
+    n, m = sum(rows), queries.shape[0]
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    margin = min(n - k, margin if margin is not None else k // 2 + 16)
+    queries32 = queries.float().to(device)
+    if m == 0:
+        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long), 0
+    name = str(dtype).replace("torch.", "")
+    low_size = torch.finfo(dtype).bits // 8
+    if log and len(rows) == 1:
+        log(f"k-NN search (certified {name} -> fp32 re-rank): bank {n} x {d} {name} = "
+            f"{_mib(low_size * n * d)} (+ the fp32 bank {_mib(4 * n * d)} for the re-rank), "
+            f"{k} + {margin} candidates per query")
+    elif log:
+        r = max(rows)
+        log(f"k-NN search (certified {name} -> fp32 re-rank): bank {n} x {d} float32 = {_mib(4 * n * d)}, streamed "
+            f"in {len(rows)} blocks of up to {r} rows, one in memory at a time ({_mib(4 * r * d)} fp32 + "
+            f"{_mib(low_size * r * d)} {name}), {k} + {margin} candidates per query and block")
+    g = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
+    sims, idx = queries32.new_zeros(m, 0), torch.zeros(m, 0, dtype=torch.long, device=device)
+    beyond, scale = torch.full((m,), -float("inf"), device=device), torch.zeros(m, device=device)
+    reduced = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False  # the bound assumes fp32 sums
+    try:
+        offset = 0
+        for block32 in _blocks(bank, device):
+            if len(block32):
+                s, i, b, f = _certified_block(block32, queries32, k, margin, dtype, chunk_size)
+                sims, idx = _merge_topk(sims, idx, s, i + offset, k)
+                beyond, scale = torch.maximum(beyond, b), torch.maximum(scale, f)
+            offset += len(block32)
+    finally:
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
     certified = sims[:, -1] - 3 * g * scale > beyond
     redo = (~certified).nonzero()[:, 0]
     if len(redo):
-        s32, i32 = _torch_search(bank32, queries32[redo], k, chunk_size)
+        s32, i32 = _stream_torch(_blocks(bank, device), queries32[redo], k, chunk_size)
         sims[redo], idx[redo] = s32, i32
     if log:
         log(f"k-NN certified: {m - len(redo)} of {m} queries proven equal to the fp32 top-{k}; "
@@ -232,36 +345,46 @@ def vote(neighbour_sims: torch.Tensor, neighbour_labels: torch.Tensor, k: int, t
     return scores.topk(min(5, num_classes), dim=1).indices
 
 
-def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, *,
-                ks: Sequence[int] = DEFAULT_KS, temperature: float = 0.07, num_classes: int, backend: str = "auto",
-                chunk_size: int | None = None, device: torch.device | str | None = None,
-                log: Callable[[str], None] | None = print, margin: int | None = None) -> dict[int, torch.Tensor]:
+def knn_predict(train_features: torch.Tensor | Iterable[torch.Tensor], train_labels: torch.Tensor,
+                test_features: torch.Tensor, *, ks: Sequence[int] = DEFAULT_KS, temperature: float = 0.07,
+                num_classes: int, backend: str = "auto", chunk_size: int | None = None,
+                device: torch.device | str | None = None, log: Callable[[str], None] | None = print,
+                margin: int | None = None) -> dict[int, torch.Tensor]:
     """Features [N, D] / labels [N] / queries [M, D] -> {k: top-5 predicted labels [M, min(5, C)]} (column 0 = top-1).
 
-    Ks larger than N are clamped to N (see `clamp_ks`); the dict is keyed by the k actually used. The search
-    runs on `device` (default: where `train_features` are).
+    The features may be row blocks (a ShardedFeatures from the cache, a list of tensors): they are streamed,
+    each block normalised as it is read, so the bank is never in memory. Ks larger than N are clamped to N
+    (see `clamp_ks`); the dict is keyed by the k actually used. The search runs on `device` (default: where
+    `train_features` are; for blocks, where `test_features` are).
     """
-    if train_features.shape[0] == 0:
+    rows, d = bank_layout(train_features)
+    if sum(rows) == 0:
         raise UserError("k-NN needs a non-empty training set")
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(f"feature widths differ: train {train_features.shape[1]}, test {test_features.shape[1]}")
-    ks, notes = clamp_ks(ks, train_features.shape[0])
+    if d != test_features.shape[1]:
+        raise ValueError(f"feature widths differ: train {d}, test {test_features.shape[1]}")
+    ks, notes = clamp_ks(ks, sum(rows))
     for note in notes:
         if log:
             log(f"note: {note}")
-    bank = F.normalize(train_features.float().to(device or train_features.device), dim=1)
-    queries = F.normalize(test_features.float().to(bank.device), dim=1)
+    if isinstance(train_features, torch.Tensor):
+        bank = F.normalize(train_features.float().to(device or train_features.device), dim=1)
+        queries = F.normalize(test_features.float().to(bank.device), dim=1)
+    else:
+        queries = F.normalize(test_features.float().to(device or test_features.device), dim=1)
+        bank = NormalisedBlocks(train_features, queries.device)
     sims, idx = search(bank, queries, max(ks), backend=backend, chunk_size=chunk_size, margin=margin, log=log)
     labels = train_labels.cpu().long()[idx]  # [M, kmax]
     return {k: vote(sims, labels, k, temperature, num_classes) for k in ks}
 
 
-def knn_evaluate(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, *, ks: Sequence[int] = DEFAULT_KS, temperature: float = 0.07,
-                 num_classes: int, backend: str = "auto", chunk_size: int | None = None,
+def knn_evaluate(train_features: torch.Tensor | Iterable[torch.Tensor], train_labels: torch.Tensor,
+                 test_features: torch.Tensor, test_labels: torch.Tensor, *, ks: Sequence[int] = DEFAULT_KS,
+                 temperature: float = 0.07, num_classes: int, backend: str = "auto", chunk_size: int | None = None,
                  device: torch.device | str | None = None, log: Callable[[str], None] | None = print) -> dict:
-    """Accuracies in % -> {"top1": {k: %}, "top5": {k: %}, "best_top1": %, "best_k": k, "notes": [...]}."""
-    _, notes = clamp_ks(ks, train_features.shape[0])
+    """Accuracies in % -> {"top1": {k: %}, "top5": {k: %}, "best_top1": %, "best_k": k, "notes": [...]}.
+
+    `train_features` as in `knn_predict`: a tensor or row blocks (streamed)."""
+    _, notes = clamp_ks(ks, sum(bank_layout(train_features)[0]))
     preds = knn_predict(train_features, train_labels, test_features, ks=ks, temperature=temperature,
                         num_classes=num_classes, backend=backend, chunk_size=chunk_size, device=device, log=log)
     y = test_labels.cpu().long()[:, None]
@@ -301,15 +424,17 @@ def _parse_ks(value: str) -> list[int]:
                    "bf16/fp16 search with fp32 re-rank; auto picks the fastest for the device and says which.")
 @click.option("--dump-features", "dump_features", type=click.Path(file_okay=False), default=None,
               help="Also save train/test features and labels (.pt) into this folder (per model sub-folder "
-                   "when the checkpoint holds two models).")
+                   "when the checkpoint holds two models; the whole bank is then read into memory).")
 @debug_option
 def knn_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device, seed,
             batch_size, image_size, precision, num_workers, cache_dir, no_cache, ks, temperature, backend,
             dump_features):
     """Weighted k-NN accuracy (DINO protocol) of CHECKPOINT's frozen features.
 
-    The training split is the memory bank, the validation split the queries. Runs unchanged under torchrun:
-    features are extracted in shards; rank 0 searches and writes the records.
+    The training split is the memory bank, the validation split the queries. The bank is cached in shards
+    ($MOKD_SHARD_ROWS rows each, default about 1 GiB) and searched one shard at a time, so it need not fit
+    in memory. Runs unchanged under torchrun: each rank extracts and writes its own slice; rank 0 searches
+    and writes the records.
     """
     ks_list = _parse_ks(ks)
     if backend == "faiss" and not faiss_available():
@@ -341,10 +466,11 @@ def knn_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, da
                             ("test_features", test.features), ("test_labels", test.labels)):
                 torch.save(t.clone(), folder / f"{name}.pt")
             echo(f"features saved to {folder}")
-        metrics = knn_evaluate(train.features, train.labels, test.features, test.labels, ks=ks_list,
+        # a bank from the sharded cache is streamed shard by shard; only the queries are held whole
+        metrics = knn_evaluate(train.bank, train.labels, test.features, test.labels, ks=ks_list,
                                temperature=temperature, num_classes=len(train_ds.classes), backend=backend,
                                device=dev, log=echo)
-        echo(f"\nk-NN {m.label} ({m.checkpoint['arch']}, features {train.features.shape[1]}-d, "
+        echo(f"\nk-NN {m.label} ({m.checkpoint['arch']}, features {train.dim}-d, "
              f"{train.image_size} px):")
         echo(markdown_table(["k", "top-1 (%)", "top-5 (%)"],
                             [[k, metrics["top1"][k], metrics["top5"][k]] for k in metrics["top1"]]))

@@ -1,4 +1,5 @@
-"""A torchrun-like worker for the sharded-extraction test, kept apart so spawned processes import little."""
+"""torchrun-like workers for the sharded-extraction and sharded-cache tests, kept apart so spawned processes
+import little."""
 
 from __future__ import annotations
 
@@ -34,4 +35,19 @@ def sharded_worker(rank: int, world: int, port: int, n: int, out: str) -> None:
     init_distributed("cpu")
     feats, labels = extract_features(MeanNet(), Numbers(n), device="cpu", batch_size=2, precision="fp32")
     torch.save((feats, labels), f"{out}.{rank}")
+    cleanup()
+
+
+def shard_cache_worker(rank: int, world: int, port: int, n: int, folder: str) -> None:
+    """Each rank writes its slice's shards of Numbers(n) into one folder; saves what it reads back."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from pathlib import Path
+
+    from mokd.distributed import cleanup, init_distributed
+    from mokd_eval.features import extract_to_shards
+
+    init_distributed("cpu")
+    bank, labels = extract_to_shards(MeanNet(), Numbers(n), Path(folder), device="cpu", batch_size=2, shard_rows=2)
+    torch.save((torch.cat(list(bank)), labels, list(bank.rows)), f"{folder}.{rank}")
     cleanup()

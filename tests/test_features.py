@@ -82,7 +82,7 @@ def test_features_for_caches_by_checkpoint_data_and_mode(tmp_path):
     spec = parse_data_spec("digits")
     ds = build_dataset(spec, "val").subset(range(20))
     a = features_for(m, spec, "val", dataset=ds, device="cpu", batch_size=8)
-    assert not a.from_cache and a.cache_path.is_file() and a.cache_path.parent == cache_dir()
+    assert not a.from_cache and (a.cache_path / "index.json").is_file() and a.cache_path.parent == cache_dir()
     assert a.features.shape == (20, 64) and a.labels.tolist() == ds.targets and a.image_size == 32
     b = features_for(m, spec, "val", dataset=ds, device="cpu", batch_size=8)
     assert b.from_cache and b.cache_path == a.cache_path and torch.equal(a.features, b.features)
