@@ -108,3 +108,19 @@ def test_gpu_check_says_why_and_exits_cleanly_without_cuda(capsys, monkeypatch):
     gpu_check = runpy.run_path("benchmarks/gpu_check.py", run_name="gpu_check")
     assert gpu_check["main"]([]) == 0
     assert "CUDA is not available" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_step_runs_and_matches_the_uncompiled_one(tiny_cfg, crops, monkeypatch, precision):
+    """train.compile=true wraps students and teachers (fp32: the teacher itself; bf16: its low-precision copy);
+    the EMA must still refresh the copies and nothing else. Dynamo's eager backend keeps the test fast: what
+    is checked is the wiring, not inductor's kernels."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager"))
+    cfg = (f"optim.precision={precision}", "train.fast_step=true")
+    compiled = run_steps(tiny_cfg("train.compile=true", *cfg), crops, 2)
+    plain = run_steps(tiny_cfg("train.compile=false", *cfg), crops, 2)
+    teacher = compiled[0].model.teacher_forward["net1"]
+    assert isinstance(teacher, LowPrecisionCopy) if precision == "bf16" else hasattr(teacher, "_orig_mod")
+    assert_same_run(plain, compiled, rtol=1e-4 if precision == "fp32" else 2e-2,
+                    atol=1e-5 if precision == "fp32" else 2e-3)

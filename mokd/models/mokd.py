@@ -273,5 +273,6 @@ class MOKDModel(nn.Module):
             else:
                 torch._foreach_mul_(t_params, momentum[n])
                 torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum[n])
-            if self.teacher_forward[n] is not self.teacher[n]:
-                self.teacher_forward[n].refresh()
+            refresh = getattr(self.teacher_forward[n], "refresh_after_ema", None)  # a low-precision copy's
+            if refresh is not None:
+                refresh()
