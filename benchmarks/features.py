@@ -8,11 +8,14 @@ Throughput: random-init timm models on random images (no download); the timed pa
 k-NN: the same random-init (seeded) models on the embedded digits at 32 px (train split = bank, val split =
 queries), features extracted in fp32 and in bf16: k-NN top-1 of each, the share of queries whose top-1
 prediction changes, and the mean cosine between a feature's bf16 and fp32 versions.
+Pipeline: generated JPEGs of ImageNet's typical size through the evaluation transform, the loader alone and
+with R50 extraction, without workers and with the evaluation commands' default (up to 8 per process).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -43,6 +46,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-knn", action="store_true", help="skip the bf16-vs-fp32 k-NN comparison")
+    p.add_argument("--no-pipeline", action="store_true", help="skip the JPEG decoding measurement")
     args = p.parse_args()
     device = torch.device(args.device)
     print(f"{args.images} images of {args.size} px, batch {args.batch_size}, device {device}, torch "
@@ -68,8 +72,53 @@ def main() -> None:
     for label, _ in ARCHS:
         r = {prec: rate for lab, prec, rate, _ in rows if lab == label}
         print(f"{label:<9} bf16 / fp32 speed-up: x{r['bf16'] / r['fp32']:.2f}")
+    if not args.no_pipeline:
+        pipeline(device, args)
     if not args.no_knn:
         knn_difference(device, args.batch_size)
+
+
+def pipeline(device: torch.device, args) -> None:
+    """JPEG decoding and the evaluation transform (resize 256, centre crop 224) against the model: images/s of
+    the loader alone and of extraction, with the evaluation commands' default workers and with none."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from mokd_eval.supervised import default_workers
+
+    n = args.images
+    with tempfile.TemporaryDirectory() as root:
+        rng = np.random.default_rng(0)
+        for split in ("train", "val"):
+            for c in range(2):
+                folder = os.path.join(root, split, f"class{c}")
+                os.makedirs(folder)
+                for i in range(n // 2 if split == "train" else 1):
+                    # ImageNet's typical 500 x 375, smooth enough to compress like a photograph
+                    img = rng.integers(0, 255, (47, 63, 3), dtype=np.uint8)
+                    Image.fromarray(img).resize((500, 375), Image.BICUBIC).save(
+                        os.path.join(folder, f"{i}.jpg"), quality=90)
+        spec = parse_data_spec(root)
+        data = build_dataset(spec, "train", eval_transform(224, False))
+        auto = default_workers(spec.kind)
+        print(f"\ndata pipeline: {len(data)} JPEGs of 500 x 375 -> 224 px; the evaluation commands' default "
+              f"--num-workers here is {auto}")
+        torch.manual_seed(0)
+        model = create_backbone("resnet50").to(device).eval()
+        for workers in sorted({0, auto}):
+            loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=workers)
+            t0 = time.perf_counter()
+            for _ in loader:
+                pass
+            decode = len(data) / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            extract_features(model, data, device=device, batch_size=args.batch_size, num_workers=workers)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rate = len(data) / (time.perf_counter() - t0)
+            print(f"workers {workers}: loader alone {decode:8.1f} images/s; R50 fp32 extraction {rate:8.1f} images/s")
 
 
 def knn_difference(device: torch.device, batch_size: int) -> None:

@@ -109,8 +109,9 @@ def feature_options(f):
                      help="Precision of feature extraction: fp32 as the published protocols (DINO's evaluation); "
                           "bf16/fp16 autocast is faster but moves k-NN accuracy (benchmarks/features.py); auto: "
                           "bf16 where the device computes it natively."),
-        click.option("--num-workers", "num_workers", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Data-loading worker processes."),
+        click.option("--num-workers", "num_workers", type=click.IntRange(min=0), default=None,
+                     help="Data-loading (decode, resize) worker processes [default: up to 8 per process, so that "
+                          "JPEG decoding does not hold back extraction; 0 for the digits or under 4 cores]."),
         click.option("--cache-dir", "cache_dir", type=click.Path(file_okay=False), default=None,
                      help="Feature cache folder (default: $MOKD_CACHE or ~/.cache/mokd/features)."),
         click.option("--no-cache", "no_cache", is_flag=True, help="Neither read nor write the feature cache."),

@@ -187,7 +187,8 @@ def finetune_options(warmup: int):
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      show_default=True, help="Autocast precision (fp16 uses a grad scaler; CUDA only)."),
         click.option("--num-workers", "num_workers", type=click.IntRange(min=0), default=None,
-                     help="Data-loading worker processes [default: 0 for the embedded digits, else up to 8]."),
+                     help="Data-loading worker processes [default: up to 8 per process; 0 for the digits or "
+                          "under 4 cores]."),
         click.option("--eval-every", "eval_every", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Evaluate on val every N epochs; the best epoch is reported."),
         debug_option,

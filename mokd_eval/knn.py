@@ -40,6 +40,7 @@ from mokd_eval.common import checkpoint_options, data_record, echo, feature_opti
     load_models_cli, precision_for, setup_run
 from mokd_eval.features import features_for
 from mokd_eval.records import write_record
+from mokd_eval.supervised import default_workers
 from mokd_eval.report import markdown_table
 
 DEFAULT_KS = (10, 20, 100, 200)
@@ -63,7 +64,9 @@ def faiss_available() -> bool:
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """'auto' -> the fastest exact search measured for the device (benchmarks/knn.py): the certified
-    reduced-precision search where low-precision matmuls beat fp32 (CUDA fp16; CPUs with AMX), else the chunked fp32 torch matmul (on a 2-core CPU 3.3x faster than FAISS's flat index)."""
+    reduced-precision search where low-precision matmuls beat fp32 (CUDA fp16; CPUs with AMX), else the
+    chunked fp32 torch matmul (on 2 CPU cores 1.7x (AVX-512) to 3.3x (AVX2) faster than FAISS's flat index;
+    the certified search was 1.75x slower there, bf16 matmuls being slower than fp32 without AMX)."""
     if backend not in BACKENDS:
         raise UserError(f"k-NN backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend != "auto":
@@ -443,6 +446,7 @@ def knn_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, da
     prec = precision_for(precision, dev)
     spec, train_ds, val_ds = load_eval_data(data, class_list)
     echo(f"data: {spec}: {len(train_ds)} train / {len(val_ds)} val images, {len(train_ds.classes)} classes")
+    num_workers = default_workers(spec.kind) if num_workers is None else num_workers
     models = load_models_cli(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial)
     bs = batch_size or 256  # global; each rank extracts bs / world_size at a time
     common = dict(device=dev, batch_size=max(1, bs // dist.world_size()), precision=prec, image_size=image_size,

@@ -34,7 +34,7 @@ from mokd_eval.common import (checkpoint_options, data_record, echo, feature_opt
 from mokd_eval.features import eval_transform, features_for, fit_input_size, resolve_image_size
 from mokd_eval.records import write_record
 from mokd_eval.report import markdown_table
-from mokd_eval.supervised import (eval_loader, evaluate, fit, scaled_lr, topk_correct,
+from mokd_eval.supervised import (default_workers, eval_loader, evaluate, fit, scaled_lr, topk_correct,
                                   train_loader, train_transform, warmup_cosine)
 
 BASE_LR_CNN = 0.08
@@ -341,6 +341,7 @@ def linear_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial,
     dev = setup_run(device, seed)
     prec = precision_for(precision, dev)
     spec, train_ds, val_ds = load_eval_data(data, class_list)
+    num_workers = default_workers(spec.kind) if num_workers is None else num_workers
     echo(f"data: {spec}: {len(train_ds)} train / {len(val_ds)} val images, {len(train_ds.classes)} classes")
     models = load_models_cli(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial)
     num_classes = len(train_ds.classes)

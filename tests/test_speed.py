@@ -124,3 +124,15 @@ def test_compiled_step_runs_and_matches_the_uncompiled_one(tiny_cfg, crops, monk
     assert isinstance(teacher, LowPrecisionCopy) if precision == "bf16" else hasattr(teacher, "_orig_mod")
     assert_same_run(plain, compiled, rtol=1e-4 if precision == "fp32" else 2e-2,
                     atol=1e-5 if precision == "fp32" else 2e-3)
+
+
+@pytest.mark.parametrize("cores, world, kind, expected", [(2, 1, "folder", 0), (16, 1, "folder", 8),
+                                                          (16, 4, "folder", 3), (16, 1, "digits", 0)])
+def test_default_workers_leave_small_machines_to_the_model(monkeypatch, cores, world, kind, expected):
+    import os
+
+    from mokd_eval import supervised
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(supervised.dist, "world_size", lambda: world)
+    assert supervised.default_workers(kind) == expected
