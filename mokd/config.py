@@ -88,6 +88,8 @@ class THeadConfig:
     dim: int = 384  # ViT-S width
     num_heads: int = 6
     mlp_ratio: float = 4.0
+    l2_norm: bool = False  # L2-normalise the pooled feature before the last layer, as the MLP head does (the
+    # release does not: its T-Head logits start 3-4x larger than the MLP head's, so a sharp teacher is one-hot)
 
 
 @dataclass

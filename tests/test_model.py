@@ -140,3 +140,19 @@ def test_switching_terms_off(tiny_cfg):
     losses = model(crops_for(cfg), 0.04)
     assert set(losses) == {"sm1", "cm1", "sm2", "cm2"}
     assert model.student["net1"].thead is None
+
+
+def test_thead_l2_norm_bounds_its_logits_as_the_mlp_head_does():
+    from mokd.models.heads import THead
+
+    torch.manual_seed(0)
+    local = 3 * torch.randn(4, 16, 24)
+    plain = THead(24, 50, (4, 4), dim=32, depth=1, num_heads=4)
+    normed = THead(24, 50, (4, 4), dim=32, depth=1, num_heads=4, l2_norm=True)
+    normed.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        pooled = plain.norm(plain.blocks(plain.proj(local) + plain.pos_embed)).mean(dim=1)
+        torch.testing.assert_close(plain(local), plain.fc(pooled))  # the release's head: the pooled feature as is
+        torch.testing.assert_close(normed(local), plain.fc(torch.nn.functional.normalize(pooled, dim=-1)))
+        assert normed(local).abs().max() <= 1 + 1e-5  # unit feature, unit-norm rows, gain 1
+        assert pooled.norm(dim=-1).min() > 1  # what the release feeds its last layer is not a unit vector

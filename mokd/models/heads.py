@@ -57,14 +57,16 @@ class THead(nn.Module):
     local [B, N, in_dim] -> input projection to width D (identity when in_dim == D) + positional embedding
     (learned on the training grid, resampled to other grids by `pos_resample`: mokd.models.pos_embed) ->
     [query ; tokens] -> `depth` ViT blocks -> norm -> drop the query position -> mean over tokens ->
-    weight-normed FC -> [B, K].
+    (with `l2_norm`, L2-normalised as the MLP head's bottleneck is; the release does not) -> weight-normed
+    FC -> [B, K].
     """
 
     def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, int], dim: int = 384, depth: int = 3,
                  num_heads: int = 6, mlp_ratio: float = 4.0, norm_last_layer: bool = False,
-                 pos_resample: str = "dino"):
+                 pos_resample: str = "dino", l2_norm: bool = False):
         super().__init__()
         self.grid = tuple(grid)
+        self.l2_norm = l2_norm
         self.pos_resample = pos_resample
         self.proj = nn.Identity() if in_dim == dim else nn.Linear(in_dim, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], dim))
@@ -95,7 +97,8 @@ class THead(nn.Module):
         x = self.norm(self.blocks(x))
         if query is not None:
             x = x[:, 1:]
-        return self.fc(x.mean(dim=1))
+        x = x.mean(dim=1)
+        return self.fc(F.normalize(x, dim=-1) if self.l2_norm else x)
 
 
 # The authors' release: the CNN's MLP head keeps its weight-norm gain frozen at 1 (DINO's norm_last_layer);

@@ -80,7 +80,7 @@ class Branch(nn.Module):
         if grid is not None:
             with seeded_init(seed, net, "thead"):
                 self.thead = THead(local_dim(backbone), h.out_dim, grid, t.dim, t.depth, t.num_heads, t.mlp_ratio,
-                                   frozen["thead"], net_cfg.pos_resample)
+                                   frozen["thead"], net_cfg.pos_resample, t.l2_norm)
         self.channels_last = channels_last and not self.is_vit
 
     def forward(self, crops: list[torch.Tensor]) -> BranchOutput:
