@@ -47,12 +47,16 @@ def assert_same_run(a, b, rtol, atol):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=k)
 
 
-def test_fast_step_fp32_equals_plain_step_after_3_steps(tiny_cfg, crops):
-    plain = run_steps(tiny_cfg("train.fast_step=false", "train.compile=false"), crops)
-    fast = run_steps(tiny_cfg("train.fast_step=true", "train.compile=false"), crops)
+@pytest.mark.parametrize("l2_norm, atol", [("false", 1e-6), ("true", 5e-6)])
+def test_fast_step_fp32_equals_plain_step_after_3_steps(tiny_cfg, crops, l2_norm, atol):
+    """The release's T-Head and the L2-normalised one (the default recipe's), whose normalisation passes the
+    two paths' different rounding on a little amplified (measured: 1.8e-6 beyond 1e-6 + 1e-5 |x| in one conv)."""
+    cfg = ("train.compile=false", f"thead.l2_norm={l2_norm}")
+    plain = run_steps(tiny_cfg("train.fast_step=false", *cfg), crops)
+    fast = run_steps(tiny_cfg("train.fast_step=true", *cfg), crops)
     assert fast[0].model.fused_ema and not plain[0].model.fused_ema
     assert fast[0].optimizers["net1"].defaults["foreach"] and not plain[0].optimizers["net1"].defaults["foreach"]
-    assert_same_run(plain, fast, rtol=1e-5, atol=1e-6)
+    assert_same_run(plain, fast, rtol=1e-5, atol=atol)
 
 
 @pytest.mark.slow  # bf16 is slow on CPUs without AMX (emulated on AVX2)
