@@ -214,9 +214,16 @@ def _torch_search(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size:
     return torch.cat(sims), torch.cat(idx)
 
 
-def _residual_norms(x32: torch.Tensor, dtype: torch.dtype, rows: int = 65536) -> torch.Tensor:
-    """|x - round_dtype(x)| per row (exact differences in fp32), by blocks of rows."""
-    return torch.cat([(x - x.to(dtype).float()).norm(dim=1) for x in x32.split(rows)]) if len(x32) else x32.new_zeros(0)
+def _rounded_norms(x32: torch.Tensor, dtype: torch.dtype, rows: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (|round_dtype(x)|, |x - round_dtype(x)|, an exact difference in fp32), one cast per block of rows."""
+    if not len(x32):
+        return x32.new_zeros(0), x32.new_zeros(0)
+    norms, residuals = [], []
+    for x in x32.split(rows):
+        low = x.to(dtype).float()
+        norms.append(low.norm(dim=1))
+        residuals.append((x - low).norm(dim=1))
+    return torch.cat(norms), torch.cat(residuals)
 
 
 def rounding_bound(q32: torch.Tensor, bank32: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,10 +232,11 @@ def rounding_bound(q32: torch.Tensor, bank32: torch.Tensor, dtype: torch.dtype) 
     d = q32.shape[1]
     g = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
     fudge = 1 + 4 * g  # the norms themselves are fp32 sums
-    q_low_norm = q32.to(dtype).float().norm(dim=1) * fudge
-    b_low_max = bank32.to(dtype).float().norm(dim=1).max() * fudge if len(bank32) else q32.new_zeros(())
-    dq = _residual_norms(q32, dtype) * fudge
-    db = _residual_norms(bank32, dtype).max() * fudge
+    q_low_norm, dq = (t * fudge for t in _rounded_norms(q32, dtype))
+    if len(bank32):
+        b_low_max, db = (t.max() * fudge for t in _rounded_norms(bank32, dtype))
+    else:
+        b_low_max = db = q32.new_zeros(())
     e = q_low_norm * db + dq * b_low_max + dq * db + 2 * g * q_low_norm * b_low_max
     f = q32.norm(dim=1) * bank32.norm(dim=1).max() * fudge
     return e, f

@@ -70,8 +70,6 @@ class LowPrecisionCopy:
         torch._foreach_copy_(self._targets, weights)
         self._versions = [t._version for t in self._master_tensors()]
 
-    refresh_after_ema = refresh  # what the EMA calls (a compiled teacher, which has no such method, is not)
-
     def _sync(self) -> None:
         if [t._version for t in self._master_tensors()] != self._versions:
             self.refresh()

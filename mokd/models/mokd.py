@@ -18,6 +18,7 @@ from mokd.health import health_metrics
 from mokd.losses import Center, dino_cross_entropy, paired_cross_entropy, sharpen
 from mokd.models.backbones import create_backbone, encode, feature_grid, global_dim, is_vit, local_dim
 from mokd.models.heads import DINOHead, THead, norm_last_layer_for
+from mokd.models.lowp import LowPrecisionCopy
 from mokd.schedules import TEMP_GROUPS
 
 NETS = ("net1", "net2")
@@ -256,8 +257,6 @@ class MOKDModel(nn.Module):
         """The fast path: a one-kernel EMA (lerp), and with `teacher_dtype` (bf16/fp16 autocast) teacher
         forwards through low-precision copies of the teachers' weights. Call after the modules are final
         (device, memory format, SyncBatchNorm)."""
-        from mokd.models.lowp import LowPrecisionCopy
-
         self.fused_ema = True
         self.teacher_forward = {n: self.teacher[n] if teacher_dtype is None
                                 else LowPrecisionCopy(self.teacher[n], teacher_dtype) for n in NETS}
@@ -273,6 +272,5 @@ class MOKDModel(nn.Module):
             else:
                 torch._foreach_mul_(t_params, momentum[n])
                 torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum[n])
-            refresh = getattr(self.teacher_forward[n], "refresh_after_ema", None)  # a low-precision copy's
-            if refresh is not None:
-                refresh()
+            if isinstance(self.teacher_forward[n], LowPrecisionCopy):  # not a compiled teacher: nothing to refresh
+                self.teacher_forward[n].refresh()
