@@ -21,6 +21,10 @@ A bank given as row blocks (the sharded feature cache) is streamed: each block i
 it is read and the per-query top-k merged with global row indices. The certified search takes candidates and
 E per block; a query is certified only when its final k-th similarity clears the bound of every block (the
 largest over blocks, with max|b| over the whole bank in the 3 g |q| max|b| term).
+
+The low precision pays only when most queries certify. When the first tile the search computes (the first chunk
+of queries against the first bank block) certifies under half of its queries, the similarities bunch closer
+than the low precision resolves, and the rest is searched with the plain fp32 search instead (and logged).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ DEFAULT_KS = (10, 20, 100, 200)
 BACKENDS = ("auto", "faiss", "torch", "certified")
 TORCH_CHUNK_BYTES = 256 * 2**20  # similarity block per chunk of queries in the torch backend
 RERANK_CHUNK_BYTES = 64 * 2**20  # gathered candidate rows per chunk of queries in the certified re-rank
+FALLBACK_BELOW = 0.5  # certified share of the first tile under which the certified search turns to plain fp32
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
 
 
@@ -122,6 +127,11 @@ def _merge_topk(sims: torch.Tensor, idx: torch.Tensor, new_sims: torch.Tensor, n
     return top.values, i.gather(1, top.indices)
 
 
+def _query_chunk(n: int, m: int, element_size: int, chunk_size: int | None = None) -> int:
+    """Queries per similarity block [chunk, n] of the chunked search: `chunk_size`, else TORCH_CHUNK_BYTES' worth."""
+    return chunk_size or max(1, min(m, TORCH_CHUNK_BYTES // (element_size * max(n, 1))))
+
+
 def _streamed(rows: list[int], d: int) -> str:
     """The part of a search's log line that says how a bank of several blocks is read."""
     if len(rows) == 1:
@@ -159,7 +169,7 @@ def search(bank: torch.Tensor | Iterable[torch.Tensor], queries: torch.Tensor, k
         sims, idx, _ = certified_search(bank, queries, k, margin=margin, chunk_size=chunk_size, log=log)
         return sims, idx
     if log:
-        chunk = chunk_size or max(1, min(m, TORCH_CHUNK_BYTES // (4 * max(r, 1))))
+        chunk = _query_chunk(r, m, 4, chunk_size)
         log(f"k-NN search (torch, chunked): bank {n} x {d} float32 = {_mib(4 * n * d)}{_streamed(rows, d)}, "
             f"similarity blocks of {chunk} x {r} = {_mib(4 * chunk * r)}")
     sims, idx = _stream_torch(_blocks(bank, device), queries.to(device), k, chunk_size)
@@ -200,7 +210,7 @@ def _torch_search(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size:
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of queries @ bank.T by chunks of queries (in the bank's dtype): [M, k] values and indices."""
     n, m = bank.shape[0], queries.shape[0]
-    chunk = chunk_size or max(1, min(m, TORCH_CHUNK_BYTES // (bank.element_size() * max(n, 1))))
+    chunk = _query_chunk(n, m, bank.element_size(), chunk_size)
     bank_t = bank.t()  # a view: BLAS multiplies by the transpose without a copy
     sims, idx = [], []
     for start in range(0, m, chunk):
@@ -226,53 +236,78 @@ def _rounded_norms(x32: torch.Tensor, dtype: torch.dtype, rows: int = 65536) -> 
     return torch.cat(norms), torch.cat(residuals)
 
 
-def rounding_bound(q32: torch.Tensor, bank32: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query: (E, the bound on |low-precision product before its output rounding - exact q.b| over every
-    bank row; F = |q| max|b|, the scale of one fp32 evaluation's error g F). See the module docstring."""
-    d = q32.shape[1]
-    g = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
+def _sum_error(d: int) -> float:
+    """g: the relative error bound of an fp32 sum of d products (see the module docstring)."""
+    return d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
+
+
+def bank_rounding(bank32: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bank's side of `rounding_bound`, computed once per block [N, D]: (max |round(b)|, max |b - round(b)|,
+    both enlarged for the fp32 sums that give the norms; max |b|)."""
+    if not len(bank32):
+        zero = bank32.new_zeros(())
+        return zero, zero, zero
+    fudge = 1 + 4 * _sum_error(bank32.shape[1])
+    low, residual = _rounded_norms(bank32, dtype)
+    return low.max() * fudge, residual.max() * fudge, bank32.norm(dim=1).max()
+
+
+def rounding_bound(q32: torch.Tensor, bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query of q32 [M, D], given the bank's `bank_rounding`: (E, the bound on |low-precision product before
+    its output rounding - exact q.b| over every bank row; F = |q| max|b|, the scale of one fp32 evaluation's
+    error g F). See the module docstring."""
+    b_low_max, db, b_max = bank
+    g = _sum_error(q32.shape[1])
     fudge = 1 + 4 * g  # the norms themselves are fp32 sums
     q_low_norm, dq = (t * fudge for t in _rounded_norms(q32, dtype))
-    if len(bank32):
-        b_low_max, db = (t.max() * fudge for t in _rounded_norms(bank32, dtype))
-    else:
-        b_low_max = db = q32.new_zeros(())
     e = q_low_norm * db + dq * b_low_max + dq * db + 2 * g * q_low_norm * b_low_max
-    f = q32.norm(dim=1) * bank32.norm(dim=1).max() * fudge
+    f = q32.norm(dim=1) * b_max * fudge
     return e, f
 
 
-def _certified_block(block32: torch.Tensor, queries32: torch.Tensor, k: int, margin: int, dtype: torch.dtype,
-                     chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One block [n, D] of the certified search -> (fp32 top-min(k, n) of its candidates [M, .], their indices in
-    the block, `beyond` [M]: the bound on the exact similarity of every row of the block outside the candidates
-    (-inf when all rows are candidates), F [M]: the block's scale of fp32 rounding, see `rounding_bound`)."""
+def _certified_block(block32: torch.Tensor, query_parts: Iterable[torch.Tensor], k: int, margin: int,
+                     dtype: torch.dtype, chunk_size: int | None
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One block [n, D] of the certified search, for each part [M_p, D] of the queries in turn -> (fp32
+    top-min(k, n) of its candidates [M_p, .], their indices in the block, `beyond` [M_p]: the bound on the exact
+    similarity of every row of the block outside the candidates (-inf when all rows are candidates), F [M_p]: the
+    block's scale of fp32 rounding, see `rounding_bound`). The block is cast and bounded once, for every part."""
     n, d = block32.shape
-    m, cands = queries32.shape[0], min(k + margin, n)
+    cands = min(k + margin, n)
     u = UNIT_ROUNDOFF[dtype]
     # An output below the normal range rounds by at most a subnormal step (tiny 2u); bf16 kernels may flush
     # subnormal inputs, and fp32 accumulators subnormal products, to zero: at most d of each per score.
     tiny = torch.finfo(dtype).tiny * 2 * u + d * torch.finfo(torch.float32).tiny
     if dtype == torch.bfloat16:
         tiny += d * torch.finfo(dtype).tiny
-    e_in, scale = rounding_bound(queries32, block32, dtype)
-    cand_vals, cand_idx = _torch_search(block32.to(dtype), queries32, cands, chunk_size)
-    # fp32 re-rank of the candidates, in chunks of queries that bound the gathered rows' memory
+    low, bank_terms = block32.to(dtype), bank_rounding(block32, dtype)
     per = max(1, RERANK_CHUNK_BYTES // (4 * d * cands))
-    sims, idx = [], []
-    for a in range(0, m, per):
-        rows = block32[cand_idx[a:a + per]]  # [c, cands, D]
-        exact = torch.bmm(rows, queries32[a:a + per, :, None])[..., 0]  # [c, cands]
-        top = exact.topk(min(k, cands), dim=1)
-        sims.append(top.values)
-        idx.append(cand_idx[a:a + per].gather(1, top.indices))
-    # outside the candidates no low-precision score exceeds the last candidate's
-    if cands < n:
-        c = cand_vals[:, -1].float()
-        beyond = c + u * c.abs() / (1 - u) + tiny + e_in
-    else:
-        beyond = torch.full((m,), -float("inf"), device=block32.device)
-    return torch.cat(sims), torch.cat(idx), beyond, scale
+    for queries32 in query_parts:
+        m = queries32.shape[0]
+        e_in, scale = rounding_bound(queries32, bank_terms, dtype)
+        cand_vals, cand_idx = _torch_search(low, queries32, cands, chunk_size)
+        # fp32 re-rank of the candidates, in chunks of queries that bound the gathered rows' memory
+        sims, idx = [], []
+        for a in range(0, m, per):
+            rows = block32[cand_idx[a:a + per]]  # [c, cands, D]
+            exact = torch.bmm(rows, queries32[a:a + per, :, None])[..., 0]  # [c, cands]
+            top = exact.topk(min(k, cands), dim=1)
+            sims.append(top.values)
+            idx.append(cand_idx[a:a + per].gather(1, top.indices))
+        # outside the candidates no low-precision score exceeds the last candidate's
+        if cands < n:
+            c = cand_vals[:, -1].float()
+            beyond = c + u * c.abs() / (1 - u) + tiny + e_in
+        else:
+            beyond = torch.full((m,), -float("inf"), device=block32.device)
+        yield torch.cat(sims), torch.cat(idx), beyond, scale
+
+
+def _proven(sims: torch.Tensor, beyond: torch.Tensor, scale: torch.Tensor, d: int) -> torch.Tensor:
+    """Per query [M] bool: its k-th fp32 similarity (last column of sims [M, k]) clears the bound on every row
+    outside its candidates by more than the two fp32 evaluations compared can be off."""
+    return sims[:, -1] - 3 * _sum_error(d) * scale > beyond
 
 
 @torch.no_grad()
@@ -280,13 +315,15 @@ def certified_search(bank: torch.Tensor | Iterable[torch.Tensor], queries: torch
                      dtype: torch.dtype | None = None, margin: int | None = None, chunk_size: int | None = None,
                      log: Callable[[str], None] | None = print) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The fp32 top-k found through a reduced-precision search: bank [N, D] (or its row blocks, see
-    `bank_layout`), queries [M, D] -> (similarities [M, k] fp32, indices [M, k], number of queries that were
-    re-searched in fp32).
+    `bank_layout`), queries [M, D] -> (similarities [M, k] fp32, indices [M, k], number of queries searched in
+    fp32: the uncertified ones, or all M after a fallback).
 
     Row blocks are searched one at a time: each gives its candidates, re-ranked in fp32 and merged, and its
     own bound; a query is certified only if its final k-th similarity clears the bound of every block (the
     largest `beyond`, with F the largest over blocks). Uncertified queries are searched again in fp32, streamed.
-    dtype: bf16 on the CPU, fp16 on CUDA by default. margin: extra candidates per query (default k/2 + 16).
+    When under half of the first tile's queries certify, everything is searched in plain fp32 instead (the
+    fallback, logged). dtype: bf16 on the CPU, fp16 on CUDA by default. margin: extra candidates per query
+    (default k/2 + 16). chunk_size: queries per similarity block, hence per tile.
     """
     device = bank.device if isinstance(bank, torch.Tensor) else queries.device
     rows, d = bank_layout(bank)
@@ -307,23 +344,48 @@ def certified_search(bank: torch.Tensor | Iterable[torch.Tensor], queries: torch
         log(f"k-NN search (certified {name} -> fp32 re-rank): bank {n} x {d} float32 = {_mib(4 * n * d)}, streamed "
             f"in {len(rows)} blocks of up to {r} rows, one in memory at a time ({_mib(4 * r * d)} fp32 + "
             f"{_mib(low_size * r * d)} {name}), {k} + {margin} candidates per query and block")
-    g = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
     sims, idx = queries32.new_zeros(m, 0), torch.zeros(m, 0, dtype=torch.long, device=device)
     beyond, scale = torch.full((m,), -float("inf"), device=device), torch.zeros(m, device=device)
+    tried, fallback, offset = False, False, 0
     reduced = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False  # the bound assumes fp32 sums
     try:
-        offset = 0
         for block32 in _blocks(bank, device):
-            if len(block32):
-                s, i, b, f = _certified_block(block32, queries32, k, margin, dtype, chunk_size)
+            if len(block32) and not fallback:
+                if tried:
+                    s, i, b, f = next(_certified_block(block32, (queries32,), k, margin, dtype, chunk_size))
+                else:
+                    # The first tile (the first chunk of queries against the first block) decides whether the low
+                    # precision pays. A chunk of queries, not all of them, so that an in-memory bank (one block)
+                    # can still stop early; the first block, not the whole bank, so that a streamed bank is not
+                    # read twice. Against one block of several, a query's certification is judged on that block
+                    # alone: an estimate of the final share. Either way the results stay exact.
+                    tried, trial = True, _query_chunk(len(block32), m, low_size, chunk_size)
+                    parts = _certified_block(block32, (queries32[:trial], queries32[trial:]), k, margin, dtype,
+                                             chunk_size)
+                    s, i, b, f = next(parts)
+                    proven = int(_proven(s, b, f, d).sum())
+                    # (a tile that is the whole search leaves nothing to save: its uncertified queries are redone)
+                    if proven < FALLBACK_BELOW * trial and (trial < m or len(rows) > 1):
+                        fallback = True
+                    elif trial < m:
+                        s, i, b, f = (torch.cat(both) for both in zip((s, i, b, f), next(parts)))
+                if not fallback:
+                    sims, idx = _merge_topk(sims, idx, s, i + offset, k)
+                    beyond, scale = torch.maximum(beyond, b), torch.maximum(scale, f)
+            if len(block32) and fallback:  # plain fp32 from the first block on: exact by construction
+                s, i = _torch_search(block32, queries32, min(k, len(block32)), chunk_size)
                 sims, idx = _merge_topk(sims, idx, s, i + offset, k)
-                beyond, scale = torch.maximum(beyond, b), torch.maximum(scale, f)
             offset += len(block32)
     finally:
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
-    certified = sims[:, -1] - 3 * g * scale > beyond
-    redo = (~certified).nonzero()[:, 0]
+    if fallback:
+        if log:
+            log(f"k-NN certified: fell back to the plain fp32 search: {proven} of the first {trial} queries "
+                f"certified against the first block, under {FALLBACK_BELOW:.0%} (the similarities bunch closer than "
+                f"{name} resolves); all {m} searched in fp32")
+        return sims.cpu(), idx.cpu(), m
+    redo = (~_proven(sims, beyond, scale, d)).nonzero()[:, 0]
     if len(redo):
         s32, i32 = _stream_torch(_blocks(bank, device), queries32[redo], k, chunk_size)
         sims[redo], idx[redo] = s32, i32

@@ -146,3 +146,58 @@ def test_certified_fallback_is_logged_and_auto_names_its_backend(data):
     chosen = resolve_backend("auto", "cpu")
     assert chosen in ("torch", "certified")
     assert messages[0] == f"k-NN backend auto -> {chosen} (on cpu)"
+
+
+def bunched_bank(n=600, m=40, d=32, seed=0, spread=0.02):
+    """Unit rows all close to one direction: every cosine is about 0.99, and a query's neighbours differ by far
+    less than bf16 resolves, so almost no query can be certified."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.randn(1, d, generator=g)
+    centre = centre / centre.norm()
+    bank, queries = centre + spread * torch.randn(n, d, generator=g), centre + spread * torch.randn(m, d, generator=g)
+    return torch.nn.functional.normalize(bank, dim=1), torch.nn.functional.normalize(queries, dim=1)
+
+
+def searched_rows(monkeypatch) -> dict:
+    """Count the query rows that go through the chunked search, by the bank's dtype (bf16: the low-precision
+    candidate search; fp32: the plain search)."""
+    import mokd_eval.knn as knn
+
+    counts, plain = {}, knn._torch_search
+
+    def counting(bank, queries, k, chunk_size=None):
+        counts[bank.dtype] = counts.get(bank.dtype, 0) + queries.shape[0]
+        return plain(bank, queries, k, chunk_size)
+
+    monkeypatch.setattr(knn, "_torch_search", counting)
+    return counts
+
+
+@pytest.mark.parametrize("blocks", [None, [250, 100, 250]])
+def test_certified_search_falls_back_to_fp32_when_its_first_tile_mostly_fails(monkeypatch, blocks):
+    bank, queries = bunched_bank()
+    ref_sims, ref_idx = search(bank, queries, 10, backend="torch", log=None)
+    counts, messages = searched_rows(monkeypatch), []
+    given = bank if blocks is None else list(bank.split(blocks))
+    # in memory the first tile is the first chunk of 8 queries; streamed, all 40 queries against the first block
+    sims, idx, redone = certified_search(given, queries, 10, chunk_size=8 if blocks is None else None,
+                                         log=messages.append)
+    assert torch.equal(idx, ref_idx) and torch.equal(sims, ref_sims) and redone == 40
+    assert "fell back to the plain fp32 search" in messages[-1]
+    if blocks is None:  # only the first tile went through bf16; the plain fp32 search did the whole bank
+        assert counts == {torch.bfloat16: 8, torch.float32: 40}
+    else:  # bf16 for the first block only, then fp32 for every block: the bank was read once
+        assert counts == {torch.bfloat16: 40, torch.float32: 3 * 40}
+
+
+def test_certified_search_keeps_going_when_its_first_tile_certifies(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    bank = torch.nn.functional.normalize(torch.randn(600, 32, generator=g), dim=1)  # cosines spread over [-1, 1]
+    queries = torch.nn.functional.normalize(torch.randn(40, 32, generator=g), dim=1)
+    ref_sims, ref_idx = search(bank, queries, 10, backend="torch", log=None)
+    counts, messages = searched_rows(monkeypatch), []
+    sims, idx, redone = certified_search(bank, queries, 10, chunk_size=8, log=messages.append)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(sims, ref_sims, rtol=0, atol=1e-6)
+    assert not any("fell back" in s for s in messages) and "proven equal" in messages[-1]
+    assert counts[torch.bfloat16] == 40 and counts.get(torch.float32, 0) == redone < 20
