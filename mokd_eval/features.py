@@ -4,6 +4,7 @@ Modes (what one image becomes):
   cls      CNN: the pooled pre-logits output; ViT: the CLS token after the final norm (`backbone(x)`)
   lastn    ViT: CLS tokens of the last n blocks, each through the final norm, concatenated (DINO linear eval)
   avgpool  ViT: CLS token and the mean of the patch tokens of the last block, concatenated (DINO, ViT-B)
+  lastn_avgpool  ViT: the lastn features and the mean patch token of the last block (DINO's n > 1 with avgpool)
 CNNs give their pooled output in every mode (as DINO's linear evaluation does for ResNets).
 
 Under torchrun each rank extracts one contiguous slice; in memory the slices are gathered in rank order, so the
@@ -12,7 +13,8 @@ result equals the single-process result row for row.
 The cache holds one folder per entry: shards `shard_00000.pt`, ... of at most `shard_rows` rows (about 1 GiB of
 fp32 each by default, `$MOKD_SHARD_ROWS` rows if set), written while the features are extracted (each rank its
 own slice's shards, no gather), and `index.json`, written last, which marks the entry complete. A cached bank is
-read lazily (`ShardedFeatures`), one memory-mapped shard at a time, so a bank larger than memory can be searched.
+read lazily (`ShardedFeatures`), one memory-mapped shard at a time, so a bank larger than memory can be searched,
+and any rows of it read without the rest (`take_rows`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from mokd.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MODES = ("cls", "lastn", "avgpool")
+MODES = ("cls", "lastn", "avgpool", "lastn_avgpool")
+LASTN_MODES = ("lastn", "lastn_avgpool")  # the modes that take CLS tokens of n_last_blocks blocks
 DEFAULT_CACHE = Path("~/.cache/mokd/features")
 CACHE_VERSION = 1
 SHARD_BYTES = 1 << 30  # fp32 features per cache shard by default
@@ -93,14 +96,14 @@ def forward_features(backbone: nn.Module, x: torch.Tensor, mode: str = "cls", n_
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "cls" or not is_vit(backbone):
         return backbone(x)
-    n = n_last_blocks if mode == "lastn" else 1
+    n = n_last_blocks if mode in LASTN_MODES else 1
     # With return_prefix_tokens, each intermediate is (patch tokens [B, N, C], prefix tokens [B, P, C]).
     inter = backbone.forward_intermediates(x, indices=n, norm=True, return_prefix_tokens=True,
                                            intermediates_only=True, output_fmt="NLC")
     cls = [prefix[:, 0] for _, prefix in inter]
     if mode == "lastn":
         return torch.cat(cls, dim=-1)
-    return torch.cat([cls[-1], inter[-1][0].mean(dim=1)], dim=-1)
+    return torch.cat([*cls, inter[-1][0].mean(dim=1)], dim=-1)
 
 
 def effective_mode(backbone: nn.Module, mode: str) -> str:
@@ -223,6 +226,17 @@ class ShardedFeatures:
         for name in self.files:
             yield _load_shard(self.folder / name)["features"]
 
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` [R] of the bank (any order) -> [R, D], reading only the shards that hold them, one at a time."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        starts = torch.tensor([0, *itertools.accumulate(self.rows)])
+        shard_of = torch.searchsorted(starts, rows, right=True) - 1
+        out = torch.empty(len(rows), self.dim)
+        for s in shard_of.unique().tolist():
+            at = (shard_of == s).nonzero()[:, 0]
+            out[at] = _load_shard(self.folder / self.files[s])["features"][rows[at] - starts[s]]
+        return out
+
     def materialize(self) -> torch.Tensor:
         """The whole bank [N, D] in memory (filled shard by shard: no second copy)."""
         out, at = torch.empty(self.shape), 0
@@ -230,6 +244,11 @@ class ShardedFeatures:
             out[at:at + len(block)] = block
             at += len(block)
         return out
+
+
+def take_rows(bank: torch.Tensor | ShardedFeatures, rows: torch.Tensor) -> torch.Tensor:
+    """bank [N, D] in memory or in the cache's shards, rows [R] -> bank[rows] [R, D] (see ShardedFeatures.take)."""
+    return bank[rows] if isinstance(bank, torch.Tensor) else bank.take(rows)
 
 
 def load_sharded(folder: Path) -> tuple[ShardedFeatures, torch.Tensor, dict]:
@@ -411,7 +430,7 @@ def cache_key(checkpoint: dict, spec: DataSpec, split: str, dataset: ImageDatase
         "paths": hashlib.sha256("\n".join(paths).encode()).hexdigest() if paths else None,
         "files": data_fingerprint(spec, dataset),
         "transform": {"size": image_size, "native": native}, "mode": mode,
-        "n_last_blocks": n_last_blocks if mode == "lastn" else None, "precision": precision,
+        "n_last_blocks": n_last_blocks if mode in LASTN_MODES else None, "precision": precision,
         "pos_resample": pos_resample or DEFAULT_POS_RESAMPLE,
     }
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -8,7 +8,9 @@ block (`--avgpool`); CNN features are the pooled output. No batch norm in front 
 
 Fast mode: features are extracted once with the evaluation transform (and cached); a bank of linear layers,
 one per learning rate of a grid, trains in one pass on the same batches; a held-out part of the training set
-picks the learning rate, and the chosen layer's accuracy on val is reported.
+picks the learning rate, and the chosen layer's accuracy on val is reported. Features from the sharded cache are
+streamed, never held whole: training reads a window of about 1 GiB at a time (see `train_linear_bank`), and
+the accuracies chunk by chunk. The batches depend only on the seed, not on how the features are stored.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import click
 import torch
@@ -31,7 +33,8 @@ from mokd.errors import UserError
 from mokd.models.backbones import global_dim, is_vit
 from mokd_eval.common import (checkpoint_options, data_record, echo, feature_options, load_eval_data,
                               load_models_cli, precision_for, setup_run)
-from mokd_eval.features import eval_transform, features_for, fit_input_size, resolve_image_size
+from mokd_eval.features import ShardedFeatures, eval_transform, features_for, fit_input_size, \
+    resolve_image_size, take_rows
 from mokd_eval.records import write_record
 from mokd_eval.report import markdown_table
 from mokd_eval.supervised import (default_workers, eval_loader, evaluate, fit, scaled_lr, topk_correct,
@@ -41,6 +44,8 @@ BASE_LR_CNN = 0.08
 BASE_LR_VIT = 0.008
 EXTRACT_BATCH = 256  # images per rank per forward when caching features (--batch-size is the training batch)
 DEFAULT_LR_GRID = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+WINDOW_BYTES = 1 << 30  # fp32 features in memory at a time while the fast probe trains on a larger bank
+CHUNK_ROWS = 256  # consecutive rows that a window takes together (read as one run)
 
 
 @dataclass
@@ -170,32 +175,81 @@ class LinearBank(nn.Module):
         return torch.einsum("bd,lcd->lbc", x, self.weight) + self.bias[:, None, :]
 
 
-def train_linear_bank(x: torch.Tensor, y: torch.Tensor, lrs: Sequence[float], *, num_classes: int, epochs: int,
-                      batch_size: int, warmup_epochs: int, momentum: float = 0.9, weight_decay: float = 0.0,
-                      seed: int = 0, device: torch.device | str = "cpu") -> LinearBank:
-    """Train one linear layer per peak lr in `lrs` on features x [N, D], labels y [N], all on the same batches.
+def epoch_windows(n: int, window_rows: int, chunk_rows: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Positions 0..n-1 dealt into windows of about `window_rows` for one epoch, each sorted (one window when
+    they fit). Runs of `chunk_rows` consecutive positions go to the windows in an order seeded by (seed, epoch),
+    so that each window draws from the whole bank (an ImageFolder's rows come sorted by class) and is still read
+    in runs."""
+    if n <= window_rows:
+        return [torch.arange(n)]
+    runs = torch.arange(n).split(chunk_rows)
+    order = torch.randperm(len(runs), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    per = max(1, window_rows // chunk_rows)
+    return [torch.cat([runs[r] for r in order[a:a + per]]).sort().values for a in range(0, len(order), per)]
+
+
+def shuffled_batches(windows: Iterable[tuple[torch.Tensor, torch.Tensor]], batch_size: int,
+                     gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x [B, D], y [B]) batches of `batch_size` rows (the last one shorter) from windows (x [n_w, D], y [n_w])
+    read one after another, each window's rows in a permutation drawn from `gen`; the rows left at the end of a
+    window start the next one's first batch, so the batches are those of one permutation cut in order."""
+    tail_x = tail_y = None
+    for xw, yw in windows:
+        order = torch.randperm(len(yw), generator=gen).to(xw.device)
+        if tail_y is not None:
+            head, order = order[:batch_size - len(tail_y)], order[batch_size - len(tail_y):]
+            tail_x, tail_y = torch.cat([tail_x, xw[head]]), torch.cat([tail_y, yw[head]])
+            if len(tail_y) < batch_size:
+                continue
+            yield tail_x, tail_y
+        full = len(order) - len(order) % batch_size
+        for a in range(0, full, batch_size):
+            yield xw[order[a:a + batch_size]], yw[order[a:a + batch_size]]
+        tail_x, tail_y = xw[order[full:]], yw[order[full:]]
+    if tail_y is not None and len(tail_y):
+        yield tail_x, tail_y
+
+
+def train_linear_bank(x: torch.Tensor | ShardedFeatures, y: torch.Tensor, lrs: Sequence[float], *, num_classes: int,
+                      epochs: int, batch_size: int, warmup_epochs: int, momentum: float = 0.9,
+                      weight_decay: float = 0.0, seed: int = 0, device: torch.device | str = "cpu",
+                      rows: torch.Tensor | None = None, window_rows: int | None = None,
+                      chunk_rows: int = CHUNK_ROWS) -> LinearBank:
+    """Train one linear layer per peak lr in `lrs` on features x [N, D] (in memory or the cache's shards), labels
+    y [N], or on their rows `rows` only, all layers on the same batches.
 
     Each layer follows SGD with momentum (torch.optim.SGD's update, no dampening) on its own cross-entropy,
-    with its own warm-up + cosine schedule; the batches come from a generator seeded with `seed`.
+    with its own warm-up + cosine schedule; each epoch's batches cut a permutation drawn from a generator seeded
+    with `seed`. Rows over `window_rows` (default: 1 GiB of fp32) are never read at once: each epoch deals them
+    into windows (`epoch_windows`), read one at a time (from a sharded bank, only the shards they lie in) and
+    permuted within (`shuffled_batches`). The batches depend on the rows, seed and window size only, so features
+    in shards train exactly as in memory.
     """
     device = torch.device(device)
+    n_all, dim = x.shape
+    rows = torch.arange(n_all) if rows is None else torch.as_tensor(rows, dtype=torch.long).sort().values
+    n, window_rows = len(rows), window_rows or max(1, WINDOW_BYTES // (4 * dim))
     torch.manual_seed(seed)
-    bank = LinearBank(len(lrs), x.shape[1], num_classes).to(device)
-    x, y = x.to(device), y.to(device)
-    n = x.shape[0]
+    bank = LinearBank(len(lrs), dim, num_classes).to(device)
     steps = -(-n // batch_size)
     unit = warmup_cosine(1.0, epochs * steps, warmup_epochs * steps)  # schedule shape; scaled per layer
     peaks = torch.tensor(list(lrs), dtype=torch.float32, device=device)
     bufs = [torch.zeros_like(p) for p in bank.parameters()]
     gen = torch.Generator().manual_seed(seed)
+
+    def read(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = rows[positions]
+        return take_rows(x, r).to(device), y[r].to(device)
+
+    whole = read(torch.arange(n)) if n <= window_rows else None  # rows that fit one window are read once
     step = 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen).to(device)
-        for i in range(steps):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            logits = bank(x[idx])  # [L, b, C]
+    for epoch in range(epochs):
+        windows = (whole,) if whole is not None else \
+            map(read, epoch_windows(n, window_rows, chunk_rows, seed, epoch))
+        for xb, yb in shuffled_batches(windows, batch_size, gen):
+            logits = bank(xb)  # [L, b, C]
             # sum of the layers' mean losses: each layer gets exactly the gradient of its own loss
-            loss = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(len(lrs)), reduction="sum") / idx.numel()
+            loss = F.cross_entropy(logits.flatten(0, 1), yb.repeat(len(lrs)), reduction="sum") / len(yb)
             bank.zero_grad(set_to_none=True)
             loss.backward()
             lr = peaks * float(unit[step])
@@ -209,15 +263,18 @@ def train_linear_bank(x: torch.Tensor, y: torch.Tensor, lrs: Sequence[float], *,
 
 
 @torch.no_grad()
-def bank_accuracy(bank: LinearBank, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """Top-1 and top-5 accuracy (%) of every layer: x [N, D], y [N] -> [L, 2]."""
+def bank_accuracy(bank: LinearBank, x: torch.Tensor | ShardedFeatures, y: torch.Tensor,
+                  rows: torch.Tensor | None = None, chunk: int = 8192) -> torch.Tensor:
+    """Top-1 and top-5 accuracy (%) of every layer on features x [N, D] (in memory or the cache's shards, read
+    `chunk` rows at a time), labels y [N], or on their rows `rows` only -> [L, 2]."""
     dev = bank.weight.device
+    rows = torch.arange(len(y)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
     hits = torch.zeros(bank.weight.shape[0], 2, device=dev)
-    for s in range(0, x.shape[0], chunk):
-        logits = bank(x[s:s + chunk].to(dev))  # [L, b, C]
-        yy = y[s:s + chunk].to(dev)
-        hits += torch.stack([topk_correct(lg, yy) for lg in logits])
-    return 100.0 * hits / max(x.shape[0], 1)
+    for s in range(0, len(rows), chunk):
+        r = rows[s:s + chunk]
+        logits = bank(take_rows(x, r).to(dev))  # [L, b, C]
+        hits += torch.stack([topk_correct(lg, y[r].to(dev)) for lg in logits])
+    return 100.0 * hits / max(len(rows), 1)
 
 
 def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,10 +292,12 @@ def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tupl
     return torch.cat(keep).sort().values, torch.cat(held).sort().values
 
 
-def fast_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
-                      num_classes: int, settings: LinearSettings, seed: int = 0,
-                      device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> dict:
-    """Grid-search the lr on cached features: train_x [N, D], val_x [M, D] (labels [N], [M]).
+def fast_linear_probe(train_x: torch.Tensor | ShardedFeatures, train_y: torch.Tensor,
+                      val_x: torch.Tensor | ShardedFeatures, val_y: torch.Tensor, *, num_classes: int,
+                      settings: LinearSettings, seed: int = 0, device: torch.device | str = "cpu",
+                      log: Callable[[str], None] = print) -> dict:
+    """Grid-search the lr on cached features: train_x [N, D], val_x [M, D] (labels [N], [M]), each in memory or
+    in the cache's shards (streamed).
 
     A `settings.holdout` fraction of the training features (stratified, seeded) picks the best base lr of
     `settings.lr_grid`; its layer's val accuracy is the result.
@@ -246,11 +305,11 @@ def fast_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch
     fit_idx, hold_idx = stratified_holdout(train_y, settings.holdout, seed)
     base = list(settings.lr_grid)
     peaks = [scaled_lr(b, settings.batch_size) for b in base]
-    bank = train_linear_bank(train_x[fit_idx], train_y[fit_idx], peaks, num_classes=num_classes,
-                             epochs=settings.epochs, batch_size=settings.batch_size,
-                             warmup_epochs=settings.warmup_epochs, momentum=settings.momentum,
-                             weight_decay=settings.weight_decay, seed=seed, device=device)
-    hold = bank_accuracy(bank, train_x[hold_idx], train_y[hold_idx])  # [L, 2]
+    bank = train_linear_bank(train_x, train_y, peaks, num_classes=num_classes, epochs=settings.epochs,
+                             batch_size=settings.batch_size, warmup_epochs=settings.warmup_epochs,
+                             momentum=settings.momentum, weight_decay=settings.weight_decay, seed=seed,
+                             device=device, rows=fit_idx)
+    hold = bank_accuracy(bank, train_x, train_y, rows=hold_idx)  # [L, 2]
     # best held-out top-1; ties go to the better top-5, then the smaller lr
     best = max(range(len(base)), key=lambda i: (hold[i, 0].item(), hold[i, 1].item(), -base[i]))
     val = bank_accuracy(bank, val_x, val_y)
@@ -281,24 +340,15 @@ def _parse_floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
 
 
 def fast_features(m, spec, split: str, dataset, *, n_last_blocks: int, avgpool: bool, **kw):
-    """Cached eval-transform features [N, D] in the probe's layout (see `probe_features`), via features_for.
-
-    The feature cache knows 'lastn' (n CLS tokens) and 'avgpool' (last CLS + mean patch token); DINO's
-    combination of both (n > 1 with --avgpool) is assembled from the two cached sets.
-    """
+    """Cached eval-transform features [N, D] in the probe's layout (see `probe_features`), via features_for."""
     n = effective_blocks(m.backbone, n_last_blocks)
     if not is_vit(m.backbone):
-        return features_for(m, spec, split, dataset=dataset, mode="cls", **kw)
-    if not avgpool:
-        return features_for(m, spec, split, dataset=dataset, mode="lastn", n_last_blocks=n, **kw)
-    pooled = features_for(m, spec, split, dataset=dataset, mode="avgpool", **kw)
-    if n == 1:
-        return pooled
-    cls = features_for(m, spec, split, dataset=dataset, mode="lastn", n_last_blocks=n, **kw)
-    width = m.backbone.embed_dim
-    out = copy.copy(cls)
-    out.features = torch.cat([cls.features, pooled.features[:, width:]], dim=1)  # [N, (n+1)*C]
-    return out
+        mode = "cls"
+    elif avgpool:
+        mode = "lastn_avgpool" if n > 1 else "avgpool"
+    else:
+        mode = "lastn"
+    return features_for(m, spec, split, dataset=dataset, mode=mode, n_last_blocks=n, **kw)
 
 
 @click.command("linear")
@@ -367,9 +417,10 @@ def linear_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial,
             tr = fast_features(m, spec, "train", train_ds, n_last_blocks=n_last_blocks, avgpool=avgpool, **common)
             va = fast_features(m, spec, "val", val_ds, n_last_blocks=n_last_blocks, avgpool=avgpool, **common)
             # every rank trains the same bank on the same features (cheap), so no rank waits on another
-            metrics = fast_linear_probe(tr.features, tr.labels, va.features, va.labels, num_classes=num_classes,
+            # a bank from the sharded cache is streamed, not read whole
+            metrics = fast_linear_probe(tr.bank, tr.labels, va.bank, va.labels, num_classes=num_classes,
                                         settings=s, seed=seed, device=dev, log=echo)
-            dim = tr.features.shape[1]
+            dim = tr.dim
         else:
             base = s.lr if s.lr is not None else default_base_lr(m.backbone)
             echo(f"\nlinear {m.label}: {s.epochs} epochs, batch {s.batch_size}, base lr {base:g} "

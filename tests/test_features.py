@@ -1,4 +1,4 @@
-"""Features: transform sizes, the three modes against hand-run ViT blocks, rank-sharded order, the cache."""
+"""Features: transform sizes, the modes against hand-run ViT blocks, rank-sharded order, the cache."""
 
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def test_modes_on_a_vit():
                                    torch.cat([t[:, 0] for t in tokens[-4:]], dim=-1))
         torch.testing.assert_close(forward_features(vit, x, "avgpool"),
                                    torch.cat([tokens[-1][:, 0], tokens[-1][:, 1:].mean(1)], dim=-1))
+        torch.testing.assert_close(forward_features(vit, x, "lastn_avgpool", n_last_blocks=2),
+                                   torch.cat([tokens[-2][:, 0], tokens[-1][:, 0], tokens[-1][:, 1:].mean(1)], dim=-1))
 
 
 def test_cnn_gives_pooled_output_in_every_mode():

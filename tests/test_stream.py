@@ -1,5 +1,6 @@
 """A bank larger than memory: the sharded feature cache, streamed search equal to the in-memory search (torch,
-certified on near-ties, FAISS), and `mokd eval knn` over many shards equal to one shard and to no cache."""
+certified on near-ties, FAISS), `mokd eval knn` over many shards equal to one shard and to no cache, and the fast
+linear probe trained on a streamed bank equal to the one trained in memory."""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ from mokd.cli import cli
 from mokd.data import build_dataset, parse_data_spec
 from mokd.errors import UserError
 from mokd_eval.features import ShardedFeatures, extract_features, extract_to_shards, features_for, shard_plan, \
-    shard_rows_for
+    shard_rows_for, take_rows
 from mokd_eval.knn import certified_search, faiss_available, knn_predict, search
+from mokd_eval.linear import LinearSettings, epoch_windows, fast_linear_probe, train_linear_bank
 from mokd_eval.loader import load_models
 from mokd_eval.records import read_records
 from tests.ckpt_factory import isolated_cache, make_mokd_checkpoint  # noqa: F401
 from tests.dist_worker import MeanNet, Numbers, shard_cache_worker
 from tests.test_knn import near_tie_bank
+from tests.test_linear import blobs, colour_folder
+from tests.test_linear import make_mokd_checkpoint as make_pair_checkpoint
 
 SIZES = [150, 3, 97, 150]  # uneven blocks, one smaller than k
 BACKENDS = ["torch", "certified",
@@ -213,3 +217,96 @@ def test_knn_cli_over_many_shards_equals_one_shard_and_no_cache(tmp_path, monkey
     for record in (many, certified, one):
         assert record["metrics"] == memory["metrics"]
     assert certified["settings"]["features_cached"] and not many["settings"]["features_cached"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the fast linear probe on a streamed bank
+
+
+def sharded(x: torch.Tensor, y: torch.Tensor, folder, shard_rows: int) -> ShardedFeatures:
+    """Features x [N, D] written into the cache's shard layout (an identity 'backbone' over the rows)."""
+    bank, labels = extract_to_shards(torch.nn.Identity(), torch.utils.data.TensorDataset(x, y), folder,
+                                     device="cpu", batch_size=64, shard_rows=shard_rows)
+    assert torch.equal(labels, y)
+    return bank
+
+
+@pytest.fixture
+def count_reads(monkeypatch):
+    """Rows read per ShardedFeatures.take call; materialising a whole bank fails the test."""
+    reads, take = [], ShardedFeatures.take
+
+    def counted(self, rows):
+        reads.append(len(rows))
+        return take(self, rows)
+
+    def refuse(self):
+        raise AssertionError(f"a bank of {len(self)} rows was read whole")
+
+    monkeypatch.setattr(ShardedFeatures, "take", counted)
+    monkeypatch.setattr(ShardedFeatures, "materialize", refuse)
+    return reads
+
+
+def test_rows_are_read_from_the_shards_that_hold_them(tmp_path):
+    x, y = blobs(100, 6, 3, seed=0)
+    bank = sharded(x, y, tmp_path / "b", shard_rows=9)
+    rows = torch.tensor([99, 0, 9, 8, 8, 45, 17])  # any order, repeats, shard edges
+    assert torch.equal(take_rows(bank, rows), x[rows]) and torch.equal(take_rows(x, rows), x[rows])
+
+
+def test_epoch_windows_deal_every_row_once_in_runs():
+    windows = epoch_windows(1000, 300, 16, seed=0, epoch=0)
+    assert torch.equal(torch.cat(windows).sort().values, torch.arange(1000))
+    assert all(torch.equal(w, w.sort().values) and len(w) <= 300 for w in windows) and len(windows) == 4
+    runs = [(w // 16).unique() for w in windows]  # whole runs of 16 rows (the last run has 8), 18 to a window
+    assert [len(r) for r in runs] == [18, 18, 18, 9] and all(len(w) == 16 * len(r) - 8 * (62 in r)
+                                                              for w, r in zip(windows, runs))
+    assert all(r.max() - r.min() > 2 * len(r) for r in runs)  # from all over the bank, not one stretch of it
+    assert [w.tolist() for w in windows] == [w.tolist() for w in epoch_windows(1000, 300, 16, seed=0, epoch=0)]
+    assert [w.tolist() for w in windows] != [w.tolist() for w in epoch_windows(1000, 300, 16, seed=0, epoch=1)]
+    assert len(epoch_windows(300, 300, 16, seed=0, epoch=0)) == 1
+
+
+def test_streamed_linear_bank_equals_the_in_memory_one(tmp_path, count_reads):
+    x, y = blobs(600, 32, 5, seed=0, spread=2.0)
+    rows = torch.arange(600)[torch.arange(600) % 7 != 3]  # a held-out part left aside
+    kw = dict(num_classes=5, epochs=3, batch_size=64, warmup_epochs=1, seed=3, rows=rows, window_rows=100,
+              chunk_rows=16)
+    memory = train_linear_bank(x, y, [0.05, 0.5], **kw)
+    streamed = train_linear_bank(sharded(x, y, tmp_path / "b", shard_rows=37), y, [0.05, 0.5], **kw)
+    torch.testing.assert_close(streamed.weight, memory.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(streamed.bias, memory.bias, rtol=0, atol=1e-6)
+    assert count_reads and max(count_reads) <= 100  # a window at a time, never the bank
+    assert (memory(x).argmax(-1) == y).float().mean(1).min() > 0.9  # and it learnt
+
+
+def test_fast_probe_on_shards_equals_the_probe_in_memory(tmp_path, count_reads):
+    x, y = blobs(300, 16, 4, seed=1, spread=2.0)
+    vx, vy = blobs(120, 16, 4, seed=1, spread=2.0)
+    s = LinearSettings(epochs=4, batch_size=32, warmup_epochs=1, lr_grid=(0.01, 0.1, 1.0), holdout=0.2)
+    memory = fast_linear_probe(x, y, vx, vy, num_classes=4, settings=s, seed=5, log=lambda _: None)
+    streamed = fast_linear_probe(sharded(x, y, tmp_path / "t", 23), y, sharded(vx, vy, tmp_path / "v", 11), vy,
+                                 num_classes=4, settings=s, seed=5, log=lambda _: None)
+    assert streamed == memory and memory["top1"] > 80
+
+
+def test_linear_fast_cli_over_many_shards_equals_no_cache(tmp_path, monkeypatch, count_reads):
+    ckpt = make_pair_checkpoint(tmp_path / "pair.pth")
+    data = colour_folder(tmp_path / "data")
+    base = ["eval", "linear", str(ckpt), "--data", str(data), "--model", "net2", "--fast", "--epochs", "4",
+            "--batch-size", "8", "--warmup-epochs", "1", "--lr-grid", "0.01,0.1,1", "--holdout", "0.25",
+            "--avgpool", "--n-last-blocks", "2", "--device", "cpu", "--num-workers", "0"]
+
+    def run(name, *extra):
+        r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / name), *extra])
+        assert r.exit_code == 0, r.output
+        (record,) = read_records(tmp_path / name)
+        return r.output, record
+
+    _, memory = run("memory", "--no-cache")
+    monkeypatch.setenv("MOKD_SHARD_ROWS", "5")
+    said, many = run("many", "--cache-dir", str(tmp_path / "c"))
+    assert "7 shard(s) of up to 5 rows" in said and "4 shard(s) of up to 5 rows" in said  # 32 train, 16 val
+    assert many["metrics"] == memory["metrics"] and many["settings"]["feature_dim"] == 3 * 64
+    assert count_reads and max(count_reads) <= 32
