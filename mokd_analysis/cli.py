@@ -193,7 +193,8 @@ def consistency_cmd(ckpt_a, ckpt_b, replacement, replace, model_a, model_b, mode
         kw = dict(device=dev, batch_size=batch_size, precision=prec, image_size=image_size, progress=True)
         train = features_for(m, spec, "train", dataset=train_ds, **kw)
         test = features_for(m, spec, "val", dataset=val_ds, **kw)
-        p = knn_predict(train.features, train.labels, test.features, ks=(k,), temperature=temperature,
+        # the bank from the sharded cache is streamed shard by shard; only the queries are held whole
+        p = knn_predict(train.bank, train.labels, test.features, ks=(k,), temperature=temperature,
                         num_classes=len(train_ds.classes), log=None)[min(k, len(train_ds))][:, 0]
         preds.append(p)
         accs.append(100.0 * (p == test.labels).float().mean().item())
@@ -271,6 +272,7 @@ def tsne_cmd(checkpoints, model, branch, arch, arch_kwargs, key, allow_partial, 
     ds = val.subset(keep)
     feats = []
     for m in models:
+        # only the chosen images are extracted (about classes x per-class rows), uncached: no bank to stream
         fs = features_for(m, spec, "val", dataset=ds, device=dev, batch_size=batch_size, precision=prec,
                           image_size=image_size, use_cache=False, progress=True)
         feats.append(fs.features)

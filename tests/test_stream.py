@@ -1,6 +1,6 @@
 """A bank larger than memory: the sharded feature cache, streamed search equal to the in-memory search (torch,
-certified on near-ties, FAISS), `mokd eval knn` over many shards equal to one shard and to no cache, and the fast
-linear probe trained on a streamed bank equal to the one trained in memory."""
+certified on near-ties, FAISS), `mokd eval knn` and `mokd analyze consistency` over many shards equal to one
+shard, and the fast linear probe trained on a streamed bank equal to the one trained in memory."""
 
 from __future__ import annotations
 
@@ -310,3 +310,27 @@ def test_linear_fast_cli_over_many_shards_equals_no_cache(tmp_path, monkeypatch,
     assert "7 shard(s) of up to 5 rows" in said and "4 shard(s) of up to 5 rows" in said  # 32 train, 16 val
     assert many["metrics"] == memory["metrics"] and many["settings"]["feature_dim"] == 3 * 64
     assert count_reads and max(count_reads) <= 32
+
+
+def test_consistency_over_many_shards_equals_one_shard(tmp_path, monkeypatch):
+    make_mokd_checkpoint(tmp_path / "pair.pth")
+    data = colour_folder(tmp_path / "data")  # 32 train, 16 val images
+    read_whole = []
+    materialize = ShardedFeatures.materialize
+    monkeypatch.setattr(ShardedFeatures, "materialize", lambda self: read_whole.append(len(self)) or materialize(self))
+
+    def run(name):
+        monkeypatch.setenv("MOKD_CACHE", str(tmp_path / f"cache-{name}"))
+        r = CliRunner().invoke(cli, ["analyze", "consistency", str(tmp_path / "pair.pth"), "--data", str(data),
+                                     "--k", "5", "--device", "cpu", "--out", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+        (record,) = read_records(tmp_path / name)
+        return record
+
+    monkeypatch.setenv("MOKD_SHARD_ROWS", "5")
+    many = run("many")
+    assert len(list((tmp_path / "cache-many").glob("*/shard_00006.pt"))) == 2  # each model's train bank: 7 shards
+    monkeypatch.delenv("MOKD_SHARD_ROWS")
+    one = run("one")
+    assert many["metrics"] == one["metrics"] and 0 <= one["metrics"]["consistency"] <= 1
+    assert set(read_whole) == {16}  # the queries only: no training bank was read whole
