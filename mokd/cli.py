@@ -12,7 +12,7 @@ import sys
 import click
 
 from mokd.cli_common import batch_size_option, data_options, debug_option, device_option, epochs_option, \
-    out_option
+    out_option, skip_bad_images_option
 from mokd.errors import UserError
 
 LAZY_COMMANDS = {
@@ -70,9 +70,7 @@ def cli():
                    "from scratch when there is none yet).")
 @click.option("--overwrite", is_flag=True,
               help="Start over in an --out that holds a run: its checkpoints, log and config are deleted.")
-@click.option("--skip-bad-images", "skip_bad_images", is_flag=True,
-              help="Leave out image files that do not decode (counted, and listed in log.jsonl) instead of "
-                   "stopping at the first one.")
+@skip_bad_images_option("log.jsonl")
 @data_options
 @out_option(default=None)
 @epochs_option

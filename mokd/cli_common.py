@@ -27,6 +27,13 @@ def data_options(f):
     return f
 
 
+def skip_bad_images_option(listed_in: str):
+    """--skip-bad-images: image files that do not decode are left out, counted, and listed in `listed_in`."""
+    return click.option("--skip-bad-images", "skip_bad_images", is_flag=True,
+                        help=f"Leave out image files that do not decode (counted, and listed in {listed_in}) "
+                             f"instead of stopping at the first one.")
+
+
 def resolve_data(data: str | None, class_list: str | None) -> DataSpec:
     return parse_data_spec(data, class_list)
 

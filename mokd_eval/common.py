@@ -133,20 +133,31 @@ def precision_for(precision: str, device: torch.device) -> str:
     return resolve_precision(precision, device)
 
 
-def load_eval_data(data: str | None, class_list: str | None) -> tuple[DataSpec, ImageDataset, ImageDataset]:
-    """Both splits of --data, checked to share one class list (no images are decoded here)."""
+def load_eval_data(data: str | None, class_list: str | None, skip_bad_images: bool = False
+                   ) -> tuple[DataSpec, ImageDataset, ImageDataset]:
+    """Both splits of --data, checked to share one class list. No images are decoded here, unless
+    `skip_bad_images` (--skip-bad-images): then every image file is decoded once, and those that fail are left
+    out (each split's `skipped`), counted and named. Leaving files out changes the file list, which the feature
+    cache key holds, so such a set is never confused with the full one."""
     spec = resolve_data(data, class_list)
-    train, val = build_dataset(spec, "train"), build_dataset(spec, "val")
+    train, val = (build_dataset(spec, split, skip_unreadable=skip_bad_images) for split in ("train", "val"))
     check_same_classes(train, val)
     if len(train) == 0 or len(val) == 0:
         raise UserError(f"{spec}: the {'train' if len(train) == 0 else 'val'} split holds no images")
+    skipped = train.skipped + val.skipped
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        echo(f"left out {len(skipped)} unreadable image file(s) (--skip-bad-images): {shown}; all are listed in "
+             f"the result records (data.skipped_files)")
     return spec, train, val
 
 
-def data_record(spec: DataSpec, train: ImageDataset, val: ImageDataset) -> dict:
-    """The result record's `data` field."""
+def data_record(spec: DataSpec, train: ImageDataset, val: ImageDataset, skipped: list[str] | None = None) -> dict:
+    """The result record's `data` field; `skipped`: the unreadable files left out (default: both splits')."""
+    skipped = train.skipped + val.skipped if skipped is None else skipped
     return {"spec": str(spec), "kind": spec.kind, "train_size": len(train), "val_size": len(val),
-            "num_classes": len(train.classes), "classes": list(train.classes)}
+            "num_classes": len(train.classes), "classes": list(train.classes), "skipped_images": len(skipped),
+            **({"skipped_files": list(skipped)} if skipped else {})}
 
 
 def load_models_cli(checkpoint: str, model: str | None, branch: str | None, arch: str | None,

@@ -26,7 +26,7 @@ from torch import nn
 
 from mokd import distributed as dist
 from mokd.cli_common import batch_size_option, data_options, debug_option, device_option, epochs_option, \
-    out_option, seed_option
+    out_option, seed_option, skip_bad_images_option
 from mokd.device import autocast, grad_scaler
 from mokd.errors import UserError
 from mokd.models.backbones import global_dim
@@ -170,7 +170,8 @@ def infer_percent(path: str | Path) -> int | None:
 def finetune_options(warmup: int):
     """Options shared by `semisup` and `cifar` (the warm-up default differs: 5 and 10 epochs)."""
     options = [
-        checkpoint_options, data_options, out_option(default="results"), device_option, seed_option,
+        checkpoint_options, data_options, skip_bad_images_option("the result records"),
+        out_option(default="results"), device_option, seed_option,
         batch_size_option, epochs_option,
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
                      help="Base lr of the backbone, scaled by batch/256 (the paper searched it per model)."),
@@ -258,8 +259,8 @@ def run_finetune(task: str, checkpoint: str, load_args: dict, spec, train_ds, va
 @click.option("--percent", type=click.FloatRange(0, 100, min_open=True), default=None,
               help="1 or 10: sets the epochs (60 / 30) [default: from the split file's name]. Without a split "
                    "file, a seeded PERCENT% of every class is drawn (default 10).")
-def semisup_cmd(checkpoint, split_file, percent, data, class_list, out, device, seed, epochs, image_size, precision,
-                **opts):
+def semisup_cmd(checkpoint, split_file, percent, data, class_list, skip_bad_images, out, device, seed, epochs,
+                image_size, precision, **opts):
     """Semi-supervised fine-tuning of CHECKPOINT on a 1% or 10% subset (paper Supp. A.3).
 
     Batch 1024, 60 epochs (1%) or 30 (10%), 5 warm-up epochs, cosine, SGD momentum 0.9. The paper searched the
@@ -269,9 +270,15 @@ def semisup_cmd(checkpoint, split_file, percent, data, class_list, out, device, 
     """
     dev = setup_run(device, seed)
     prec = precision_for(precision, dev)
-    spec, train_ds, val_ds = load_eval_data(data, class_list)
+    spec, train_ds, val_ds = load_eval_data(data, class_list, skip_bad_images)
     if split_file is not None:
-        idx = split_indices(train_ds.paths, read_split_file(split_file), source=f"split file {split_file}")
+        names = read_split_file(split_file)
+        if train_ds.skipped:  # listed images that did not decode are left out too, not reported as unknown
+            gone = {Path(p).name for p in train_ds.skipped} - {Path(p).name for p in train_ds.paths}
+            if gone & set(names):
+                echo(f"note: {len(gone & set(names))} image(s) of the split file did not decode: left out")
+                names = [n for n in names if n not in gone]
+        idx = split_indices(train_ds.paths, names, source=f"split file {split_file}")
         inferred = infer_percent(split_file)
         if percent is not None and inferred is not None and percent != inferred:
             echo(f"note: --percent {percent:g} overrides the {inferred}% in the split file's name")
@@ -290,7 +297,8 @@ def semisup_cmd(checkpoint, split_file, percent, data, class_list, out, device, 
     settings = settings_from_options(opts, epochs=epochs, data_kind=spec.kind)
     echo(f"data: {spec}: {subset} of {len(train_ds)} train / {len(val_ds)} val, {len(train_ds.classes)} classes")
     train_sub = train_ds.subset(idx)
-    data_rec = {**data_record(spec, train_sub, val_ds), "train_size_full": len(train_ds),
+    data_rec = {**data_record(spec, train_sub, val_ds, skipped=train_ds.skipped + val_ds.skipped),
+                "train_size_full": len(train_ds),
                 "split_file": str(split_file) if split_file else None, "percent": percent}
     run_finetune("semisup", checkpoint, opts, spec, train_sub, val_ds, data_rec, settings,
                  size_for=lambda m: resolve_image_size(spec, image_size, m.image_size), out=out, device=dev,
@@ -299,7 +307,8 @@ def semisup_cmd(checkpoint, split_file, percent, data, class_list, out, device, 
 
 @click.command("cifar")
 @finetune_options(warmup=10)
-def cifar_cmd(checkpoint, data, class_list, out, device, seed, epochs, image_size, precision, **opts):
+def cifar_cmd(checkpoint, data, class_list, skip_bad_images, out, device, seed, epochs, image_size, precision,
+              **opts):
     """Transfer: fine-tune CHECKPOINT on CIFAR-10/100 (paper Supp. A.4), --data cifar10:PATH or cifar100:PATH.
 
     As semisup, but 100 epochs with 10 warm-up epochs on the full training set. Images are upscaled to
@@ -308,7 +317,7 @@ def cifar_cmd(checkpoint, data, class_list, out, device, seed, epochs, image_siz
     """
     dev = setup_run(device, seed)
     prec = precision_for(precision, dev)
-    spec, train_ds, val_ds = load_eval_data(data, class_list)
+    spec, train_ds, val_ds = load_eval_data(data, class_list, skip_bad_images)
     settings = settings_from_options(opts, epochs=epochs or 100, data_kind=spec.kind)
     echo(f"data: {spec}: {len(train_ds)} train / {len(val_ds)} val images, {len(train_ds.classes)} classes")
     run_finetune("cifar", checkpoint, opts, spec, train_ds, val_ds, data_record(spec, train_ds, val_ds), settings,

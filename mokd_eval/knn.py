@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from mokd import distributed as dist
-from mokd.cli_common import batch_size_option, data_options, debug_option, device_option, out_option, seed_option
+from mokd.cli_common import batch_size_option, data_options, debug_option, device_option, out_option, seed_option, \
+    skip_bad_images_option
 from mokd.errors import UserError
 from mokd_eval.common import checkpoint_options, data_record, echo, feature_options, load_eval_data, \
     load_models_cli, precision_for, setup_run
@@ -484,6 +485,7 @@ def _parse_ks(value: str) -> list[int]:
 @click.command("knn")
 @checkpoint_options
 @data_options
+@skip_bad_images_option("the result records")
 @out_option(default="results")
 @device_option
 @seed_option
@@ -499,8 +501,8 @@ def _parse_ks(value: str) -> list[int]:
               help="Also save train/test features and labels (.pt) into this folder (per model sub-folder "
                    "when the checkpoint holds two models; the whole bank is then read into memory).")
 @debug_option
-def knn_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device, seed,
-            batch_size, image_size, precision, num_workers, cache_dir, no_cache, ks, temperature, backend,
+def knn_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, skip_bad_images, out,
+            device, seed, batch_size, image_size, precision, num_workers, cache_dir, no_cache, ks, temperature, backend,
             dump_features):
     """Weighted k-NN accuracy (DINO protocol) of CHECKPOINT's frozen features.
 
@@ -514,7 +516,7 @@ def knn_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, da
         raise UserError("--backend faiss: the faiss package is not installed (pip install faiss-cpu)")
     dev = setup_run(device, seed)
     prec = precision_for(precision, dev)
-    spec, train_ds, val_ds = load_eval_data(data, class_list)
+    spec, train_ds, val_ds = load_eval_data(data, class_list, skip_bad_images)
     echo(f"data: {spec}: {len(train_ds)} train / {len(val_ds)} val images, {len(train_ds.classes)} classes")
     num_workers = default_workers(spec.kind) if num_workers is None else num_workers
     models = load_models_cli(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial)

@@ -27,7 +27,7 @@ from torch import nn
 
 from mokd import distributed as dist
 from mokd.cli_common import batch_size_option, data_options, debug_option, device_option, epochs_option, \
-    out_option, seed_option
+    out_option, seed_option, skip_bad_images_option
 from mokd.device import autocast, grad_scaler
 from mokd.errors import UserError
 from mokd.models.backbones import global_dim, is_vit
@@ -354,6 +354,7 @@ def fast_features(m, spec, split: str, dataset, *, n_last_blocks: int, avgpool: 
 @click.command("linear")
 @checkpoint_options
 @data_options
+@skip_bad_images_option("the result records")
 @out_option(default="results")
 @device_option
 @seed_option
@@ -380,9 +381,9 @@ def fast_features(m, spec, split: str, dataset, *, n_last_blocks: int, avgpool: 
 @click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
               show_default=True, help="--fast: fraction of each training class held out to pick the lr.")
 @debug_option
-def linear_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device,
-               seed, batch_size, epochs, image_size, precision, num_workers, cache_dir, no_cache, lr, warmup_epochs,
-               momentum, weight_decay, n_last_blocks, avgpool, eval_every, fast, lr_grid, holdout):
+def linear_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, skip_bad_images,
+               out, device, seed, batch_size, epochs, image_size, precision, num_workers, cache_dir, no_cache, lr,
+               warmup_epochs, momentum, weight_decay, n_last_blocks, avgpool, eval_every, fast, lr_grid, holdout):
     """Linear probe of CHECKPOINT's frozen features (paper Supp. A.2: SGD, batch 2048, 100 epochs, base lr
     0.08 for CNNs / 0.008 for ViTs scaled by batch/256, 10 warm-up epochs, cosine, no weight decay).
 
@@ -390,7 +391,7 @@ def linear_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial,
     """
     dev = setup_run(device, seed)
     prec = precision_for(precision, dev)
-    spec, train_ds, val_ds = load_eval_data(data, class_list)
+    spec, train_ds, val_ds = load_eval_data(data, class_list, skip_bad_images)
     num_workers = default_workers(spec.kind) if num_workers is None else num_workers
     echo(f"data: {spec}: {len(train_ds)} train / {len(val_ds)} val images, {len(train_ds.classes)} classes")
     models = load_models_cli(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial)
