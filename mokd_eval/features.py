@@ -417,7 +417,8 @@ def cache_key(checkpoint: dict, spec: DataSpec, split: str, dataset: ImageDatase
 
     The checkpoint (hash, model/branch), the full architecture (name, kwargs, stem), the data (spec, split,
     file list and each file's size/mtime or bytes), the transform (size, native), the mode, the precision
-    and the position-embedding resampling.
+    and the position-embedding resampling. Files left out as unreadable (--skip-bad-images) are not in the
+    file list, so such a set has an entry of its own.
     """
     paths = getattr(dataset, "paths", None)
     arch = arch or {"name": checkpoint.get("arch"), "kwargs": checkpoint.get("arch_kwargs") or {}}
