@@ -354,10 +354,6 @@ class FeatureSet:
             self.bank = self.bank.materialize()
         return self.bank
 
-    @features.setter
-    def features(self, value: torch.Tensor) -> None:
-        self.bank = value
-
     @property
     def dim(self) -> int:
         return int(self.bank.shape[1])
