@@ -99,6 +99,8 @@ class LossConfig:
     st: bool = True  # self-distillation, T-Head (Eq. 3)
     cm: bool = True  # cross-distillation, MLP head (Eq. 5)
     ct: bool = True  # cross-attention feature search (Eq. 7)
+    st_weight: float = 1.0  # weight of L_st in L_i = L_sm + w_st L_st + lambda_i (L_cm + w_ct L_ct); the paper: 1
+    ct_weight: float = 1.0  # weight of L_ct inside the lambda_i bracket; the paper: 1
     ct_views: str = "local"  # student crops used by L_ct: local (official code) | global (paper Algorithm 1)
     student_temp: float = 0.1
     teacher_temp: float = 0.07
@@ -353,6 +355,8 @@ def _validate_numbers(cfg: Config) -> None:
             at_least(f"{name}.{k}", 0.0, optional=True)
         at_least(f"{name}.clip_grad", 0.0)
         at_least(f"{name}.lam", 0.0)
+    at_least("loss.st_weight", 0.0)
+    at_least("loss.ct_weight", 0.0)
     for k in ("data.num_workers", "data.subset", "augment.local_crops", "augment.blur_kernel_frac",
               "loss.warmup_teacher_temp_epochs", "optim.freeze_last_layer", "train.save_every", "train.knn_every"):
         at_least(k, 0)

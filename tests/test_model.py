@@ -156,3 +156,15 @@ def test_thead_l2_norm_bounds_its_logits_as_the_mlp_head_does():
         torch.testing.assert_close(normed(local), plain.fc(torch.nn.functional.normalize(pooled, dim=-1)))
         assert normed(local).abs().max() <= 1 + 1e-5  # unit feature, unit-norm rows, gain 1
         assert pooled.norm(dim=-1).min() > 1  # what the release feeds its last layer is not a unit vector
+
+
+def test_st_and_ct_weights_scale_their_terms(model_and_crops):
+    """L_i = L_sm + w_st L_st + lambda_i (L_cm + w_ct L_ct): the weights touch only their own terms."""
+    model, crops, cfg = model_and_crops
+    losses = model(crops, teacher_temp=0.04)
+    cfg.loss.st_weight, cfg.loss.ct_weight = 0.25, 3.0
+    totals = model.total_losses(losses)
+    for n in NETS:
+        k, lam = n[-1], getattr(cfg, n).lam
+        want = losses[f"sm{k}"] + 0.25 * losses[f"st{k}"] + lam * (losses[f"cm{k}"] + 3.0 * losses[f"ct{k}"])
+        assert totals[f"loss{k}"].item() == pytest.approx(want.item(), rel=1e-6)

@@ -244,12 +244,13 @@ class MOKDModel(nn.Module):
         return paired_cross_entropy(student_logits, target, self.cfg.loss.student_temp)
 
     def total_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """L_i = (L_sm_i + L_st_i) + lambda_i (L_cm_i + L_ct_i), for i = 1, 2."""
-        out = {}
+        """L_i = (L_sm_i + w_st L_st_i) + lambda_i (L_cm_i + w_ct L_ct_i), for i = 1, 2 (w = 1 in the paper)."""
+        lc, out = self.cfg.loss, {}
+        weight = {"sm": 1.0, "st": lc.st_weight, "cm": 1.0, "ct": lc.ct_weight}
         for n in NETS:
             k = n[-1]
-            self_terms = sum(losses[f"{t}{k}"] for t in ("sm", "st") if f"{t}{k}" in losses)
-            cross_terms = [losses[f"{t}{k}"] for t in ("cm", "ct") if f"{t}{k}" in losses]
+            self_terms = sum(weight[t] * losses[f"{t}{k}"] for t in ("sm", "st") if f"{t}{k}" in losses)
+            cross_terms = [weight[t] * losses[f"{t}{k}"] for t in ("cm", "ct") if f"{t}{k}" in losses]
             out[f"loss{k}"] = self_terms + (self.lam[n] * sum(cross_terms) if cross_terms else 0.0)
         return out
 
