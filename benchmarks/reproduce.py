@@ -118,6 +118,34 @@ def evaluate(run_dir: Path, records: Path, data: str, linear: bool) -> dict:
     return out
 
 
+def run_health(run_dir: Path) -> dict:
+    """Per model: the last epoch's teacher entropy and batch-mean entropy (nats, mokd.health) and the epochs
+    whose mean figures fired a collapse warning, read from RUN/log.jsonl with the run's own out_dim."""
+    import yaml
+
+    from mokd.health import collapse_warning
+
+    out_dim = yaml.safe_load((run_dir / "config.yaml").read_text())["head"]["out_dim"]
+    epochs = [r for r in read_log(run_dir) if r.get("type") == "epoch"]
+    out = {}
+    for n in NETS:
+        warned = [r["epoch"] for r in epochs
+                  if collapse_warning(n, r[f"entropy_{n}"], r[f"mean_entropy_{n}"], out_dim) is not None]
+        out[n] = {"entropy": epochs[-1][f"entropy_{n}"], "mean_entropy": epochs[-1][f"mean_entropy_{n}"],
+                  "log_k": math.log(out_dim), "warned_epochs": warned}
+    return out
+
+
+def health_line(name: str, seed: int, health: dict) -> str:
+    parts = []
+    for n in NETS:
+        h = health[n]
+        flag = f"collapse warning at epoch(s) {','.join(map(str, h['warned_epochs']))}" if h["warned_epochs"] \
+            else "no warning"
+        parts.append(f"{n} H {h['entropy']:.2f} H(mean) {h['mean_entropy']:.2f} of log K {h['log_k']:.2f}, {flag}")
+    return f"[reproduce] health {name} seed {seed} (last epoch): " + "; ".join(parts)
+
+
 def raw_pixel_knn(data: str, size: int) -> float:
     """k-NN (k=20, DINO's weighted vote on cosine similarity) on the evaluation-transformed pixels."""
     import torch
@@ -192,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", default=None, help="config file or shipped name (default: configs/default.yaml)")
     ap.add_argument("--data", default="digits", help="data spec, as for mokd train (default: digits)")
-    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
+    ap.add_argument("--seeds", type=int, default=5, help="number of seeds (default: 5)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="training epochs of every run (default: the config's optim.epochs); a longer schedule "
+                         "is this flag away, e.g. --epochs 30, or --config configs/cpu_long.yaml")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override applied to every run (repeatable)")
@@ -215,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = out / "records"
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise SystemExit(f"--epochs must be >= 1, got {args.epochs}")
+        args.overrides.append(f"optim.epochs={args.epochs}")
     cfg = load_config(args.config, args.overrides)
     base = (["--config", args.config] if args.config else []) + ["--data", args.data]
     base += [a for s in args.overrides for a in ("--set", s)]
@@ -239,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             "init": {n: knn[0][f"knn_top1_{n}"] for n in NETS},
             "online_end": {n: knn[-1][f"knn_top1_{n}"] for n in NETS},
             "curve": {n: [(r["epoch"], r[f"knn_top1_{n}"]) for r in knn] for n in NETS},
-            "eval": ev,
+            "eval": ev, "health": run_health(run_dir),
         }
+        print(health_line(name, seed, results[name][seed]["health"]), flush=True)
     floor = raw_pixel_knn(args.data, cfg.augment.global_size)
     protocols = ["knn"] + ([] if args.no_linear else ["linear"])
 
@@ -254,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             gains = [r["online_end"][n] - r["init"][n] for r in runs]
             row["init"] = mean_std([r["init"][n] for r in runs])
             row["gain_over_init"] = mean_std(gains)
+            row["health"] = {"entropy": mean_std([r["health"][n]["entropy"] for r in runs]),
+                             "mean_entropy": mean_std([r["health"][n]["mean_entropy"] for r in runs]),
+                             "runs_warned": sum(bool(r["health"][n]["warned_epochs"]) for r in runs)}
             for p in protocols:
                 row[p] = mean_std([r["eval"][n][p] for r in runs])
                 if name != BASELINE:
@@ -266,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     head = ["model", "mode", "k-NN init", "gain over init (online k-NN)"]
     for p in protocols:
         head += [f"{p} top-1", f"{p}: minus {BASELINE} [95% CI]"]
+    head += ["last-epoch H / H(mean) (nats)", "runs with a collapse warning"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["model"], row["mode"], fmt(*row["init"]), fmt(*row["gain_over_init"], sign="+")]
@@ -276,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else f"{m:+.2f}")
             else:
                 cells.append("—")
+        h = row["health"]
+        cells += [f"{h['entropy'][0]:.2f} / {h['mean_entropy'][0]:.2f}", f"{h['runs_warned']} of {len(seeds)}"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
