@@ -23,7 +23,8 @@ def data_options(f):
                      help="Text file of class folder names (one a line) selecting a subset, e.g. ImageNet-100.")(f)
     f = click.option("--data", "data", default=None, metavar="SPEC",
                      help="Data set: an ImageFolder root (ROOT/train, ROOT/val), 'digits' (embedded, default), "
-                          "'cifar10:PATH' or 'cifar100:PATH' (python archive folders).")(f)
+                          "'photos' (embedded, 12 classes of photograph patches), 'cifar10:PATH' or "
+                          "'cifar100:PATH' (python archive folders).")(f)
     return f
 
 

@@ -22,7 +22,7 @@ PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 @dataclass
 class DataConfig:
-    spec: str = "digits"  # see mokd.data: digits | PATH | cifar10:PATH | cifar100:PATH
+    spec: str = "digits"  # see mokd.data: digits | photos | PATH | cifar10:PATH | cifar100:PATH
     class_list: str | None = None  # subset of classes (e.g. ImageNet-100)
     num_workers: int = 8
     subset: int = 0  # train on this many images only (a seeded pick; 0 = all): for smoke tests and dry runs

@@ -1,9 +1,11 @@
-"""Data sets behind every command: ImageFolder roots, CIFAR archives on disk, and the embedded digits.
+"""Data sets behind every command: ImageFolder roots, CIFAR archives on disk, and two embedded sets.
 
 A data spec is a string:
   ``digits``            scikit-learn's 8x8 digits, upscaled to 32x32 RGB (ships with scikit-learn; the default)
+  ``photos``            32x32 RGB patches of 12 photographs that ship with scikit-image, one class per photograph;
+                        train and val patches come from disjoint parts of each photograph (see `build_photos`)
   ``PATH``              an ImageFolder root in ImageNet layout: PATH/train/<class>/<image>, PATH/val/<class>/<image>
-  ``folder:PATH``       the same, spelled out
+  ``folder:PATH``       the same, spelled out (so a folder named digits or photos is read as a folder)
   ``cifar10:PATH``      CIFAR-10 python archive folder (``cifar-10-batches-py``, or a folder that contains it)
   ``cifar100:PATH``     CIFAR-100 python archive folder (``cifar-100-python``, or a folder that contains it)
 An optional class-list file (one class folder name per line, e.g. ImageNet-100) selects a subset of classes.
@@ -14,12 +16,14 @@ decode is a one-line error naming it, or, with `skip_unreadable`, left out and l
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -30,11 +34,12 @@ from mokd.errors import UserError
 SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DIGITS_SIZE = 32
+PHOTOS_SIZE = 32
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    kind: str  # "digits" | "folder" | "cifar10" | "cifar100"
+    kind: str  # "digits" | "photos" | "folder" | "cifar10" | "cifar100"
     root: Path | None = None
     class_list: Path | None = None
 
@@ -44,8 +49,13 @@ class DataSpec:
 
     @property
     def native_size(self) -> int | None:
-        """Image side of small-image data sets (digits, CIFAR); None for folders of arbitrary images."""
-        return {"digits": DIGITS_SIZE, "cifar10": 32, "cifar100": 32}.get(self.kind)
+        """Image side of small-image data sets (digits, photos, CIFAR); None for folders of arbitrary images."""
+        return {"digits": DIGITS_SIZE, "photos": PHOTOS_SIZE, "cifar10": 32, "cifar100": 32}.get(self.kind)
+
+    @property
+    def embedded(self) -> bool:
+        """Built in memory from files that ship with an installed package (digits, photos): no path, no class list."""
+        return self.kind in EMBEDDED
 
 
 def parse_data_spec(spec: str | None, class_list: str | Path | None = None) -> DataSpec:
@@ -53,10 +63,10 @@ def parse_data_spec(spec: str | None, class_list: str | Path | None = None) -> D
     cl = Path(class_list).expanduser() if class_list else None
     if cl is not None and not cl.is_file():
         raise UserError(f"class-list file {cl} does not exist (expected a text file, one class folder name a line)")
-    if spec in (None, "", "digits"):
+    if spec in (None, "") or spec in EMBEDDED:
         if cl is not None:
-            raise UserError("a class list only applies to ImageFolder data, not to the embedded digits")
-        return DataSpec("digits")
+            raise UserError(f"a class list only applies to ImageFolder data, not to the embedded {spec or 'digits'}")
+        return DataSpec(spec or "digits")
     kind, sep, rest = str(spec).partition(":")
     if sep and kind in ("cifar10", "cifar100", "folder", "imagefolder"):
         kind = "folder" if kind == "imagefolder" else kind
@@ -112,8 +122,8 @@ def build_dataset(spec: DataSpec, split: str = "train", transform: Callable | No
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if spec.kind == "digits":
-        return _digits(split, transform)
+    if spec.embedded:
+        return EMBEDDED[spec.kind](split, transform)
     if spec.kind in ("cifar10", "cifar100"):
         return _cifar(spec.kind, spec.root, split, transform)
     return _folder(spec.root, split, spec.class_list, transform, skip_unreadable)
@@ -133,6 +143,120 @@ def _digits(split: str, transform) -> ImageDataset:
     targets = [int(t) for t in d.target[keep]]
     return ImageDataset([str(c) for c in range(10)], targets,
                         lambda i: Image.fromarray(arr[i], mode="L").convert("RGB"), transform)
+
+
+# The photos set. Bump PHOTOS_VERSION whenever the recipe below changes: it names cached features.
+PHOTOS_VERSION = "photos-v1"
+PHOTOS = {  # class name -> file in scikit-image's skimage/data folder (grey ones are stacked to RGB)
+    "astronaut": "astronaut.png", "brick": "brick.png", "camera": "camera.png", "chelsea": "chelsea.png",
+    "coffee": "coffee.png", "coins": "coins.png", "grass": "grass.png", "gravel": "gravel.png",
+    "immunohistochemistry": "ihc.png", "moon": "moon.png", "motorcycle": "motorcycle_left.png",
+    "rocket": "rocket.jpg",
+}
+PHOTOS_PER_CLASS = {"train": 300, "val": 100}
+PHOTOS_GRID, PHOTOS_VAL_TILES = 4, 4  # 4 of each photograph's 4 x 4 tiles are val: a quarter of its area
+PHOTOS_SIDE = (1 / 8, 1 / 4)  # window side, as a fraction of the photograph's shorter side (at most a tile's)
+PHOTOS_JITTER = 0.2  # brightness and contrast factors drawn from [1 - j, 1 + j]
+PHOTOS_SEED = 0
+
+
+class PhotoPatches(NamedTuple):
+    """One split of the photos set: images [N, 32, 32, 3] uint8, labels [N] (indices into sorted(PHOTOS)),
+    windows [N, 3] (top, left, side): the square of its photograph, in pixels, that each patch was cut from."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    windows: np.ndarray
+
+
+def _photo(name: str) -> Image.Image:
+    """A photograph of PHOTOS as 8-bit RGB, read from the scikit-image package (no download)."""
+    try:
+        import skimage
+    except ImportError:
+        raise UserError("the photos data set is cut from photographs that ship with scikit-image, which is not "
+                        "installed: pip install scikit-image") from None
+    path = Path(skimage.__file__).parent / "data" / PHOTOS[name]
+    if not path.is_file():
+        raise UserError(f"scikit-image {skimage.__version__} does not ship {path.name}, which the photos data set "
+                        f"is cut from: pip install -U scikit-image")
+    return read_image(path)
+
+
+def _tiles(h: int, w: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """An h x w photograph cut into a PHOTOS_GRID x PHOTOS_GRID grid, tiles dealt to the splits by a seeded draw:
+    {split: [T, 4] (top, bottom, left, right)}; PHOTOS_VAL_TILES of them are val."""
+    ys, xs = (np.arange(PHOTOS_GRID + 1) * n // PHOTOS_GRID for n in (h, w))
+    tiles = np.array([(ys[i], ys[i + 1], xs[j], xs[j + 1]) for i in range(PHOTOS_GRID) for j in range(PHOTOS_GRID)])
+    is_val = np.zeros(len(tiles), dtype=bool)
+    is_val[rng.choice(len(tiles), PHOTOS_VAL_TILES, replace=False)] = True
+    return {"train": tiles[~is_val], "val": tiles[is_val]}
+
+
+def _windows(h: int, w: int, tiles: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n square windows [n, 3] (top, left, side), each wholly inside one of `tiles`: side uniform over
+    PHOTOS_SIDE of the photograph's shorter side, tile uniform, place uniform inside the tile."""
+    lo, hi = (int(f * min(h, w)) for f in PHOTOS_SIDE)  # a tile is at least hi on each side
+    side = rng.integers(lo, hi + 1, size=n)
+    top, bottom, left, right = tiles[rng.integers(0, len(tiles), size=n)].T
+    top = top + (rng.random(n) * (bottom - top - side + 1)).astype(np.int64)
+    left = left + (rng.random(n) * (right - left - side + 1)).astype(np.int64)
+    return np.stack([top, left, side], 1)
+
+
+def _jitter(patches: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random contrast (about each patch's mean) then brightness, one draw per patch: [N, S, S, 3] uint8."""
+    contrast, brightness = rng.uniform(1 - PHOTOS_JITTER, 1 + PHOTOS_JITTER, size=(2, len(patches), 1, 1, 1))
+    x = patches.astype(np.float32)
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    x = (x - mean) * contrast + mean
+    return np.round(x.clip(0, 255) * brightness).clip(0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def build_photos() -> dict[str, PhotoPatches]:
+    """The photos set, built once per process: {"train": PhotoPatches, "val": PhotoPatches}.
+
+    Each photograph gives one class. It is cut into 4 x 4 tiles, 4 of them drawn for val and the rest train;
+    every patch is a square window lying wholly inside one tile of its split, so no val pixel is seen in
+    training. The window's side is drawn between 1/8 and 1/4 of the photograph's shorter side (so the zoom
+    varies), its tile and place uniformly; it is cropped, resized to 32x32 with antialiasing, and its contrast
+    and brightness are jittered so that a class is not just its mean colour. One seeded generator: every
+    process builds the same set.
+    """
+    rng = np.random.default_rng(PHOTOS_SEED)
+    parts = {split: [] for split in SPLITS}
+    for label, name in enumerate(sorted(PHOTOS)):
+        photo = _photo(name)
+        tiles = _tiles(photo.height, photo.width, rng)
+        for split in SPLITS:
+            windows = _windows(photo.height, photo.width, tiles[split], PHOTOS_PER_CLASS[split], rng)
+            # Crop before resizing: resize(box=...) would let the filter reach pixels beyond the window. PIL's
+            # bicubic filter widens with the scale factor when shrinking: an antialiased resize.
+            patches = np.stack([np.asarray(photo.crop((x, y, x + s, y + s)).resize((PHOTOS_SIZE, PHOTOS_SIZE),
+                                                                                   Image.BICUBIC))
+                                for y, x, s in windows])
+            parts[split].append((_jitter(patches, rng), np.full(len(windows), label), windows))
+    return {split: PhotoPatches(*(np.concatenate(a) for a in zip(*parts[split]))) for split in SPLITS}
+
+
+@functools.lru_cache(maxsize=None)
+def photos_fingerprint() -> str:
+    """A digest of the built photos set (both splits, recipe version): changes whenever what it holds does."""
+    h = hashlib.sha256(PHOTOS_VERSION.encode())
+    for split, built in build_photos().items():
+        h.update(split.encode())
+        for a in built:
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _photos(split: str, transform) -> ImageDataset:
+    images, labels, _ = build_photos()[split]
+    return ImageDataset(sorted(PHOTOS), [int(t) for t in labels], lambda i: Image.fromarray(images[i]), transform)
+
+
+EMBEDDED = {"digits": _digits, "photos": _photos}  # spec -> builder(split, transform)
 
 
 class _ArrayUnpickler(pickle.Unpickler):

@@ -101,7 +101,7 @@ def run_name(path: str | Path) -> str:
     return p.stem or str(path)
 
 
-_DATA_KINDS = {"digits": "digits", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+_DATA_KINDS = {"digits": "digits", "photos": "photos", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 
 
 def data_name(spec: Any) -> str:
@@ -115,7 +115,7 @@ def data_name(spec: Any) -> str:
         text, _, cl = text.partition(" (classes from ")
         kind, sep, root = text.partition(":")
         if not sep:
-            kind, root = ("digits", "") if kind == "digits" else ("folder", kind)
+            kind, root = (kind, "") if kind in ("digits", "photos") else ("folder", kind)
         class_list = Path(cl.rstrip(")")) if cl else None
     else:
         kind, root, class_list = spec.kind, str(spec.root or ""), spec.class_list

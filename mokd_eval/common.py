@@ -102,7 +102,7 @@ def feature_options(f):
     """--image-size, --precision, --num-workers, --cache-dir, --no-cache."""
     options = [
         click.option("--image-size", "image_size", type=click.IntRange(min=8), default=None,
-                     help="Evaluation crop size (default: the images' own size for digits and CIFAR, else the "
+                     help="Evaluation crop size (default: the images' own size for digits, photos and CIFAR, else the "
                           "checkpoint's training resolution, else 224)."),
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "auto"]), default="fp32",
                      show_default=True,
@@ -111,7 +111,7 @@ def feature_options(f):
                           "bf16 where the device computes it natively."),
         click.option("--num-workers", "num_workers", type=click.IntRange(min=0), default=None,
                      help="Data-loading (decode, resize) worker processes [default: up to 8 per process, so that "
-                          "JPEG decoding does not hold back extraction; 0 for the digits or under 4 cores]."),
+                          "JPEG decoding does not hold back extraction; 0 for digits, photos or under 4 cores]."),
         click.option("--cache-dir", "cache_dir", type=click.Path(file_okay=False), default=None,
                      help="Feature cache folder (default: $MOKD_CACHE or ~/.cache/mokd/features)."),
         click.option("--no-cache", "no_cache", is_flag=True, help="Neither read nor write the feature cache."),

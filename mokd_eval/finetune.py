@@ -128,7 +128,7 @@ def split_indices(paths: Sequence[str] | None, names: Sequence[str], source: str
     """Indices into a dataset's image `paths` of the images listed by `names`, matched by basename.
 
     Raises UserError for names not found (listing a few), for names matching several images, and for data
-    sets without file paths (CIFAR, digits)."""
+    sets without file paths (CIFAR, digits, photos)."""
     if paths is None:
         raise UserError(f"{source} selects images by file name, which needs ImageFolder data (--data ROOT); "
                         f"this data set has no image files")
@@ -188,7 +188,7 @@ def finetune_options(warmup: int):
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      show_default=True, help="Autocast precision (fp16 uses a grad scaler; CUDA only)."),
         click.option("--num-workers", "num_workers", type=click.IntRange(min=0), default=None,
-                     help="Data-loading worker processes [default: up to 8 per process; 0 for the digits or "
+                     help="Data-loading worker processes [default: up to 8 per process; 0 for digits, photos or "
                           "under 4 cores]."),
         click.option("--eval-every", "eval_every", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Evaluate on val every N epochs; the best epoch is reported."),

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
 from mokd import distributed as dist
+from mokd.data import EMBEDDED
 from mokd.device import autocast
 from mokd.errors import UserError
 
@@ -66,10 +67,10 @@ def per_rank_batch(batch_size: int) -> int:
 
 
 def default_workers(dataset_kind: str) -> int:
-    """Worker processes for decoding: none for in-memory arrays (digits), none with under 4 cores per process
+    """Worker processes for decoding: none for the embedded in-memory sets, none with under 4 cores per process
     (measured on 2 cores: the main process decodes 500 x 375 JPEGs at 166 images/s, 16x what R50 extracts,
     and a worker only took a core from the model), else up to 8, one core left to the main process."""
-    if dataset_kind == "digits":
+    if dataset_kind in EMBEDDED:
         return 0
     import os
 

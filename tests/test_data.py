@@ -1,14 +1,20 @@
+import json
 import pickle
+import sys
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
+from mokd import data
 from mokd.augment import MultiCrop, SeededCrops
+from mokd.cli import cli
 from mokd.config import AugmentConfig
-from mokd.data import build_dataset, parse_data_spec
+from mokd.data import build_dataset, build_photos, parse_data_spec
 from mokd.errors import UserError
+from tests.tiny import TINY_OVERRIDES
 
 
 def test_digits_is_the_embedded_default():
@@ -63,3 +69,63 @@ def test_multicrop_shapes_and_per_sample_determinism():
     assert torch.equal(state, torch.get_rng_state())
     ds.set_epoch(1)
     assert not torch.equal(ds[5][0][0], crops[0])
+
+
+def test_photos_is_an_embedded_set_of_32px_rgb_patches_with_every_class_in_both_splits():
+    spec = parse_data_spec("photos")
+    assert spec.native_size == 32 and spec.root is None
+    train, val = build_dataset(spec, "train"), build_dataset(spec, "val")
+    assert len(train.classes) >= 10 and train.classes == val.classes == sorted(train.classes)
+    assert len(train) == 300 * len(train.classes) and len(val) == 100 * len(train.classes)
+    assert set(train.targets) == set(val.targets) == set(range(len(train.classes)))
+    for ds in (train, val):
+        img, label = ds[len(ds) - 1]
+        assert isinstance(img, Image.Image) and img.size == (32, 32) and img.mode == "RGB"
+        assert label == len(ds.classes) - 1
+    with pytest.raises(UserError, match="class list only applies to ImageFolder data, not to the embedded photos"):
+        parse_data_spec("photos", __file__)
+
+
+def test_photos_build_the_same_set_twice():
+    first = build_photos()
+    build_photos.cache_clear()  # a second build from scratch, as in another process
+    second = build_photos()
+    assert second is not first
+    for split in ("train", "val"):
+        for a, b in zip(first[split], second[split]):
+            assert np.array_equal(a, b)
+
+
+def test_photos_train_and_val_windows_never_share_a_pixel():
+    built = build_photos()
+    for label, name in enumerate(sorted(data.PHOTOS)):
+        w, h = data._photo(name).size
+        painted = {}
+        for split in ("train", "val"):
+            top, left, side = built[split].windows[built[split].labels == label].T
+            assert (top >= 0).all() and (left >= 0).all() and (top + side <= h).all() and (left + side <= w).all()
+            assert side.min() >= min(h, w) // 8 and side.max() <= min(h, w) // 4 and side.min() < side.max()
+            mask = np.zeros((h, w), dtype=bool)
+            for y, x, s in zip(top, left, side):
+                mask[y:y + s, x:x + s] = True
+            painted[split] = mask
+        assert not (painted["train"] & painted["val"]).any(), name
+        assert 0.15 < painted["val"].sum() / painted["train"].sum() < 0.5, name  # about a quarter of the area
+
+
+def test_photos_without_scikit_image_say_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "skimage", None)  # import skimage now raises ImportError
+    with pytest.raises(UserError, match="pip install scikit-image"):
+        data._photo("moon")
+
+
+def test_one_epoch_of_training_on_photos(tmp_path):
+    args = []
+    for o in TINY_OVERRIDES:
+        args += ["--set", o]
+    res = CliRunner().invoke(cli, ["train", *args, "--data", "photos", "--epochs", "1", "--set", "data.subset=64",
+                                   "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    steps = [json.loads(ln) for ln in open(tmp_path / "r" / "log.jsonl")]
+    assert [r for r in steps if r["type"] == "step"] and (tmp_path / "r" / "last.pth").is_file()
+    assert "photos" in (tmp_path / "r" / "config.yaml").read_text()

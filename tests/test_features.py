@@ -174,3 +174,19 @@ def test_large_sets_use_size_and_mtime(tmp_path, monkeypatch):
     os.utime(target, ns=(1, 10**18))
     assert features.data_fingerprint(spec, ds) != before
     assert features.data_fingerprint(parse_data_spec("digits"), build_dataset(parse_data_spec("digits"), "val")) is None
+
+
+def test_the_photos_fingerprint_follows_the_recipe(monkeypatch):
+    from mokd import data
+    from mokd_eval import features
+
+    spec = parse_data_spec("photos")
+    ds = build_dataset(spec, "val")
+    before = features.data_fingerprint(spec, ds)
+    assert before is not None and features.data_fingerprint(spec, ds) == before
+    monkeypatch.setattr(data, "PHOTOS_VERSION", "photos-next")
+    data.photos_fingerprint.cache_clear()
+    try:
+        assert features.data_fingerprint(spec, ds) != before
+    finally:
+        data.photos_fingerprint.cache_clear()  # no fingerprint of the patched recipe outlives the test

@@ -44,7 +44,7 @@ def test_model_names_say_what_was_built():
     assert run_name("/runs/r18_vit/last.pth") == "r18_vit" and run_name("/runs/r18_vit/checkpoint_0010.pth") == "r18_vit@10"
     assert run_name("/dl/dino_deitsmall16_pretrain.pth") == "dino_deitsmall16_pretrain"
     assert data_name("folder:/data/imagenet100") == "imagenet100" and data_name("digits") == "digits"
-    assert data_name("cifar10:/data/c10") == "CIFAR-10"
+    assert data_name("cifar10:/data/c10") == "CIFAR-10" and data_name("photos") == "photos"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -209,7 +209,8 @@ def test_trainer_header_gives_true_names_and_backbone_and_head_sizes(tmp_path):
 def test_help_states_the_image_size_default_really_used():
     res = CliRunner().invoke(cli, ["eval", "knn", "--help"])
     text = " ".join(res.output.split())
-    assert "the images' own size for digits and CIFAR, else the checkpoint's training resolution, else 224" in text
+    assert ("the images' own size for digits, photos and CIFAR, else the checkpoint's training resolution, "
+            "else 224") in text
 
 
 # --------------------------------------------------------------------------------------------------------------

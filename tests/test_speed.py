@@ -131,7 +131,8 @@ def test_compiled_step_runs_and_matches_the_uncompiled_one(tiny_cfg, crops, monk
 
 
 @pytest.mark.parametrize("cores, world, kind, expected", [(2, 1, "folder", 0), (16, 1, "folder", 8),
-                                                          (16, 4, "folder", 3), (16, 1, "digits", 0)])
+                                                          (16, 4, "folder", 3), (16, 1, "digits", 0),
+                                                          (16, 1, "photos", 0)])
 def test_default_workers_leave_small_machines_to_the_model(monkeypatch, cores, world, kind, expected):
     import os
 
