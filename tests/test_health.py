@@ -39,7 +39,7 @@ def test_the_same_output_for_every_input():
     row = torch.softmax(torch.linspace(0, 4, K), dim=0)  # neither uniform nor one-hot, but input-independent
     h = health_metrics(row.expand(N, K), torch.randn(N, K))
     assert math.isclose(h["entropy"].item(), h["mean_entropy"].item(), rel_tol=1e-5)
-    assert 0.3 * math.log(K) < h["entropy"].item() < 0.95 * math.log(K)
+    assert 0.3 * math.log(K) < h["entropy"].item() < 0.9 * math.log(K)
     w = collapse_warning("net1", h["entropy"].item(), h["mean_entropy"].item(), K)
     assert w is not None and "same output for every input" in w and "head.use_bn" in w
 

@@ -1,0 +1,80 @@
+"""benchmarks/reproduce.py: --epochs reaches every training, and each run's health is read and reported."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mokd.trainer import health_warnings
+from mokd.config import load_config
+from tests.tiny import TINY_OVERRIDES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_harness():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fake_run(path: Path, epochs: list[dict], out_dim: int = 64) -> Path:
+    """A run folder holding only what the harness's health reading needs: config.yaml and epoch records."""
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump({"head": {"out_dim": out_dim}}))
+    with open(path / "log.jsonl", "w") as f:
+        for i, e in enumerate(epochs, start=1):
+            f.write(json.dumps({"type": "epoch", "epoch": i, **e}) + "\n")
+    return path
+
+
+HEALTHY = {"entropy_net1": 2.0, "mean_entropy_net1": 3.9, "entropy_net2": 1.5, "mean_entropy_net2": 3.5}
+COLLAPSED = {"entropy_net1": 4.15, "mean_entropy_net1": 4.16,  # uniform: log 64 = 4.16
+             "entropy_net2": 2.0, "mean_entropy_net2": 2.1}  # the same output for every input
+
+
+def test_trainer_warns_for_a_collapsed_teacher_and_not_for_a_healthy_one():
+    cfg = load_config(None, TINY_OVERRIDES)
+    assert health_warnings(HEALTHY, cfg) == []
+    warned = health_warnings(COLLAPSED, cfg)
+    assert len(warned) == 2
+    assert "net1 (test_resnet) looks collapsed to uniform outputs" in warned[0]
+    assert "net2 (test_vit) gives nearly the same output for every input" in warned[1]
+
+
+def test_harness_reports_last_entropies_and_which_epochs_warned(tmp_path):
+    rp = load_harness()
+    ok = rp.run_health(fake_run(tmp_path / "ok", [HEALTHY, HEALTHY]))
+    assert ok["net1"]["entropy"] == 2.0 and ok["net1"]["mean_entropy"] == 3.9
+    assert ok["net1"]["warned_epochs"] == [] and ok["net2"]["warned_epochs"] == []
+    assert "no warning" in rp.health_line("mokd", 0, ok) and "collapse" not in rp.health_line("mokd", 0, ok)
+    # collapsed in epoch 2, recovered by epoch 3: the last figures are healthy, but the warning is still named
+    bad = rp.run_health(fake_run(tmp_path / "bad", [HEALTHY, COLLAPSED, HEALTHY]))
+    assert bad["net1"]["warned_epochs"] == [2] and bad["net2"]["warned_epochs"] == [2]
+    assert bad["net1"]["entropy"] == 2.0
+    assert "collapse warning at epoch(s) 2" in rp.health_line("independent", 3, bad)
+
+
+@pytest.mark.slow
+def test_epochs_flag_reaches_every_training(tmp_path, monkeypatch, capsys):
+    rp = load_harness()
+    out = tmp_path / "h"
+    argv = ["--seeds", "1", "--jobs", "1", "--no-linear", "--epochs", "1", "--out", str(out)]
+    for o in TINY_OVERRIDES + ["data.subset=32", "optim.batch_size=16"]:
+        argv += ["--set", o]
+    monkeypatch.setattr(sys, "argv", ["reproduce.py"])
+    assert rp.main(argv) == 0
+    printed = capsys.readouterr().out
+    for mode in ("mokd", "independent"):
+        run = out / mode / "seed0"
+        assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 1
+        epochs = [json.loads(ln) for ln in open(run / "log.jsonl") if '"type": "epoch"' in ln]
+        assert [e["epoch"] for e in epochs] == [1]  # TINY_OVERRIDES says 2: --epochs won
+        assert f"health {mode} seed 0 (last epoch): net1 H" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 1
+    assert {"entropy", "mean_entropy", "runs_warned"} <= set(summary["table"][0]["health"])
