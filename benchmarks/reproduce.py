@@ -216,10 +216,78 @@ def curves_png(results: dict, arch: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def mad_runs(results: dict, data: str, out: Path) -> dict:
+    """`mokd analyze mad` of both teachers of every MOKD and independent run -> {mode: {kind: [[layer means of
+    one seed]...]}}, with each run's mad.json, figure and records under OUT/mad/MODE/seedS."""
+    per_mode: dict = {}
+    for mode in ("mokd", BASELINE):
+        per_mode[mode] = {}
+        for seed, run in sorted(results[mode].items()):
+            target = out / "mad" / mode / f"seed{seed}"
+            if not (target / "mad.json").is_file():
+                run_cli(["analyze", "mad", str(Path(run["run"]) / "last.pth"), "--branch", "teacher", "--data", data,
+                         "--out", str(target), "--seed", "0"])
+            for r in json.loads((target / "mad.json").read_text()):
+                per_mode[mode].setdefault(r["kind"], []).append(r["layer_mean"])
+    return per_mode
+
+
+def mad_summary(per_mode: dict) -> list[dict]:
+    """Per kind (vit, cnn) and layer: mean ± std over seeds per mode and the paired MOKD minus independent
+    difference with its 95% interval, flagged when the interval contains 0 (inside the seed noise)."""
+    rows = []
+    for kind in ("vit", "cnn"):
+        if kind not in per_mode["mokd"] or kind not in per_mode[BASELINE]:
+            continue
+        a, b = np.asarray(per_mode["mokd"][kind]), np.asarray(per_mode[BASELINE][kind])
+        for layer in range(a.shape[1]):
+            m, lo, hi = paired_ci(list(a[:, layer] - b[:, layer]))
+            rows.append({"kind": kind, "layer": layer + 1, "mokd": mean_std(list(a[:, layer])),
+                         BASELINE: mean_std(list(b[:, layer])), "gap": (m, lo, hi),
+                         "inside_noise": bool(math.isnan(lo) or lo <= 0.0 <= hi)})
+    return rows
+
+
+def mad_png(per_mode: dict, arch: dict, out: Path) -> list[Path]:
+    """Both kinds side by side: mean attention distance per layer/block, a line per mode (mean over seeds,
+    bars: std) over thin per-seed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("vit", "cnn") if k in per_mode["mokd"]]
+    colours = {"mokd": "#d62728", BASELINE: "#1f77b4"}
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.875, 2.6), constrained_layout=True, squeeze=False)
+    names = {"vit": "ViT: last blocks, local (low) or global (high)", "cnn": "CNN: residual blocks"}
+    for ax, kind in zip(axes[0], kinds):
+        for mode in ("mokd", BASELINE):
+            a = np.asarray(per_mode[mode][kind])
+            x = np.arange(1, a.shape[1] + 1)
+            for row in a:
+                ax.plot(x, row, color=colours[mode], lw=0.6, alpha=0.25)
+            ax.errorbar(x, a.mean(0), yerr=a.std(0, ddof=1) if len(a) > 1 else None, color=colours[mode],
+                        marker="o", ms=3.5, lw=1.4, capsize=2.5, label=f"{mode} (mean ± std, {len(a)} seeds)")
+        net = "net2" if kind == "vit" else "net1"
+        ax.set_title(f"{arch.get(net, kind)}", fontsize=8)
+        ax.set_xlabel("block" if kind == "cnn" else "layer", fontsize=8)
+        ax.set_ylabel("mean attention distance (px)", fontsize=8)
+        ax.set_xticks(x)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    paths = [out / "mad_seeds.png", out / "mad_seeds.pdf"]
+    for p in paths:
+        fig.savefig(p, dpi=300)
+    plt.close(fig)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", default=None, help="config file or shipped name (default: configs/default.yaml)")
-    ap.add_argument("--data", default="digits", help="data spec, as for mokd train (default: digits)")
+    ap.add_argument("--data", default=None,
+                    help="data spec, as for mokd train (default: the config's data.spec; digits for the default)")
     ap.add_argument("--seeds", type=int, default=5, help="number of seeds (default: 5)")
     ap.add_argument("--epochs", type=int, default=None,
                     help="training epochs of every run (default: the config's optim.epochs); a longer schedule "
@@ -231,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="an extra MOKD variant compared with the baseline too (repeatable)")
     ap.add_argument("--out", default="runs/reproduce", help="folder for runs, records, summary and plot")
     ap.add_argument("--no-linear", action="store_true", help="skip the linear probe (k-NN only)")
+    ap.add_argument("--mad", action="store_true",
+                    help="also the mean attention distance of both teachers of every MOKD and independent run "
+                         "(mokd analyze mad), compared per layer over seeds, with OUT/mad_seeds.png")
     ap.add_argument("--jobs", type=int, default=2,
                     help="trainings run at once, each in its own process (default: 2, one per core of a 2-core "
                          "machine, which beats one process with two threads there)")
@@ -251,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--epochs must be >= 1, got {args.epochs}")
         args.overrides.append(f"optim.epochs={args.epochs}")
     cfg = load_config(args.config, args.overrides)
+    if args.data is None:
+        args.data = cfg.data.spec
     base = (["--config", args.config] if args.config else []) + ["--data", args.data]
     base += [a for s in args.overrides for a in ("--set", s)]
     variants = {"mokd": ["loss.mode=mokd"], BASELINE: [f"loss.mode={BASELINE}"]}
@@ -328,6 +401,25 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.optim.epochs} epochs each, teachers evaluated (k-NN k=20; linear = fast probe); mean ± std over seeds")
     print(table)
     print(f"floor: k-NN (k=20) on raw pixels at {cfg.augment.global_size} px: {floor:.2f}%")
+    if args.mad:
+        per_mode = mad_runs(results, args.data, out)
+        mad_rows = mad_summary(per_mode)
+        summary["mad"] = {"per_seed": per_mode, "table": mad_rows}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        mad_png(per_mode, arch, out)
+        mlines = ["| model | layer | independent (px) | mokd (px) | mokd minus independent [95% CI] | |",
+                  "|---|---|---|---|---|---|"]
+        for r in mad_rows:
+            m, lo, hi = r["gap"]
+            gap = f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else f"{m:+.2f}"
+            mlines.append(f"| {arch['net2' if r['kind'] == 'vit' else 'net1']} | {r['layer']} | "
+                          f"{fmt(*r[BASELINE])} | {fmt(*r['mokd'])} | {gap} | "
+                          f"{'inside the seed noise' if r['inside_noise'] else 'outside the seed noise'} |")
+        (out / "mad.md").write_text("\n".join(mlines) + "\n")
+        print()
+        print("Mean attention distance of the teachers (mokd analyze mad, 256 val images), mean ± std over seeds:")
+        print("\n".join(mlines))
+        print(f"wrote {out / 'mad.md'}, {out / 'mad_seeds.png'}")
     print(f"wrote {out / 'summary.json'}, {out / 'table.md'}, {out / 'knn_curves.png'}, records in {records} "
           f"({summary['wall_time_s'] / 60:.1f} min)")
     return 0
