@@ -79,7 +79,8 @@ def train_run(run_dir: Path, base: list[str], extra: list[str], seed: int, epoch
         return 0.0
     # An unfinished run continues where it stopped (--resume starts from scratch when it holds no checkpoint).
     extra_flags = ["--resume"] if run_dir.exists() else []
-    args = ["train", *base, "--out", str(run_dir), "--seed", str(seed), "--set", "train.knn_every=1",
+    # The online k-NN curve: every epoch, or ten points over a long schedule (each costs two extractions).
+    args = ["train", *base, "--out", str(run_dir), "--seed", str(seed), "--set", f"train.knn_every={max(1, epochs // 10)}",
             "--set", "train.progress=false", *[a for s in extra for a in ("--set", s)], *extra_flags]
     print(f"[reproduce] mokd {' '.join(args)}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
