@@ -106,10 +106,11 @@ def test_independent_mode_is_two_plain_dino_runs(tiny_cfg):
     assert set(losses) == {"sm1", "sm2"}
     for n in NETS:
         # Plain DINO: backbone on the global crops together, then on the local crops together (DINO's
-        # multi-crop wrapper), MLP head; the teacher on the 2 global crops, centred at 0.
+        # multi-crop wrapper), MLP head on all of them; the teacher on the 2 global crops, centred at 0.
         student, teacher = model.student[n], model.teacher[n]
-        logits = torch.cat([student.mlp_head(student.backbone(torch.cat(crops[:2]))),
-                            student.mlp_head(student.backbone(torch.cat(crops[2:])))])
+        # the head sees every crop's feature at once, as DINO's wrapper runs it (its BatchNorm, head.use_bn, too)
+        logits = student.mlp_head(torch.cat([student.backbone(torch.cat(crops[:2])),
+                                             student.backbone(torch.cat(crops[2:]))]))
         with torch.no_grad():
             t_logits = teacher.mlp_head(teacher.backbone(torch.cat(crops[:2])))
         expected = dino_cross_entropy(logits, torch.softmax(t_logits / 0.04, -1), 0.1, len(crops), 2)
