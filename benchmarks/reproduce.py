@@ -191,6 +191,8 @@ def fmt(m: float, s: float, sign: str = "") -> str:
 
 
 def curves_png(results: dict, arch: dict, path: Path) -> None:
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,7 +208,7 @@ def curves_png(results: dict, arch: dict, path: Path) -> None:
                 ep, acc = zip(*run["curve"][n])
                 ax.plot(ep, acc, color=colours[mode], marker="o", ms=3, lw=1.2, alpha=0.85,
                         label=mode if i == 0 else None)
-        ax.set_title(f"{n}: {arch[n]}", fontsize=10)
+        ax.set_title("\n".join(textwrap.wrap(f"{n}: {arch[n]}", 52)), fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("online k-NN top-1 (%)")
@@ -230,7 +232,15 @@ def mad_runs(results: dict, data: str, out: Path) -> dict:
                          "--out", str(target), "--seed", "0"])
             for r in json.loads((target / "mad.json").read_text()):
                 per_mode[mode].setdefault(r["kind"], []).append(r["layer_mean"])
+                per_mode.setdefault("uniform", {})[r["kind"]] = uniform_levels(r)
     return per_mode
+
+
+def uniform_levels(r: dict) -> list[float]:
+    """Per layer/block of a mad.json entry: the distance uniform attention over its grid would give."""
+    from mokd_analysis.distance import uniform_distance
+
+    return [uniform_distance(tuple(g), tuple(st)) if g and g[0] else float("nan") for g, st in zip(r["grid"], r["stride"])]
 
 
 def mad_summary(per_mode: dict) -> list[dict]:
@@ -251,7 +261,9 @@ def mad_summary(per_mode: dict) -> list[dict]:
 
 def mad_png(per_mode: dict, arch: dict, out: Path) -> list[Path]:
     """Both kinds side by side: mean attention distance per layer/block, a line per mode (mean over seeds,
-    bars: std) over thin per-seed lines."""
+    bars: std) over thin per-seed lines, and the uniform-attention level of each layer's grid (dotted)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,8 +271,7 @@ def mad_png(per_mode: dict, arch: dict, out: Path) -> list[Path]:
 
     kinds = [k for k in ("vit", "cnn") if k in per_mode["mokd"]]
     colours = {"mokd": "#d62728", BASELINE: "#1f77b4"}
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6.875, 2.6), constrained_layout=True, squeeze=False)
-    names = {"vit": "ViT: last blocks, local (low) or global (high)", "cnn": "CNN: residual blocks"}
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.875, 2.9), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         for mode in ("mokd", BASELINE):
             a = np.asarray(per_mode[mode][kind])
@@ -268,15 +279,20 @@ def mad_png(per_mode: dict, arch: dict, out: Path) -> list[Path]:
             for row in a:
                 ax.plot(x, row, color=colours[mode], lw=0.6, alpha=0.25)
             ax.errorbar(x, a.mean(0), yerr=a.std(0, ddof=1) if len(a) > 1 else None, color=colours[mode],
-                        marker="o", ms=3.5, lw=1.4, capsize=2.5, label=f"{mode} (mean ± std, {len(a)} seeds)")
+                        marker="o", ms=3.5, lw=1.4, capsize=2.5, label=f"{mode} (mean ± std over {len(a)} seeds)")
+        uniform = per_mode.get("uniform", {}).get(kind)
+        if uniform:
+            ax.plot(x, uniform, color="0.4", ls=":", lw=1.0, label="uniform attention over the grid")
         net = "net2" if kind == "vit" else "net1"
-        ax.set_title(f"{arch.get(net, kind)}", fontsize=8)
-        ax.set_xlabel("block" if kind == "cnn" else "layer", fontsize=8)
-        ax.set_ylabel("mean attention distance (px)", fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(f"{net}: {arch.get(net, kind)}", 48)), fontsize=7)
+        ax.set_xlabel("block (residual stage output)" if kind == "cnn" else "layer", fontsize=7)
+        ax.set_ylabel("mean attention distance (px)", fontsize=7)
         ax.set_xticks(x)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     paths = [out / "mad_seeds.png", out / "mad_seeds.pdf"]
     for p in paths:
         fig.savefig(p, dpi=300)
