@@ -78,3 +78,17 @@ def test_epochs_flag_reaches_every_training(tmp_path, monkeypatch, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 1
     assert {"entropy", "mean_entropy", "runs_warned"} <= set(summary["table"][0]["health"])
+
+
+def test_attention_distance_gap_is_paired_and_flagged_inside_or_outside_the_seed_noise():
+    rp = load_harness()
+    # ViT: MOKD 1 px further in layer 1 on every seed (outside the noise); layer 2 differs by seed only
+    per_mode = {"mokd": {"vit": [[11.0, 20.0], [12.0, 21.0], [13.0, 19.0]]},
+                "independent": {"vit": [[10.0, 21.0], [11.0, 19.0], [12.0, 20.0]]}}
+    rows = rp.mad_summary(per_mode)
+    assert [(r["kind"], r["layer"]) for r in rows] == [("vit", 1), ("vit", 2)]
+    m, lo, hi = rows[0]["gap"]
+    assert m == pytest.approx(1.0) and lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
+    assert not rows[0]["inside_noise"]
+    assert rows[1]["gap"][0] == pytest.approx(0.0) and rows[1]["inside_noise"]
+    assert rows[0]["mokd"][0] == pytest.approx(12.0) and rows[0]["independent"][0] == pytest.approx(11.0)
