@@ -119,15 +119,16 @@ def evaluate(run_dir: Path, records: Path, data: str, linear: bool) -> dict:
     return out
 
 
-def run_health(run_dir: Path) -> dict:
+def run_health(run_dir: Path, log: list[dict] | None = None) -> dict:
     """Per model: the last epoch's teacher entropy and batch-mean entropy (nats, mokd.health) and the epochs
-    whose mean figures fired a collapse warning, read from RUN/log.jsonl with the run's own out_dim."""
+    whose mean figures fired a collapse warning, from the run's log records (read from RUN/log.jsonl unless
+    given) with the run's own out_dim."""
     import yaml
 
     from mokd.health import collapse_warning
 
     out_dim = yaml.safe_load((run_dir / "config.yaml").read_text())["head"]["out_dim"]
-    epochs = [r for r in read_log(run_dir) if r.get("type") == "epoch"]
+    epochs = [r for r in (read_log(run_dir) if log is None else log) if r.get("type") == "epoch"]
     out = {}
     for n in NETS:
         warned = [r["epoch"] for r in epochs
@@ -184,6 +185,10 @@ def paired_ci(diffs: list[float]) -> tuple[float, float, float]:
         return m, float("nan"), float("nan")
     half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
     return m, m - half, m + half
+
+
+def fmt_gap(m: float, lo: float, hi: float) -> str:
+    return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else f"{m:+.2f}"
 
 
 def fmt(m: float, s: float, sign: str = "") -> str:
@@ -357,14 +362,15 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         times = list(pool.map(lambda job: train_run(job[3], base, job[2], job[0], cfg.optim.epochs, threads), plan))
     for (seed, name, sets, run_dir), train_s in zip(plan, times):
-        knn = [r for r in read_log(run_dir) if r.get("type") == "knn"]
+        log = read_log(run_dir)
+        knn = [r for r in log if r.get("type") == "knn"]
         ev = evaluate(run_dir, records, args.data, linear=not args.no_linear)
         results[name][seed] = {
             "train_s": train_s, "run": str(run_dir),
             "init": {n: knn[0][f"knn_top1_{n}"] for n in NETS},
             "online_end": {n: knn[-1][f"knn_top1_{n}"] for n in NETS},
             "curve": {n: [(r["epoch"], r[f"knn_top1_{n}"]) for r in knn] for n in NETS},
-            "eval": ev, "health": run_health(run_dir),
+            "eval": ev, "health": run_health(run_dir, log),
         }
         print(health_line(name, seed, results[name][seed]["health"]), flush=True)
     floor = raw_pixel_knn(args.data, cfg.augment.global_size)
@@ -402,14 +408,18 @@ def main(argv: list[str] | None = None) -> int:
         for p in protocols:
             cells.append(fmt(*row[p]))
             if f"{p}_gap" in row:
-                m, lo, hi = row[f"{p}_gap"]
-                cells.append(f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else f"{m:+.2f}")
+                cells.append(fmt_gap(*row[f"{p}_gap"]))
             else:
                 cells.append("—")
         h = row["health"]
         cells += [f"{h['entropy'][0]:.2f} / {h['mean_entropy'][0]:.2f}", f"{h['runs_warned']} of {len(seeds)}"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
+    if args.mad:
+        per_mode = mad_runs(results, args.data, out)
+        mad_rows = mad_summary(per_mode)
+        summary["mad"] = {"per_seed": per_mode, "table": mad_rows}
+        mad_png(per_mode, arch, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     (out / "table.md").write_text(table + "\n")
     curves_png(results, arch, out / "knn_curves.png")
@@ -419,18 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"floor: k-NN (k=20) on raw pixels at {cfg.augment.global_size} px: {floor:.2f}%")
     if args.mad:
-        per_mode = mad_runs(results, args.data, out)
-        mad_rows = mad_summary(per_mode)
-        summary["mad"] = {"per_seed": per_mode, "table": mad_rows}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
-        mad_png(per_mode, arch, out)
         mlines = ["| model | layer | independent (px) | mokd (px) | mokd minus independent [95% CI] | |",
                   "|---|---|---|---|---|---|"]
         for r in mad_rows:
-            m, lo, hi = r["gap"]
-            gap = f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else f"{m:+.2f}"
             mlines.append(f"| {arch['net2' if r['kind'] == 'vit' else 'net1']} | {r['layer']} | "
-                          f"{fmt(*r[BASELINE])} | {fmt(*r['mokd'])} | {gap} | "
+                          f"{fmt(*r[BASELINE])} | {fmt(*r['mokd'])} | {fmt_gap(*r['gap'])} | "
                           f"{'inside the seed noise' if r['inside_noise'] else 'outside the seed noise'} |")
         (out / "mad.md").write_text("\n".join(mlines) + "\n")
         print()

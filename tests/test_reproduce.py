@@ -63,7 +63,7 @@ def test_harness_reports_last_entropies_and_which_epochs_warned(tmp_path):
 def test_epochs_flag_reaches_every_training(tmp_path, monkeypatch, capsys):
     rp = load_harness()
     out = tmp_path / "h"
-    argv = ["--seeds", "1", "--jobs", "1", "--no-linear", "--epochs", "1", "--out", str(out)]
+    argv = ["--seeds", "1", "--jobs", "1", "--no-linear", "--mad", "--epochs", "1", "--out", str(out)]
     for o in TINY_OVERRIDES + ["data.subset=32", "optim.batch_size=16"]:
         argv += ["--set", o]
     monkeypatch.setattr(sys, "argv", ["reproduce.py"])
@@ -78,6 +78,8 @@ def test_epochs_flag_reaches_every_training(tmp_path, monkeypatch, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 1
     assert {"entropy", "mean_entropy", "runs_warned"} <= set(summary["table"][0]["health"])
+    assert {r["kind"] for r in summary["mad"]["table"]} == {"vit", "cnn"}  # --mad: both teachers, per layer
+    assert (out / "mad.md").is_file() and (out / "mad_seeds.png").is_file()
 
 
 def test_attention_distance_gap_is_paired_and_flagged_inside_or_outside_the_seed_noise():
