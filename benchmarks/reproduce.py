@@ -120,21 +120,23 @@ def evaluate(run_dir: Path, records: Path, data: str, linear: bool) -> dict:
 
 
 def run_health(run_dir: Path, log: list[dict] | None = None) -> dict:
-    """Per model: the last epoch's teacher entropy and batch-mean entropy (nats, mokd.health) and the epochs
-    whose mean figures fired a collapse warning, from the run's log records (read from RUN/log.jsonl unless
-    given) with the run's own out_dim."""
+    """Per model: the last epoch's teacher entropy and batch-mean entropy (nats, mokd.health) of its MLP head and,
+    in MOKD, of its T-Head and its L_ct target ("heads": name -> (H, H(mean))), and the epochs whose mean
+    figures fired a collapse warning for any of them, from the run's log records (read from RUN/log.jsonl
+    unless given) with the run's own out_dim."""
     import yaml
 
-    from mokd.health import collapse_warning
+    from mokd.health import collapse_warning, teacher_outputs
 
     out_dim = yaml.safe_load((run_dir / "config.yaml").read_text())["head"]["out_dim"]
     epochs = [r for r in (read_log(run_dir) if log is None else log) if r.get("type") == "epoch"]
     out = {}
     for n in NETS:
         warned = [r["epoch"] for r in epochs
-                  if collapse_warning(n, r[f"entropy_{n}"], r[f"mean_entropy_{n}"], out_dim) is not None]
+                  if any(collapse_warning(head, h, hm, out_dim) for head, h, hm in teacher_outputs(r, n))]
+        heads = {head.split(" (")[0]: (h, hm) for head, h, hm in teacher_outputs(epochs[-1], n)}
         out[n] = {"entropy": epochs[-1][f"entropy_{n}"], "mean_entropy": epochs[-1][f"mean_entropy_{n}"],
-                  "log_k": math.log(out_dim), "warned_epochs": warned}
+                  "heads": heads, "log_k": math.log(out_dim), "warned_epochs": warned}
     return out
 
 
@@ -144,7 +146,9 @@ def health_line(name: str, seed: int, health: dict) -> str:
         h = health[n]
         flag = f"collapse warning at epoch(s) {','.join(map(str, h['warned_epochs']))}" if h["warned_epochs"] \
             else "no warning"
-        parts.append(f"{n} H {h['entropy']:.2f} H(mean) {h['mean_entropy']:.2f} of log K {h['log_k']:.2f}, {flag}")
+        others = "".join(f", {head} {hh:.2f} / {hm:.2f}" for head, (hh, hm) in list(h.get("heads", {}).items())[1:])
+        parts.append(f"{n} H {h['entropy']:.2f} H(mean) {h['mean_entropy']:.2f} of log K {h['log_k']:.2f}{others}, "
+                     f"{flag}")
     return f"[reproduce] health {name} seed {seed} (last epoch): " + "; ".join(parts)
 
 
@@ -389,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             row["health"] = {"entropy": mean_std([r["health"][n]["entropy"] for r in runs]),
                              "mean_entropy": mean_std([r["health"][n]["mean_entropy"] for r in runs]),
                              "runs_warned": sum(bool(r["health"][n]["warned_epochs"]) for r in runs)}
+            for head in list(runs[0]["health"][n].get("heads", {}))[1:]:  # T-Head, L_ct target (MOKD runs)
+                row["health"][head] = [mean_std([r["health"][n]["heads"][head][k] for r in runs])[0] for k in (0, 1)]
             for p in protocols:
                 row[p] = mean_std([r["eval"][n][p] for r in runs])
                 if name != BASELINE:
@@ -401,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     head = ["model", "mode", "k-NN init", "gain over init (online k-NN)"]
     for p in protocols:
         head += [f"{p} top-1", f"{p}: minus {BASELINE} [95% CI]"]
-    head += ["last-epoch H / H(mean) (nats)", "runs with a collapse warning"]
+    head += ["last-epoch H / H(mean) (nats)", "T-Head; L_ct target", "runs with a collapse warning"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["model"], row["mode"], fmt(*row["init"]), fmt(*row["gain_over_init"], sign="+")]
@@ -412,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cells.append("—")
         h = row["health"]
-        cells += [f"{h['entropy'][0]:.2f} / {h['mean_entropy'][0]:.2f}", f"{h['runs_warned']} of {len(seeds)}"]
+        extra = "; ".join(f"{h[k][0]:.2f} / {h[k][1]:.2f}" for k in ("T-Head", "L_ct target") if k in h) or "—"
+        cells += [f"{h['entropy'][0]:.2f} / {h['mean_entropy'][0]:.2f}", extra, f"{h['runs_warned']} of {len(seeds)}"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     if args.mad:

@@ -90,6 +90,8 @@ class THeadConfig:
     mlp_ratio: float = 4.0
     l2_norm: bool = False  # L2-normalise the pooled feature before the last layer, as the MLP head does (the
     # release does not: its T-Head logits start 3-4x larger than the MLP head's, so a sharp teacher is one-hot)
+    use_bn: bool = False  # BatchNorm on the pooled feature before the last layer (the release has none): the mean
+    # over LayerNorm'd tokens barely varies with the input, so without it the T-Head's outputs do not either
 
 
 @dataclass
@@ -102,6 +104,11 @@ class LossConfig:
     st_weight: float = 1.0  # weight of L_st in L_i = L_sm + w_st L_st + lambda_i (L_cm + w_ct L_ct); the paper: 1
     ct_weight: float = 1.0  # weight of L_ct inside the lambda_i bracket; the paper: 1
     ct_views: str = "local"  # student crops used by L_ct: local (official code) | global (paper Algorithm 1)
+    # Centre L_ct's target (teacher j's T-Head output for student i's query) with an EMA of its batch means, as
+    # every other term's target is. The release does not: its target is only sharpened, and at small scale it
+    # becomes one dimension for every input (docs/fidelity.md).
+    ct_center: bool = False
+    thead_temp_scale: float = 1.0  # the T-Head's targets (L_st, L_ct) use the teacher temperature times this
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
@@ -357,6 +364,7 @@ def _validate_numbers(cfg: Config) -> None:
         at_least(f"{name}.lam", 0.0)
     at_least("loss.st_weight", 0.0)
     at_least("loss.ct_weight", 0.0)
+    at_least("loss.thead_temp_scale", 0.0, strict=True)
     for k in ("data.num_workers", "data.subset", "augment.local_crops", "augment.blur_kernel_frac",
               "loss.warmup_teacher_temp_epochs", "optim.freeze_last_layer", "train.save_every", "train.knn_every"):
         at_least(k, 0)

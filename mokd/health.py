@@ -1,6 +1,7 @@
 """Training health: DINO's two collapse signals and the student-teacher agreement, and what to do about them.
 
-Per model, on the MLP head's outputs for the two global views of a batch:
+Per model, on the MLP head's outputs for the two global views of a batch (and, in MOKD, on the T-Head's, the
+target of L_st, and on L_ct's target, teacher j's T-Head run with model i's query):
 - teacher entropy: the mean over samples of H(p_t), p_t the centred and sharpened teacher output. It reaches
   log K when every output is uniform (one kind of collapse);
 - batch-mean entropy: H of the batch's mean teacher output. It falls towards 0 when one dimension wins for
@@ -38,8 +39,23 @@ DOMINANT_NATS = math.log(2.0)  # batch-mean entropy below log 2: fewer than two 
 CONSTANT_NATS = 0.5  # batch-mean minus per-sample entropy below this: outputs nearly the same for every input
 
 
+# The teacher outputs the figures are kept for: key infix in the log ("entropy_thead_net1") and a name.
+TEACHER_OUTPUTS = (("", "MLP head"), ("thead_", "T-Head"), ("search_", "L_ct target (the other teacher's T-Head)"))
+
+
+def teacher_outputs(means: dict[str, float], net: str):
+    """(name, entropy, batch-mean entropy) of each of `net`'s teacher outputs that `means` has figures for."""
+    for infix, name in TEACHER_OUTPUTS:
+        if f"entropy_{infix}{net}" in means:
+            yield name, means[f"entropy_{infix}{net}"], means[f"mean_entropy_{infix}{net}"]
+
+
 def collapse_warning(name: str, entropy: float, mean_entropy: float, out_dim: int) -> str | None:
     """A one-line warning when a model's teacher has collapsed, with the knob that usually cures it."""
+    if "L_ct target" in name and mean_entropy - entropy < CONSTANT_NATS:
+        return (f"warning: {name} gives nearly the same output for every input (batch-mean entropy "
+                f"{mean_entropy:.2f} vs per-sample {entropy:.2f} nats): centre it (loss.ct_center=true; the "
+                f"release does not) or lower the T-Head's lr (net*.thead_lr)")
     log_k = math.log(out_dim)
     if entropy > UNIFORM_FRACTION * log_k:
         return (f"warning: {name} looks collapsed to uniform outputs (teacher entropy {entropy:.2f} of "

@@ -24,7 +24,7 @@ from mokd.config import Config, save_yaml, to_dict
 from mokd.data import build_dataset, check_same_classes, parse_data_spec
 from mokd.device import autocast, grad_scaler, resolve_compile, resolve_device, resolve_precision
 from mokd.errors import UserError
-from mokd.health import collapse_warning
+from mokd.health import collapse_warning, teacher_outputs
 from mokd.models.backbones import configure_attention, is_vit
 from mokd.models.lowp import LowPrecisionCopy
 from mokd.models.mokd import NETS, MOKDModel
@@ -236,9 +236,8 @@ def health_warnings(means: dict[str, float], cfg: Config) -> list[str]:
     """Collapse warnings (mokd.health) from an epoch's mean health figures, one per collapsed model."""
     out = []
     for n in NETS:
-        if f"entropy_{n}" in means:
-            w = collapse_warning(f"{n} ({getattr(cfg, n).arch})", means[f"entropy_{n}"], means[f"mean_entropy_{n}"],
-                                 cfg.head.out_dim)
+        for head, ent, ent_mean in teacher_outputs(means, n):
+            w = collapse_warning(f"{n} ({getattr(cfg, n).arch}) {head}", ent, ent_mean, cfg.head.out_dim)
             if w:
                 out.append(w)
     return out
@@ -305,7 +304,8 @@ def non_finite_state(state: TrainState) -> tuple[list[str], int]:
     return non_finite(named)
 
 
-BUILD_KEYS = ("loss.mode", "loss.st", "loss.ct", "head", "thead", "net1.arch", "net1.kwargs", "net1.small_stem",
+BUILD_KEYS = ("loss.mode", "loss.st", "loss.ct", "loss.ct_center", "head", "thead", "net1.arch", "net1.kwargs",
+              "net1.small_stem",
               "net2.arch", "net2.kwargs", "net2.small_stem")
 
 
@@ -339,7 +339,7 @@ def read_resumable(path: Path, state: TrainState, cfg: Config) -> dict:
                 f"{path} is damaged: {len(differ)} tensors are missing or misshapen although its own config builds "
                 f"this model (e.g. {', '.join(differ[:3])})")
         raise UserError(f"{path} does not fit the model this config builds ({len(differ)} tensors differ, e.g. "
-                        f"{', '.join(differ[:4])}): loss.mode, loss.st/ct, head.* and thead.* must stay as they "
+                        f"{', '.join(differ[:4])}): loss.mode, loss.st/ct/ct_center, head.* and thead.* must stay as they "
                         f"were. Resume without --config to use the run's own config.yaml.")
     part = ckpt.get("partial_epoch")
     if part and part["of"] != state.steps_per_epoch:
@@ -562,9 +562,11 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop:
             _refuse_non_finite(state, done * spe - 1, last_good)
             if main:
                 terms = " ".join(f"{k}={v:.4f}" for k, v in epoch_means.items() if k not in state.model.health)
-                health = " ".join(f"{n}: H {epoch_means[f'entropy_{n}']:.2f} H(mean) "
-                                  f"{epoch_means[f'mean_entropy_{n}']:.2f} agree {epoch_means[f'agreement_{n}']:.2f}"
-                                  for n in NETS)
+                health = "; ".join(f"{n}: H {epoch_means[f'entropy_{n}']:.2f} H(mean) "
+                                   f"{epoch_means[f'mean_entropy_{n}']:.2f} agree {epoch_means[f'agreement_{n}']:.2f}"
+                                   + "".join(f", {head.split(' (')[0]} {h:.2f} / {hm:.2f}"
+                                             for head, h, hm in list(teacher_outputs(epoch_means, n))[1:])
+                                   for n in NETS)
                 print(f"epoch {done}/{cfg.optim.epochs}: {terms} ({metrics['epoch_time_s']:.1f}s)", flush=True)
                 print(f"  teacher health (nats, log K = {np.log(cfg.head.out_dim):.2f}): {health}", flush=True)
                 for w in health_warnings(epoch_means, cfg):

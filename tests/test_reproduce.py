@@ -42,8 +42,8 @@ def test_trainer_warns_for_a_collapsed_teacher_and_not_for_a_healthy_one():
     assert health_warnings(HEALTHY, cfg) == []
     warned = health_warnings(COLLAPSED, cfg)
     assert len(warned) == 2
-    assert "net1 (test_resnet) looks collapsed to uniform outputs" in warned[0]
-    assert "net2 (test_vit) gives nearly the same output for every input" in warned[1]
+    assert "net1 (test_resnet) MLP head looks collapsed to uniform outputs" in warned[0]
+    assert "net2 (test_vit) MLP head gives nearly the same output for every input" in warned[1]
 
 
 def test_harness_reports_last_entropies_and_which_epochs_warned(tmp_path):

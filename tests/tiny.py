@@ -8,6 +8,10 @@ TINY_OVERRIDES = [
     # The paper's head (no BatchNorm; configs/default.yaml has it): with it a 2-process CPU run, whose head
     # statistics are per process (SyncBatchNorm is for CUDA), cannot equal a 1-process run exactly
     "head.use_bn=false",
+    # and the release's T-Head (the defaults' BatchNorm, centred L_ct target and sharper T-Head targets are
+    # tested on their own in tests/test_thead_health.py)
+    "thead.use_bn=false", "loss.ct_center=false", "loss.thead_temp_scale=1.0",
+    "net1.norm_last_layer_thead=null", "net2.norm_last_layer_thead=null", "net1.thead_decay=auto",
     "thead.dim=32", "thead.num_heads=2", "thead.depth=1",
     "optim.epochs=2", "optim.batch_size=16", "optim.warmup_epochs=1", "optim.precision=fp32",
     "loss.warmup_teacher_temp_epochs=1",

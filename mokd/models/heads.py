@@ -57,13 +57,13 @@ class THead(nn.Module):
     local [B, N, in_dim] -> input projection to width D (identity when in_dim == D) + positional embedding
     (learned on the training grid, resampled to other grids by `pos_resample`: mokd.models.pos_embed) ->
     [query ; tokens] -> `depth` ViT blocks -> norm -> drop the query position -> mean over tokens ->
-    (with `l2_norm`, L2-normalised as the MLP head's bottleneck is; the release does not) -> weight-normed
+    (with `use_bn`, BatchNorm over the batch) -> (with `l2_norm`, L2-normalised as the MLP head's bottleneck is; the release does not) -> weight-normed
     FC -> [B, K].
     """
 
     def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, int], dim: int = 384, depth: int = 3,
                  num_heads: int = 6, mlp_ratio: float = 4.0, norm_last_layer: bool = False,
-                 pos_resample: str = "dino", l2_norm: bool = False):
+                 pos_resample: str = "dino", l2_norm: bool = False, use_bn: bool = False):
         super().__init__()
         self.grid = tuple(grid)
         self.l2_norm = l2_norm
@@ -73,6 +73,7 @@ class THead(nn.Module):
         self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True)
                                       for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.bn = nn.BatchNorm1d(dim) if use_bn else nn.Identity()
         trunc_normal_(self.pos_embed, std=0.02)
         self.apply(_init_linear)
         self.fc = normalized_last_layer(dim, out_dim, norm_last_layer)
@@ -97,7 +98,7 @@ class THead(nn.Module):
         x = self.norm(self.blocks(x))
         if query is not None:
             x = x[:, 1:]
-        x = x.mean(dim=1)
+        x = self.bn(x.mean(dim=1))
         return self.fc(F.normalize(x, dim=-1) if self.l2_norm else x)
 
 

@@ -81,7 +81,7 @@ class Branch(nn.Module):
         if grid is not None:
             with seeded_init(seed, net, "thead"):
                 self.thead = THead(local_dim(backbone), h.out_dim, grid, t.dim, t.depth, t.num_heads, t.mlp_ratio,
-                                   frozen["thead"], net_cfg.pos_resample, t.l2_norm)
+                                   frozen["thead"], net_cfg.pos_resample, t.l2_norm, t.use_bn)
         self.channels_last = channels_last and not self.is_vit
 
     def forward(self, crops: list[torch.Tensor]) -> BranchOutput:
@@ -153,15 +153,20 @@ class MOKDModel(nn.Module):
         self.student = nn.ModuleDict(students)
         self.teacher = nn.ModuleDict(teachers)
         k, m = cfg.head.out_dim, cfg.loss.center_momentum
-        self.centers = nn.ModuleDict({f"{n}_{h}": Center(k, m) for n in NETS
-                                      for h in (("mlp", "thead") if self.use_thead else ("mlp",))})
+        heads = ("mlp", "thead") if self.use_thead else ("mlp",)
+        if self.mokd and cfg.loss.ct and cfg.loss.ct_center:
+            heads += ("search",)  # "net1_search": the centre of net1's L_ct target (teacher net2's T-Head)
+        self.centers = nn.ModuleDict({f"{n}_{h}": Center(k, m) for n in NETS for h in heads})
         # DDP wrappers of the students, when distributed (a plain dict: not part of the state dict).
         self.student_forward = {n: self.student[n] for n in NETS}
         # What runs the teachers' forward: the teachers, or their low-precision copies (see use_fast_step).
         self.teacher_forward = {n: self.teacher[n] for n in NETS}
         self.fused_ema = False
-        # The last forward's training-health figures (mokd.health), per model: entropy_net1, agreement_net2, ...
+        # The last forward's training-health figures (mokd.health), per model and teacher output:
+        # entropy_net1 (MLP head), mean_entropy_thead_net2 (T-Head), agreement_search_net1 (L_ct's target), ...
         self.health: dict[str, torch.Tensor] = {}
+        # This forward's L_ct targets and raw search logits per model i (for the health figures and the centre).
+        self._search: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def arch(self) -> dict:
         return {n: {"name": getattr(self.cfg, n).arch, "kwargs": dict(getattr(self.cfg, n).kwargs),
@@ -188,19 +193,35 @@ class MOKDModel(nn.Module):
             return cache[(n, head, temp)]
 
         losses = {}
+        self._search = {}
         for i, j in (("net1", "net2"), ("net2", "net1")):
-            temps = {t: _temp(teacher_temp, i, t) for t in TEMP_GROUPS}
+            temps = self._term_temps(teacher_temp, i)
             losses.update(self._terms_for(i, j, students, teachers, probs, temps, len(crops)))
         self.health = {}
         for n in NETS:
             t_probs = probs(n, "mlp", _temp(teacher_temp, n, "sm"))
             figures = health_metrics(t_probs, students[n].mlp[:len(t_probs)])
+            if self.mokd and self.cfg.loss.st:
+                t_probs = probs(n, "thead", self._term_temps(teacher_temp, n)["st"])
+                figures.update({f"{k}_thead": v for k, v in
+                                health_metrics(t_probs, students[n].thead[:len(t_probs)]).items()})
+            if n in self._search:
+                target, _, student_logits = self._search[n]
+                figures.update({f"{k}_search": v for k, v in health_metrics(target, student_logits).items()})
             self.health.update({f"{k}_{n}": v for k, v in figures.items()})
         for n in NETS:
             self.centers[f"{n}_mlp"].update(teachers[n].mlp)
             if self.use_thead:
                 self.centers[f"{n}_thead"].update(teachers[n].thead)
+            if f"{n}_search" in self.centers:
+                self.centers[f"{n}_search"].update(self._search[n][1])
         return losses
+
+    def _term_temps(self, teacher_temp: float | dict[str, float], net: str) -> dict[str, float]:
+        """The teacher temperature of each of `net`'s terms; the T-Head's targets (st, ct) are scaled by
+        loss.thead_temp_scale."""
+        scale = {"st": self.cfg.loss.thead_temp_scale, "ct": self.cfg.loss.thead_temp_scale}
+        return {t: _temp(teacher_temp, net, t) * scale.get(t, 1.0) for t in TEMP_GROUPS}
 
     def _terms_for(self, i: str, j: str, students: dict, teachers: dict, probs, temps: dict[str, float],
                    n_views: int) -> dict[str, torch.Tensor]:
@@ -239,8 +260,11 @@ class MOKDModel(nn.Module):
         with torch.no_grad():
             query = self.student[i].thead.query(torch.cat([s.query_feature(v) for v in views]).detach())
             keys = torch.cat([t.local[kv] for kv in key_views])
-            target = sharpen(self.teacher_forward[j].thead(keys, query=query), teacher_temp)
+            logits = self.teacher_forward[j].thead(keys, query=query)
+            center = self.centers[f"{i}_search"].center if f"{i}_search" in self.centers else None
+            target = sharpen(logits, teacher_temp, center)
         student_logits = torch.cat(s.thead.chunk(n_views)[views[0]:views[-1] + 1])
+        self._search[i] = (target, logits, student_logits.detach())
         return paired_cross_entropy(student_logits, target, self.cfg.loss.student_temp)
 
     def total_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
