@@ -126,15 +126,16 @@ def run_health(run_dir: Path, log: list[dict] | None = None) -> dict:
     unless given) with the run's own out_dim."""
     import yaml
 
-    from mokd.health import collapse_warning, teacher_outputs
+    from mokd.health import CONSTANT_CURES, collapse_warning, teacher_outputs
 
     out_dim = yaml.safe_load((run_dir / "config.yaml").read_text())["head"]["out_dim"]
     epochs = [r for r in (read_log(run_dir) if log is None else log) if r.get("type") == "epoch"]
     out = {}
     for n in NETS:
         warned = [r["epoch"] for r in epochs
-                  if any(collapse_warning(head, h, hm, out_dim) for head, h, hm in teacher_outputs(r, n))]
-        heads = {head.split(" (")[0]: (h, hm) for head, h, hm in teacher_outputs(epochs[-1], n)}
+                  if any(collapse_warning(head, h, hm, out_dim, CONSTANT_CURES.get(head))
+                         for head, h, hm in teacher_outputs(r, n))]
+        heads = {head: (h, hm) for head, h, hm in teacher_outputs(epochs[-1], n)}
         out[n] = {"entropy": epochs[-1][f"entropy_{n}"], "mean_entropy": epochs[-1][f"mean_entropy_{n}"],
                   "heads": heads, "log_k": math.log(out_dim), "warned_epochs": warned}
     return out

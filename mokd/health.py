@@ -40,7 +40,11 @@ CONSTANT_NATS = 0.5  # batch-mean minus per-sample entropy below this: outputs n
 
 
 # The teacher outputs the figures are kept for: key infix in the log ("entropy_thead_net1") and a name.
-TEACHER_OUTPUTS = (("", "MLP head"), ("thead_", "T-Head"), ("search_", "L_ct target (the other teacher's T-Head)"))
+TEACHER_OUTPUTS = (("", "MLP head"), ("thead_", "T-Head"), ("search_", "L_ct target"))
+# What cures an output that no longer depends on the input, where it is not the MLP head's cure; checked
+# before the other two signals, since such a target is usually also near-uniform or one-dimensional.
+CONSTANT_CURES = {"L_ct target": "centre it (loss.ct_center=true; the release does not) or lower the T-Head's "
+                                 "lr (net*.thead_lr)"}
 
 
 def teacher_outputs(means: dict[str, float], net: str):
@@ -50,12 +54,13 @@ def teacher_outputs(means: dict[str, float], net: str):
             yield name, means[f"entropy_{infix}{net}"], means[f"mean_entropy_{infix}{net}"]
 
 
-def collapse_warning(name: str, entropy: float, mean_entropy: float, out_dim: int) -> str | None:
-    """A one-line warning when a model's teacher has collapsed, with the knob that usually cures it."""
-    if "L_ct target" in name and mean_entropy - entropy < CONSTANT_NATS:
+def collapse_warning(name: str, entropy: float, mean_entropy: float, out_dim: int,
+                     constant_cure: str | None = None) -> str | None:
+    """A one-line warning when a model's teacher has collapsed, with the knob that usually cures it
+    (`constant_cure`, when given, for an output that is the same for every input)."""
+    if constant_cure and mean_entropy - entropy < CONSTANT_NATS:
         return (f"warning: {name} gives nearly the same output for every input (batch-mean entropy "
-                f"{mean_entropy:.2f} vs per-sample {entropy:.2f} nats): centre it (loss.ct_center=true; the "
-                f"release does not) or lower the T-Head's lr (net*.thead_lr)")
+                f"{mean_entropy:.2f} vs per-sample {entropy:.2f} nats): {constant_cure}")
     log_k = math.log(out_dim)
     if entropy > UNIFORM_FRACTION * log_k:
         return (f"warning: {name} looks collapsed to uniform outputs (teacher entropy {entropy:.2f} of "

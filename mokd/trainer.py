@@ -24,7 +24,7 @@ from mokd.config import Config, save_yaml, to_dict
 from mokd.data import build_dataset, check_same_classes, parse_data_spec
 from mokd.device import autocast, grad_scaler, resolve_compile, resolve_device, resolve_precision
 from mokd.errors import UserError
-from mokd.health import collapse_warning, teacher_outputs
+from mokd.health import CONSTANT_CURES, collapse_warning, teacher_outputs
 from mokd.models.backbones import configure_attention, is_vit
 from mokd.models.lowp import LowPrecisionCopy
 from mokd.models.mokd import NETS, MOKDModel
@@ -237,7 +237,8 @@ def health_warnings(means: dict[str, float], cfg: Config) -> list[str]:
     out = []
     for n in NETS:
         for head, ent, ent_mean in teacher_outputs(means, n):
-            w = collapse_warning(f"{n} ({getattr(cfg, n).arch}) {head}", ent, ent_mean, cfg.head.out_dim)
+            w = collapse_warning(f"{n} ({getattr(cfg, n).arch}) {head}", ent, ent_mean, cfg.head.out_dim,
+                                 CONSTANT_CURES.get(head))
             if w:
                 out.append(w)
     return out
@@ -564,7 +565,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop:
                 terms = " ".join(f"{k}={v:.4f}" for k, v in epoch_means.items() if k not in state.model.health)
                 health = "; ".join(f"{n}: H {epoch_means[f'entropy_{n}']:.2f} H(mean) "
                                    f"{epoch_means[f'mean_entropy_{n}']:.2f} agree {epoch_means[f'agreement_{n}']:.2f}"
-                                   + "".join(f", {head.split(' (')[0]} {h:.2f} / {hm:.2f}"
+                                   + "".join(f", {head} {h:.2f} / {hm:.2f}"
                                              for head, h, hm in list(teacher_outputs(epoch_means, n))[1:])
                                    for n in NETS)
                 print(f"epoch {done}/{cfg.optim.epochs}: {terms} ({metrics['epoch_time_s']:.1f}s)", flush=True)

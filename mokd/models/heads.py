@@ -57,8 +57,8 @@ class THead(nn.Module):
     local [B, N, in_dim] -> input projection to width D (identity when in_dim == D) + positional embedding
     (learned on the training grid, resampled to other grids by `pos_resample`: mokd.models.pos_embed) ->
     [query ; tokens] -> `depth` ViT blocks -> norm -> drop the query position -> mean over tokens ->
-    (with `use_bn`, BatchNorm over the batch) -> (with `l2_norm`, L2-normalised as the MLP head's bottleneck is; the release does not) -> weight-normed
-    FC -> [B, K].
+    (with `use_bn`, BatchNorm over the batch) -> (with `l2_norm`, L2-normalised as the MLP head's bottleneck
+    is; the release does neither) -> weight-normed FC -> [B, K].
     """
 
     def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, int], dim: int = 384, depth: int = 3,

@@ -194,15 +194,15 @@ class MOKDModel(nn.Module):
 
         losses = {}
         self._search = {}
+        temps = {n: self._term_temps(teacher_temp, n) for n in NETS}
         for i, j in (("net1", "net2"), ("net2", "net1")):
-            temps = self._term_temps(teacher_temp, i)
-            losses.update(self._terms_for(i, j, students, teachers, probs, temps, len(crops)))
+            losses.update(self._terms_for(i, j, students, teachers, probs, temps[i], len(crops)))
         self.health = {}
         for n in NETS:
-            t_probs = probs(n, "mlp", _temp(teacher_temp, n, "sm"))
+            t_probs = probs(n, "mlp", temps[n]["sm"])
             figures = health_metrics(t_probs, students[n].mlp[:len(t_probs)])
             if self.mokd and self.cfg.loss.st:
-                t_probs = probs(n, "thead", self._term_temps(teacher_temp, n)["st"])
+                t_probs = probs(n, "thead", temps[n]["st"])
                 figures.update({f"{k}_thead": v for k, v in
                                 health_metrics(t_probs, students[n].thead[:len(t_probs)]).items()})
             if n in self._search:
