@@ -49,11 +49,10 @@ def train(seed: int = 0):
 def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from mokd.distributed import cleanup, init_distributed
-    from tests.dist_worker import exit_now
+    from mokd.distributed import init_distributed
+    from tests.dist_worker import finish_rank
 
     init_distributed("cpu")
     m, layer = train()
     torch.save({"metrics": m, "weight": layer.weight.detach(), "bias": layer.bias.detach()}, f"{out}.{rank}")
-    cleanup()
-    exit_now()
+    finish_rank()

@@ -8,13 +8,16 @@ import os
 import torch
 
 
-def exit_now() -> None:
-    """End a spawned rank once its results are saved and its process group destroyed, skipping interpreter
+def finish_rank() -> None:
+    """End a spawned rank once its results are saved: destroy its process group, then exit skipping interpreter
     finalisation: there, gloo's C++ threads sometimes meet the dying interpreter and abort the process
     ("terminate called without an active exception", about 1 run in 30 of the linear-probe test on torch
     2.14), after every result was written. Errors before this point still fail the test."""
     import sys
 
+    from mokd.distributed import cleanup
+
+    cleanup()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -41,14 +44,13 @@ class MeanNet(torch.nn.Module):
 def sharded_worker(rank: int, world: int, port: int, n: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from mokd.distributed import cleanup, init_distributed
+    from mokd.distributed import init_distributed
     from mokd_eval.features import extract_features
 
     init_distributed("cpu")
     feats, labels = extract_features(MeanNet(), Numbers(n), device="cpu", batch_size=2, precision="fp32")
     torch.save((feats, labels), f"{out}.{rank}")
-    cleanup()
-    exit_now()
+    finish_rank()
 
 
 def shard_cache_worker(rank: int, world: int, port: int, n: int, folder: str) -> None:
@@ -57,11 +59,10 @@ def shard_cache_worker(rank: int, world: int, port: int, n: int, folder: str) ->
                       LOCAL_RANK=str(rank))
     from pathlib import Path
 
-    from mokd.distributed import cleanup, init_distributed
+    from mokd.distributed import init_distributed
     from mokd_eval.features import extract_to_shards
 
     init_distributed("cpu")
     bank, labels = extract_to_shards(MeanNet(), Numbers(n), Path(folder), device="cpu", batch_size=2, shard_rows=2)
     torch.save((torch.cat(list(bank)), labels, list(bank.rows)), f"{folder}.{rank}")
-    cleanup()
-    exit_now()
+    finish_rank()
