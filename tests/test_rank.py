@@ -71,3 +71,38 @@ def test_bad_input_is_a_user_error():
         rank_scores(torch.full((4, 2), float("nan")))
     with pytest.raises(UserError, match="at least 2"):
         alpha_req(torch.ones(1, 3))
+
+
+@pytest.mark.slow
+def test_the_online_monitor_logs_rank_scores_in_its_knn_record(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from mokd.cli import cli
+    from tests.tiny import TINY_OVERRIDES
+
+    out = tmp_path / "r"
+    args = ["train", "--out", str(out)]
+    for o in TINY_OVERRIDES + ["train.knn_every=1", "train.monitor_rank=true", "optim.epochs=1",
+                                "train.knn_max_train=64"]:
+        args += ["--set", o]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert res.output.count("online rank at") == 2 and "RankMe" in res.output
+    records = [json.loads(ln) for ln in open(out / "log.jsonl") if '"type": "knn"' in ln]
+    assert [r["epoch"] for r in records] == [0, 1]
+    for r in records:
+        for n in ("net1", "net2"):
+            assert 1.0 <= r[f"rankme_{n}"] and "knn_top1_" + n in r
+            assert r[f"alpha_req_{n}"] is None or math.isfinite(r[f"alpha_req_{n}"])
+
+
+def test_monitor_rank_without_the_monitor_is_a_config_error(tmp_path):
+    from click.testing import CliRunner
+
+    from mokd.cli import cli
+
+    res = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "r"), "--set", "train.knn_every=0",
+                                   "--set", "train.monitor_rank=true"])
+    assert res.exit_code != 0 and "train.knn_every > 0" in res.output
