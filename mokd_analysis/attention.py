@@ -107,3 +107,81 @@ def capture_block_maps(model: nn.Module, callback: MapCallback) -> Iterator[None
     finally:
         for h in handles:
             h.remove()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where a model looks: CLS-to-patch attention, attention rollout, and a CNN's feature norm (`mokd analyze attention`)
+
+
+def patch_grid(backbone: nn.Module, num_patches: int) -> tuple[int, int]:
+    """The (rows, cols) of a ViT's patch tokens: the patch embedding's grid when it matches, else a square."""
+    grid = tuple(getattr(getattr(backbone, "patch_embed", None), "grid_size", None) or ())
+    if len(grid) == 2 and grid[0] * grid[1] == num_patches:
+        return int(grid[0]), int(grid[1])
+    side = int(round(num_patches ** 0.5))
+    if side * side != num_patches:
+        raise UserError(f"{type(backbone).__name__}: {num_patches} patch tokens do not form a known grid")
+    return side, side
+
+
+def cls_patch_attention(attn: torch.Tensor, num_prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """The CLS token's attention to each patch, per head: attn [B, H, N, N] -> [B, H, rows, cols].
+
+    Tokens 0 .. num_prefix-1 are CLS and register tokens (timm's layout); the CLS query's weights on them are
+    left out, so a head that parks its attention on a register shows as a faint map rather than a wrong one."""
+    b, h = attn.shape[:2]
+    return attn[:, :, 0, num_prefix:].reshape(b, h, *grid)
+
+
+def attention_rollout(attns: list[torch.Tensor], residual: float = 0.5) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020) over blocks in depth order: each block's attention [B, H, N, N]
+    is averaged over heads, mixed with the identity for the residual connection (residual * I + (1 - residual)
+    * A, rows renormalised) and the blocks multiplied: [B, N, N], row i the flow from every token into token i
+    at the last block."""
+    if not attns:
+        raise UserError("attention rollout needs at least one block's attention")
+    rollout = None
+    for a in attns:
+        a = a.float().mean(1)
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        a = residual * eye + (1.0 - residual) * a
+        a = a / a.sum(-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout
+    return rollout
+
+
+def rollout_cls_map(attns: list[torch.Tensor], num_prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """The CLS token's row of the rollout over the patch tokens: [B, rows, cols]."""
+    r = attention_rollout(attns)
+    return r[:, 0, num_prefix:].reshape(r.shape[0], *grid)
+
+
+def feature_norm_map(fmap: torch.Tensor) -> torch.Tensor:
+    """A CNN's analogue of an attention map: the L2 norm over channels of its feature map [B, C, h, w] -> [B, h, w]."""
+    return fmap.float().norm(dim=1)
+
+
+@torch.no_grad()
+def vit_attention_maps(backbone: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One forward pass of images x [B, 3, S, S] through a timm ViT (fused attention or not, register tokens or
+    not) -> {'heads': last block's CLS-to-patch attention [B, H, rows, cols], 'rollout': [B, rows, cols]},
+    from each block's qkv by hooks (capture_vit_attention)."""
+    prefix = int(getattr(backbone, "num_prefix_tokens", 1))
+    if getattr(backbone, "cls_token", None) is None:
+        raise UserError(f"{type(backbone).__name__} has no CLS token: CLS attention maps need one")
+    attns: dict[int, torch.Tensor] = {}
+    with capture_vit_attention(backbone, lambda layer, a: attns.__setitem__(layer, a.cpu())):
+        backbone(x)
+    ordered = [attns[i] for i in sorted(attns)]
+    grid = patch_grid(backbone, ordered[-1].shape[-1] - prefix)
+    return {"heads": cls_patch_attention(ordered[-1], prefix, grid), "rollout": rollout_cls_map(ordered, prefix, grid)}
+
+
+@torch.no_grad()
+def cnn_norm_map(backbone: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{'norm': the channel norm of a timm CNN's last feature map [B, h, w]} for images x [B, 3, S, S]."""
+    fmap = backbone.forward_features(x)
+    if fmap.dim() != 4:
+        raise UserError(f"{type(backbone).__name__}.forward_features gave shape {tuple(fmap.shape)}, not a map "
+                        "[B, C, h, w]")
+    return {"norm": feature_norm_map(fmap).cpu()}

@@ -1,4 +1,5 @@
-"""`mokd analyze mad | consistency | tsne`: the paper's Sec. 4.6 analyses for any checkpoints the loader reads.
+"""`mokd analyze mad | consistency | tsne | cka | attention | rank`: the paper's Sec. 4.6 analyses and three more
+for any checkpoints the loader reads (each `PATH` or `PATH::TIMM_ARCH`, each with its own `--label`).
 
 Each command loads models through mokd_eval's loader (a MOKD checkpoint gives both models), uses the
 embedded digits unless --data says otherwise, writes figures and numbers into --out, and one result record
@@ -7,6 +8,7 @@ per analysed model (consistency: per pair).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -18,36 +20,81 @@ from mokd.cli_common import data_options, debug_option, device_option, out_optio
 from mokd.data import build_dataset
 from mokd.errors import UserError
 from mokd.naming import data_name
-from mokd_eval.common import echo, load_eval_data, load_models_cli, loader_options, precision_for, setup_run
+from mokd_eval.common import _cifar_stem_flag, echo, load_eval_data, loader_options, precision_for, setup_run
 from mokd_eval.features import eval_transform, features_for, fit_input_size
 from mokd_eval.knn import knn_predict
 from mokd_eval.records import write_record
 from mokd_eval.report import markdown_table
+from mokd_eval.spec import CheckpointSpec, load_spec, parse_checkpoint_args
+
+
+label_option = click.option(
+    "--label", "labels", multiple=True, metavar="TEXT",
+    help="Name of a checkpoint in figures, tables and records; repeat it once per checkpoint, in the same order "
+         "(a MOKD pair's models get it before their own names). Default: the run (folder) name and model.")
 
 
 def analysis_options(f):
-    """The loader options, --data/--class-list, --out, --device and --seed, shared by every analysis."""
-    for option in reversed([loader_options, data_options, out_option(default="results/analysis"), device_option,
-                            seed_option]):
+    """--label, the loader options, --data/--class-list, --out, --device and --seed, shared by every analysis."""
+    for option in reversed([label_option, loader_options, data_options, out_option(default="results/analysis"),
+                            device_option, seed_option]):
         f = option(f)
     return f
+
+
+CHECKPOINTS_HELP = ("Each CHECKPOINT is a file, or PATH::TIMM_ARCH for a file that does not name its architecture "
+                    "(e.g. dino_vits16.pth::vit_small_patch16_224); --arch applies to the files without one.")
+
+
+def _pos_resample() -> str | None:
+    """--pos-resample where the loader options have it (stored in the click context like --cifar-stem)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get("mokd_eval.pos_resample") if ctx else None
+
+
+def _specs(args: list[str], labels: tuple[str, ...] | list[str], **opts) -> list[CheckpointSpec]:
+    """CLI arguments (PATH or PATH::ARCH) and --labels -> specs with the loader options given once for all."""
+    return parse_checkpoint_args(list(args), list(labels), **opts, cifar_stem=_cifar_stem_flag(),
+                                 pos_resample=_pos_resample())
+
+
+def _load_spec_cli(spec: CheckpointSpec) -> list:
+    """load_spec, printing one load report per model; each model keeps the label its spec gave (`given_label`)."""
+    models = load_spec(spec)
+    for m in models:
+        c = m.checkpoint
+        echo(f"loaded {m.label}: {c['name']} from {spec.path} [{c['format']}"
+             f"{', ' + c['branch'] if c.get('branch') else ''}]")
+        echo(f"  {m.report.summary()}")
+        for note in m.report.notes:
+            echo(f"  note: {note}")
+        m.given_label = spec.label
+    return models
+
+
+def _load_each(args: list[str], labels, opts: dict) -> list[list]:
+    """Each checkpoint's models, file by file. Without --label, names get the checkpoint's run name when several
+    files are given; with it, the label (and a pair's model names)."""
+    specs = _specs(args, labels, **opts)
+    per_file = []
+    for spec in specs:
+        models = _load_spec_cli(spec)
+        for m in models:
+            if len(specs) > 1 and not spec.label:
+                m.label = f"{m.checkpoint['run']} {m.label}"
+        per_file.append(models)
+    return per_file
+
+
+def _load(args: list[str], labels, opts: dict) -> list:
+    """Every model of every checkpoint (see _load_each)."""
+    return [m for models in _load_each(args, labels, opts) for m in models]
 
 
 figure_width_option = click.option(
     "--figure-width", "figure_width", type=click.Choice(["auto", "column", "page"]), default="auto",
     show_default=True, help="Width of the figures: one column (3.25 in) or the page (6.875 in) of a CVPR paper; "
                             "auto: a column for one panel, the page for more.")
-
-
-def _load(paths: list[str], opts: dict) -> list:
-    """Every model of every checkpoint; labels get the checkpoint's run name when several files are given."""
-    models = []
-    for path in paths:
-        for m in load_models_cli(path, **opts):
-            if len(paths) > 1:
-                m.label = f"{m.checkpoint['run']} {m.label}"
-            models.append(m)
-    return models
 
 
 def _image_size(m, image_size: int | None) -> int:
@@ -63,7 +110,8 @@ def _subset(n: int, max_images: int | None, seed: int) -> list[int]:
 
 @click.group("analyze")
 def analyze_cli():
-    """Analyse checkpoints: mean attention distance, prediction consistency, t-SNE (paper Sec. 4.6)."""
+    """Analyse checkpoints: mean attention distance, prediction consistency, t-SNE (paper Sec. 4.6), layer-by-layer
+    CKA, attention maps, and the label-free RankMe and alpha-ReQ."""
 
 
 @analyze_cli.command("mad")
@@ -76,13 +124,16 @@ def analyze_cli():
               help="Images of the validation split averaged over (a seeded pick).")
 @figure_width_option
 @debug_option
-def mad_cmd(checkpoints, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device, seed,
-            batch_size, image_size, max_images, figure_width):
+def mad_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device,
+            seed, batch_size, image_size, max_images, figure_width):
     """Mean attention distance per layer and head (ViTs) or per residual block (CNNs), Fig. 5 / S2.
 
     Several checkpoints overlay in one figure (e.g. independent against MOKD); a MOKD checkpoint gives both
     models; each run keeps its colour and marker in both panels. Writes mad.png, mad.pdf, mad.svg, mad.json,
     mad.csv and a record per model into --out.
+
+    Each CHECKPOINT is a file, or PATH::TIMM_ARCH for a file that does not name its architecture (--arch applies
+    to the others); --label names them, once per checkpoint.
     """
     from mokd_analysis.mad import model_mad, save_mad_tables
     from mokd_analysis.plots import plot_mad
@@ -90,8 +141,8 @@ def mad_cmd(checkpoints, model, branch, arch, arch_kwargs, key, allow_partial, d
     t0 = time.time()
     dev = setup_run(device, seed)
     spec = resolve_data(data, class_list)
-    models = _load(list(checkpoints), dict(model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs, key=key,
-                                           allow_partial=allow_partial))
+    models = _load(list(checkpoints), labels, dict(model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs,
+                                                   key=key, allow_partial=allow_partial))
     val = build_dataset(spec, "val")
     pick = _subset(len(val), max_images, seed)
     results = []
@@ -102,7 +153,7 @@ def mad_cmd(checkpoints, model, branch, arch, arch_kwargs, key, allow_partial, d
         ds.transform = eval_transform(size, spec.native_size is not None)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
         r = model_mad(m.backbone, loader, dev, label=m.label, arch=m.checkpoint["name"])
-        r.run, r.mode = m.checkpoint["run"], m.checkpoint.get("mode")
+        r.run, r.mode = m.given_label or m.checkpoint["run"], m.checkpoint.get("mode")
         results.append(r)
     out_dir = Path(out)
     tables = save_mad_tables(results, out_dir)
@@ -125,20 +176,25 @@ def mad_cmd(checkpoints, model, branch, arch, arch_kwargs, key, allow_partial, d
     echo(f"\nwritten: {', '.join(str(p) for p in {**figures, **tables}.values())}")
 
 
-def _models_for_pair(ckpt_a: str, ckpt_b: str | None, opts: dict, models_ab: tuple[str | None, str | None]) -> list:
-    """Two models: both of a MOKD checkpoint given alone, or one from each of two checkpoints."""
-    if ckpt_b is None:
-        models = load_models_cli(ckpt_a, **{**opts, "model": models_ab[0]})
+def _models_for_pair(specs: list[CheckpointSpec], models_ab: tuple[str | None, str | None]) -> list:
+    """Two models: both of a MOKD checkpoint given alone, or one from each of two checkpoints. `models_ab`
+    (--model-a/--model-b) picks each file's model where given."""
+    for spec, which in zip(specs, models_ab):
+        spec.model = which or spec.model
+    if len(specs) == 1:
+        models = _load_spec_cli(specs[0])
         if len(models) != 2:
-            raise UserError(f"{ckpt_a} holds {len(models)} model(s): give a second checkpoint to compare with")
+            raise UserError(f"{specs[0].path} holds {len(models)} model(s): give a second checkpoint to compare with")
         return models
     pair = []
-    for path, which in ((ckpt_a, models_ab[0]), (ckpt_b, models_ab[1])):
-        found = load_models_cli(path, **{**opts, "model": which})
+    for spec in specs:
+        found = _load_spec_cli(spec)
         if len(found) != 1:
-            raise UserError(f"{path} holds {len(found)} models: say which with --model-a/--model-b (net1 or net2)")
+            raise UserError(f"{spec.path} holds {len(found)} models: say which with --model-a/--model-b (net1 or net2)")
         m = found[0]
-        m.label = f"{Path(path).parent.name or Path(path).stem} {m.label}".strip()
+        if not spec.label:
+            path = Path(spec.path)
+            m.label = f"{path.parent.name or path.stem} {m.label}".strip()
         pair.append(m)
     return pair
 
@@ -154,8 +210,10 @@ def _models_for_pair(ckpt_a: str, ckpt_b: str | None, opts: dict, models_ab: tup
 @click.option("--model-b", default=None, help="net1|net2 of CKPT_B.")
 @click.option("--model-c", default=None, help="net1|net2 of the replacement.")
 @click.option("--branch", type=click.Choice(["teacher", "student"]), default=None)
-@click.option("--arch", default=None, metavar="TIMM_NAME", help="timm architecture when a file does not name it.")
+@click.option("--arch", default=None, metavar="TIMM_NAME",
+              help="timm architecture when a file does not name it (PATH::TIMM_NAME sets it for one file).")
 @click.option("--allow-partial", "allow_partial", is_flag=True)
+@label_option
 @click.option("--k", "k", type=click.IntRange(min=1), default=20, show_default=True, help="k-NN neighbours.")
 @click.option("--temperature", type=float, default=0.07, show_default=True)
 @data_options
@@ -167,12 +225,13 @@ def _models_for_pair(ckpt_a: str, ckpt_b: str | None, opts: dict, models_ab: tup
               help="Input resolution (default: the data's own size for small images, else the checkpoint's "
                    "training resolution, else 224).")
 @debug_option
-def consistency_cmd(ckpt_a, ckpt_b, replacement, replace, model_a, model_b, model_c, branch, arch, allow_partial, k,
-                    temperature, data, class_list, out, device, seed, batch_size, image_size):
+def consistency_cmd(ckpt_a, ckpt_b, replacement, replace, model_a, model_b, model_c, branch, arch, allow_partial, labels,
+                    k, temperature, data, class_list, out, device, seed, batch_size, image_size):
     """Fraction of evaluation images on which two models' k-NN predictions agree (Table 9).
 
     CKPT_A alone (a MOKD checkpoint) compares its two models. --replacement C repeats the comparison with C
     in place of one model, which tells whether higher agreement comes from higher accuracy alone.
+    Each checkpoint may be PATH::TIMM_ARCH; --label names them (A, B, then the replacement), once each.
     """
     from mokd_analysis.consistency import prediction_consistency, replacement_consistency
 
@@ -180,13 +239,17 @@ def consistency_cmd(ckpt_a, ckpt_b, replacement, replace, model_a, model_b, mode
     dev = setup_run(device, seed)
     prec = precision_for("auto", dev)
     spec, train_ds, val_ds = load_eval_data(data, class_list)
-    opts = dict(branch=branch, arch=arch, arch_kwargs=None, key=None, allow_partial=allow_partial)
-    models = _models_for_pair(ckpt_a, ckpt_b, opts, (model_a, model_b))
-    if replacement:
-        found = load_models_cli(replacement, **{**opts, "model": model_c})
+    args = [a for a in (ckpt_a, ckpt_b, replacement) if a]
+    specs = _specs(args, labels, branch=branch, arch=arch, allow_partial=allow_partial)
+    pair_specs, rep_spec = (specs[:-1], specs[-1]) if replacement else (specs, None)
+    models = _models_for_pair(pair_specs, (model_a, model_b))
+    if rep_spec is not None:
+        rep_spec.model = model_c or rep_spec.model
+        found = _load_spec_cli(rep_spec)
         if len(found) != 1:
-            raise UserError(f"{replacement} holds {len(found)} models: say which with --model-c (net1 or net2)")
-        found[0].label = f"replacement {found[0].label}"
+            raise UserError(f"{rep_spec.path} holds {len(found)} models: say which with --model-c (net1 or net2)")
+        if not rep_spec.label:
+            found[0].label = f"replacement {found[0].label}"
         models.append(found[0])
     preds, accs = [], []
     for m in models:
@@ -235,14 +298,15 @@ def consistency_cmd(ckpt_a, ckpt_b, replacement, replace, model_a, model_b, mode
               help="Two checkpoints in two panels of one joint embedding (Fig. 4): independent left, MOKD right.")
 @figure_width_option
 @debug_option
-def tsne_cmd(checkpoints, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device, seed,
-             num_classes, per_class, perplexity, batch_size, image_size, side_by_side, figure_width):
+def tsne_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device,
+             seed, num_classes, per_class, perplexity, batch_size, image_size, side_by_side, figure_width):
     """t-SNE of models' features on randomly chosen classes (Fig. 4 / S1): a colour per class, a marker per model.
 
     One map of one or two models (a MOKD checkpoint given alone contributes both of its models), or with
     --side-by-side the paper's layout: A.pth and B.pth in two panels, independent left and MOKD right, each
     with its own models (net1 circles, net2 triangles), embedded jointly so that the panels compare.
     Writes tsne.png, tsne.pdf, tsne.svg and tsne.npz (coordinates, labels, model ids) into --out.
+    Each CHECKPOINT may be PATH::TIMM_ARCH; --label names them, once per checkpoint.
     """
     from mokd_analysis.plots import plot_tsne
     from mokd_analysis.tsne import choose_classes, joint_tsne, save_embedding
@@ -258,10 +322,10 @@ def tsne_cmd(checkpoints, model, branch, arch, arch_kwargs, key, allow_partial, 
     val = build_dataset(spec, "val")
     opts = dict(model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs, key=key, allow_partial=allow_partial)
     if side_by_side:
-        per_file = sorted((_load([c], opts) for c in checkpoints), key=_mode_rank)
+        per_file = sorted(_load_each(list(checkpoints), labels, opts), key=_mode_rank)
         models = [m for ms in per_file for m in ms]
     else:
-        models = _load(list(checkpoints), opts)
+        models = _load(list(checkpoints), labels, opts)
         if len(models) > 2:
             raise UserError(f"{len(models)} models loaded; one t-SNE map overlays one or two: pick one with --model, "
                             f"or draw the two checkpoints in two panels with --side-by-side")
@@ -308,11 +372,307 @@ def tsne_cmd(checkpoints, model, branch, arch, arch_kwargs, key, allow_partial, 
 
 
 def _run_title(m) -> str:
-    """'r50_vits_indep · independent': the run and, for our checkpoints, the mode its config states."""
+    """'r50_vits_indep · independent': the run and, for our checkpoints, the mode its config states; the
+    checkpoint's --label instead of the run where one was given."""
     c = m.checkpoint
+    if getattr(m, "given_label", None):
+        return " · ".join(x for x in (m.given_label, c.get("mode")) if x)
     return " · ".join(x for x in (c.get("run"), c.get("mode")) if x)
 
 
 def _mode_rank(models: list) -> int:
     """Independent runs left of MOKD runs (Fig. 4), other files after; a stable sort keeps the given order."""
     return {"independent": 0, "mokd": 1}.get(models[0].checkpoint.get("mode"), 2)
+
+
+def _views(ds, transforms):
+    """The images of `ds` once per transform: (x_a, x_b) for two models that see the same images at their own
+    sizes, or x alone for one."""
+    base = ds.subset(range(len(ds)))
+    base.transform = None
+
+    class Views(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(base)
+
+        def __getitem__(self, i):
+            img = base[i][0]
+            xs = tuple(t(img) for t in transforms)
+            return xs if len(xs) > 1 else xs[0]
+
+    return Views()
+
+
+@analyze_cli.command("cka")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@analysis_options
+@click.option("--model-a", default=None, help="net1|net2 of the first checkpoint (MOKD files; default: --model).")
+@click.option("--model-b", default=None, help="net1|net2 of the second checkpoint (default: --model).")
+@click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True,
+              help="Split of --data (an unlabelled folder of images is used whole).")
+@click.option("--batch-size", type=click.IntRange(min=4), default=64, show_default=True,
+              help="Images per CKA minibatch (unbiased HSIC needs 4 or more; a smaller last batch is skipped).")
+@click.option("--image-size", type=click.IntRange(min=8), default=None,
+              help="Input resolution (default: the data's own size for small images, else the checkpoint's "
+                   "training resolution, else 224).")
+@click.option("--max-images", type=click.IntRange(min=4), default=2048, show_default=True,
+              help="Images used (a seeded pick); memory does not grow with it, time does.")
+@figure_width_option
+@debug_option
+def cka_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device,
+            seed, model_a, model_b, split, batch_size, image_size, max_images, figure_width):
+    """Linear CKA between every layer of model A and every layer of model B: CHECKPOINT_A [CHECKPOINT_B].
+
+    ViT layers: each block's patch tokens mean-pooled (blockN.mean) and its CLS token (blockN.cls); CNN
+    layers: each stage's output, spatially pooled. Estimated over minibatches with unbiased HSIC (Nguyen et
+    al. 2021), one forward pass of each model per batch. One file of one model: its self-similarity; a MOKD
+    file alone: its two models against each other (--model net1 for one's self-similarity); two files: one
+    model of each (--model, or --model-a/--model-b). Each CHECKPOINT may be PATH::TIMM_ARCH; --label names
+    them. Writes cka.json, cka.png, cka.pdf, cka.svg and a record into --out.
+    """
+    from mokd_analysis.images import analysis_dataset
+    from mokd_analysis.layers import model_cka
+    from mokd_analysis.plots import plot_cka
+
+    if len(checkpoints) > 2:
+        raise UserError(f"cka compares one or two checkpoints (A, or A and B), got {len(checkpoints)}")
+    t0 = time.time()
+    dev = setup_run(device, seed)
+    spec = resolve_data(data, class_list)
+    specs = _specs(list(checkpoints), labels, model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs, key=key,
+                   allow_partial=allow_partial)
+    for s_, which in zip(specs, (model_a, model_b)):
+        s_.model = which or s_.model
+    per_file = [_load_spec_cli(s_) for s_ in specs]
+    if len(per_file) == 2:
+        for s_, ms in zip(specs, per_file):
+            if len(ms) != 1:
+                raise UserError(f"{s_.path} holds {len(ms)} models: pick one with --model (both files) or "
+                                f"--model-a/--model-b (net1 or net2)")
+        models = [per_file[0][0], per_file[1][0]]
+    elif len(per_file[0]) > 2:
+        raise UserError(f"{specs[0].path} holds {len(per_file[0])} models: pick one or two with --model")
+    else:
+        models = per_file[0]
+    ds = analysis_dataset(spec, split)
+    pick = _subset(len(ds), max_images, seed)
+    ds = ds.subset(pick)
+    transforms = []
+    for m in models:
+        size = int(image_size or spec.native_size or m.image_size or 224)
+        fit_input_size(m.backbone, size)
+        transforms.append(eval_transform(size, spec.native_size is not None))
+    loader = torch.utils.data.DataLoader(_views(ds, transforms), batch_size=batch_size, shuffle=False)
+    cka, names_a, names_b = model_cka(models[0].backbone, models[1].backbone if len(models) == 2 else None, loader,
+                                      dev)
+    matrix = cka.compute()
+    label_a, label_b = models[0].label, models[-1].label
+    out_dir = Path(out)
+    what = f"{data_name(spec)} {split}" if ds.classes != ["unlabelled"] else spec.root.name
+    title = f"Linear CKA, {cka.examples} images of {what}"
+    figures = plot_cka(matrix.numpy(), names_a, names_b, label_a, label_b, out_dir / "cka", title=title,
+                       width=figure_width)
+    numbers = {"model_a": label_a, "model_b": label_b, "layers_a": names_a, "layers_b": names_b,
+               "matrix": matrix.tolist(), "self_similarity": len(models) == 1, "num_images": cka.examples,
+               "batch_size": batch_size, "batches": cka.batches, "skipped_batches": cka.skipped_batches,
+               "estimator": "minibatch linear CKA, unbiased HSIC (Nguyen et al. 2021; Song et al. 2012)",
+               "data": str(spec), "split": split}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "cka.json"
+    json_path.write_text(json.dumps(numbers, indent=2) + "\n")
+    echo(f"\nlinear CKA on {what} ({cka.examples} images in {cka.batches} batches"
+         + (f", {cka.skipped_batches} batch(es) under 4 images skipped" if cka.skipped_batches else "") + ")")
+    diag = [float(matrix[i, j]) for i, j in _best_matches(matrix)]
+    echo(markdown_table([f"layer of {label_a}", f"most similar layer of {label_b}", "CKA"],
+                        [[names_a[i], names_b[j], v] for (i, j), v in zip(_best_matches(matrix), diag)]))
+    path = write_record(out_dir, task="cka",
+                        checkpoint={**models[0].checkpoint,
+                                    "compared_with": [m.checkpoint for m in models[1:]]},
+                        data={"spec": str(spec), "split": split, "num_images": cka.examples},
+                        settings={"batch_size": batch_size, "max_images": max_images, "image_size": image_size,
+                                  "seed": seed, "estimator": "minibatch_unbiased_hsic"},
+                        metrics={"headline": "mean_best_match", "mean_best_match": float(np.mean(diag)),
+                                 "layers_a": names_a, "layers_b": names_b, "matrix": matrix.tolist(),
+                                 "figures": {k: str(v) for k, v in figures.items()}, "numbers": str(json_path)},
+                        wall_time_s=time.time() - t0, device=dev)
+    echo(f"\nwritten: {', '.join(str(p) for p in figures.values())}, {json_path}, {path}")
+
+
+def _best_matches(matrix: torch.Tensor) -> list[tuple[int, int]]:
+    """For each layer of A, the layer of B with the highest CKA."""
+    return [(i, int(matrix[i].argmax())) for i in range(matrix.shape[0])]
+
+
+@analyze_cli.command("attention")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@analysis_options
+@click.option("--images", "images", multiple=True, type=click.Path(exists=False),
+              help="An image file or a folder of images (repeatable). Default: --num-images images of --data's val "
+                   "split (a seeded pick).")
+@click.option("--num-images", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Images taken from --data when --images is not given.")
+@click.option("--image-size", type=click.IntRange(min=8), default=None,
+              help="Input resolution (default: the data's own size for small images, else the checkpoint's "
+                   "training resolution, else 224).")
+@debug_option
+def attention_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out,
+                  device, seed, images, num_images, image_size):
+    """Where models look: for a ViT the last block's CLS-to-patch attention per head and the attention rollout
+    over all blocks; for a CNN the channel norm of its last feature map. One row per image, one column per map.
+
+    Attention is recomputed from each block's qkv by hooks, so fused attention and register tokens (their
+    weights left out of the maps) work with any timm ViT. Each CHECKPOINT may be PATH::TIMM_ARCH; --label
+    names them. Writes attention.png, attention.pdf, attention.svg, attention.npz (the images and every map)
+    and a record per model into --out.
+    """
+    from mokd_analysis.attention import cnn_norm_map, vit_attention_maps
+    from mokd_analysis.images import files_dataset, image_files
+    from mokd_analysis.plots import plot_attention
+    from mokd_eval.features import is_vit
+
+    t0 = time.time()
+    dev = setup_run(device, seed)
+    models = _load(list(checkpoints), labels, dict(model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs,
+                                                   key=key, allow_partial=allow_partial))
+    if images:
+        spec, native = None, False
+        ds = files_dataset(image_files(list(images)))
+        names = [Path(p).name for p in ds.paths]
+    else:
+        spec = resolve_data(data, class_list)
+        native = spec.native_size is not None
+        from mokd_analysis.images import analysis_dataset
+
+        full = analysis_dataset(spec, "val")
+        pick = _subset(len(full), num_images, seed)
+        ds = full.subset(pick)
+        names = [f"{full.classes[full.targets[i]]} #{i}" if full.classes != ["unlabelled"] else Path(full.paths[i]).name
+                 for i in pick]
+    sizes = [int(image_size or (spec.native_size if spec else None) or m.image_size or 224) for m in models]
+    shown = max(max(sizes), 128)  # the images as drawn: the models' crop, at a size that reads in print
+    pictures = np.stack([np.asarray(_display_transform(shown, native)(_pil(ds, i))) for i in range(len(ds))])
+    panels, arrays, summary = [], {"images": pictures}, []
+    for mi, (m, size) in enumerate(zip(models, sizes)):
+        fit_input_size(m.backbone, size)
+        backbone = m.backbone.to(dev).eval()
+        x = torch.stack([eval_transform(size, native)(_pil(ds, i)) for i in range(len(ds))]).to(dev)
+        if is_vit(backbone):
+            maps = vit_attention_maps(backbone, x)
+            panels.append((m.label, "rollout", maps["rollout"].numpy()))
+            panels += [(m.label, f"head {h + 1}", maps["heads"][:, h].numpy()) for h in range(maps["heads"].shape[1])]
+            info = {"kind": "vit", "heads": int(maps["heads"].shape[1]), "grid": list(maps["rollout"].shape[1:]),
+                    "num_prefix_tokens": int(getattr(backbone, "num_prefix_tokens", 1))}
+        else:
+            maps = cnn_norm_map(backbone, x)
+            panels.append((m.label, "feature norm", maps["norm"].numpy()))
+            info = {"kind": "cnn", "grid": list(maps["norm"].shape[1:])}
+        arrays.update({f"model{mi}_{k}": v.numpy() for k, v in maps.items()})
+        summary.append({"label": m.label, "name": m.checkpoint["name"], "image_size": size, **info})
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    npz = out_dir / "attention.npz"
+    np.savez_compressed(npz, **arrays, model_labels=np.asarray([s_["label"] for s_ in summary]),
+                        image_names=np.asarray(names))
+    figures = plot_attention(pictures.astype(np.float32) / 255.0, panels, out_dir / "attention",
+                             title=f"Where each model looks ({len(ds)} images)")
+    for m, s_ in zip(models, summary):
+        echo(f"{s_['label']} ({s_['name']}, {s_['kind']}, {s_['image_size']} px): map grid {s_['grid']}"
+             + (f", {s_['heads']} heads, {s_['num_prefix_tokens']} prefix token(s)" if s_["kind"] == "vit" else ""))
+        write_record(out_dir, task="attention", checkpoint=m.checkpoint,
+                     data={"spec": str(spec) if spec else None, "images": names, "num_images": len(ds)},
+                     settings={"image_size": s_["image_size"], "seed": seed},
+                     metrics={"headline": None, **s_, "figures": {k: str(v) for k, v in figures.items()},
+                              "maps": str(npz)}, wall_time_s=time.time() - t0, device=dev)
+    echo(f"written: {', '.join(str(p) for p in figures.values())}, {npz}")
+
+
+def _pil(ds, i: int):
+    """Image i of `ds` as PIL, whatever transform the set holds."""
+    keep, ds.transform = ds.transform, None
+    try:
+        return ds[i][0]
+    finally:
+        ds.transform = keep
+
+
+def _display_transform(size: int, native: bool):
+    """The evaluation crop without the normalisation: what the model sees, as an RGB array to draw."""
+    from torchvision import transforms as T
+
+    bicubic = T.InterpolationMode.BICUBIC
+    if native:
+        return T.Resize((size, size), interpolation=bicubic)
+    return T.Compose([T.Resize(round(size * 256 / 224), interpolation=bicubic), T.CenterCrop(size)])
+
+
+@analyze_cli.command("rank")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@analysis_options
+@click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True,
+              help="Split of --data (an unlabelled folder of images is used whole).")
+@click.option("--max-images", type=click.IntRange(min=2), default=None,
+              help="Score a seeded pick of this many images (uncached) instead of the whole split (cached).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=8), default=None,
+              help="Input resolution (default: the data's own size for small images, else the checkpoint's "
+                   "training resolution, else 224).")
+@click.option("--cache-dir", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help="Feature cache folder (default: $MOKD_CACHE or ~/.cache/mokd/features).")
+@click.option("--no-cache", "no_cache", is_flag=True, help="Neither read nor write the feature cache.")
+@figure_width_option
+@debug_option
+def rank_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device,
+             seed, split, max_images, batch_size, image_size, cache_dir, no_cache, figure_width):
+    """Label-free quality of each model's embedding: RankMe (Garrido et al. 2023; effective rank, 1 for a
+    collapsed embedding, at most the width) and alpha-ReQ (Agrawal et al. 2022; power-law decay of the
+    eigenspectrum). Any --data works, an unlabelled folder of images too; features come from the cache that the
+    other protocols share. Each CHECKPOINT may be PATH::TIMM_ARCH; --label names them. Writes rank.json,
+    rank.png, rank.pdf, rank.svg (the eigenspectra) and a record per model into --out.
+    """
+    from mokd_analysis.images import analysis_dataset
+    from mokd_analysis.plots import plot_rank
+    from mokd_analysis.rank import covariance_spectrum, rank_scores
+
+    t0 = time.time()
+    dev = setup_run(device, seed)
+    prec = precision_for("fp32", dev)
+    spec = resolve_data(data, class_list)
+    models = _load(list(checkpoints), labels, dict(model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs,
+                                                   key=key, allow_partial=allow_partial))
+    ds = analysis_dataset(spec, split)
+    subset = max_images is not None and len(ds) > max_images
+    if subset:
+        ds = ds.subset(_subset(len(ds), max_images, seed))
+    rows, results, spectra = [], [], []
+    for m in models:
+        fs = features_for(m, spec, split, dataset=ds, device=dev, batch_size=batch_size, precision=prec,
+                          image_size=image_size, cache=cache_dir, use_cache=not (no_cache or subset), progress=True,
+                          log=echo)
+        feats = fs.features
+        scores = rank_scores(feats)
+        spectrum = covariance_spectrum(feats)
+        spectra.append(spectrum.numpy())
+        results.append({"label": m.label, "name": m.checkpoint["name"], **scores, "image_size": fs.image_size,
+                        "spectrum": spectrum.tolist()})
+        rows.append([m.label, m.checkpoint["name"], scores["rankme"],
+                     "n/a" if scores["alpha_req"] is None else scores["alpha_req"], scores["dim"], scores["n"]])
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "rank.json"
+    json_path.write_text(json.dumps({"data": str(spec), "split": split, "models": results}, indent=2) + "\n")
+    what = f"{data_name(spec)} {split}" if ds.classes != ["unlabelled"] else f"{spec.root} (unlabelled)"
+    figures = plot_rank(spectra, [r["label"] for r in results], results, out_dir / "rank",
+                        title=f"Covariance eigenspectra on {what} ({len(ds)} images)", width=figure_width)
+    echo(f"\nRankMe and alpha-ReQ on {what} ({len(ds)} images):")
+    echo(markdown_table(["model", "architecture", "RankMe", "alpha-ReQ", "dim", "images"], rows))
+    for m, r in zip(models, results):
+        write_record(out_dir, task="rank", checkpoint=m.checkpoint,
+                     data={"spec": str(spec), "split": split, "num_images": r["n"],
+                           "labelled": ds.classes != ["unlabelled"]},
+                     settings={"image_size": r["image_size"], "max_images": max_images, "seed": seed,
+                               "rankme_eps": 1e-7, "alpha_fit": "least squares, log-log, k = 1..numerical rank"},
+                     metrics={"headline": "rankme", "rankme": r["rankme"], "alpha_req": r["alpha_req"],
+                              "dim": r["dim"], "figures": {k: str(v) for k, v in figures.items()},
+                              "numbers": str(json_path)},
+                     wall_time_s=time.time() - t0, device=dev)
+    echo(f"\nwritten: {', '.join(str(p) for p in figures.values())}, {json_path}")

@@ -26,6 +26,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from mokd_analysis.distance import uniform_distance  # noqa: E402
 from mokd_analysis.mad import MADResult  # noqa: E402
+from mokd_analysis.rank import EIG_FLOOR  # noqa: E402
 
 WIDTHS = {"column": 3.25, "page": 6.875}  # inches: CVPR \columnwidth and \textwidth
 WIDTH_CHOICES = ("auto", *WIDTHS)
@@ -308,3 +309,120 @@ def save_figure(fig: Figure, out_stem: Path, formats: Sequence[str] = FORMATS) -
             fig.savefig(p, metadata={"Creator": "mokd"} if f in ("pdf", "svg") else None)
     plt.close(fig)
     return paths
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CKA, attention maps, eigenspectra (figures of the numbers that mokd analyze cka | attention | rank write)
+
+
+@styled
+def cka_figure(matrix: np.ndarray, names_a: list[str], names_b: list[str], label_a: str, label_b: str,
+               title: str | None = None, width: str = "auto") -> Figure:
+    """Linear CKA between every layer of A (rows) and of B (columns) as a heatmap on a fixed 0-1 scale, so two
+    figures compare by colour; the values are printed in the cells when there is room."""
+    import seaborn as sns
+
+    m = np.asarray(matrix, dtype=float)
+    w = figure_width(width, 1 if max(m.shape) <= 12 else 2)
+    cell = min(0.32, (w - 1.6) / max(m.shape[1], 1))
+    fig, ax = plt.subplots(figsize=(w, max(1.8, cell * m.shape[0] + 1.4)), layout="constrained")
+    annotate = max(m.shape) <= 12
+    sns.heatmap(m, ax=ax, vmin=0.0, vmax=1.0, cmap="magma", square=False, annot=annotate, fmt=".2f",
+                annot_kws={"fontsize": 4.5}, xticklabels=names_b, yticklabels=names_a, linewidths=0.0,
+                cbar_kws={"label": "linear CKA", "shrink": 0.8})
+    ax.set_xlabel(label_b)
+    ax.set_ylabel(label_a)
+    ax.tick_params(axis="x", labelrotation=90, labelsize=5.5)
+    ax.tick_params(axis="y", labelrotation=0, labelsize=5.5)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_cka(matrix: np.ndarray, names_a: list[str], names_b: list[str], label_a: str, label_b: str,
+             out_stem: Path, title: str | None = None, width: str = "auto") -> dict[str, Path]:
+    """cka_figure written as PNG, PDF and SVG -> {format: path}."""
+    return save_figure(cka_figure(matrix, names_a, names_b, label_a, label_b, title, width), out_stem)
+
+
+def _upsampled(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A map [h, w] bilinearly resized to the image's size and scaled to 0-1 (each map on its own scale)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.as_tensor(np.asarray(m, dtype=np.float32))[None, None]
+    up = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    lo, hi = float(up.min()), float(up.max())
+    return (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
+
+
+@styled
+def attention_figure(images: np.ndarray, panels: list[tuple[str, str, np.ndarray]], title: str | None = None
+                     ) -> Figure:
+    """A grid: one row per image, the image first, then one column per panel (model and map: rollout, head h,
+    feature norm). images [n, S, S, 3] in 0-1; panels: (model label, map name, maps [n, h, w]). Each map is
+    upsampled to the image and drawn on its own 0-1 scale over a faded copy of the image."""
+    n, cols = images.shape[0], 1 + len(panels)
+    side = min(0.9, WIDTHS["page"] / cols)
+    fig, axes = plt.subplots(n, cols, figsize=(side * cols, side * n + 0.5), squeeze=False, layout="constrained")
+    for r in range(n):
+        img = images[r]
+        axes[r, 0].imshow(img)
+        if r == 0:
+            axes[r, 0].set_title("image", fontsize=5.5)
+        for c, (label, what, maps) in enumerate(panels, start=1):
+            ax = axes[r, c]
+            ax.imshow(img.mean(-1), cmap="gray", vmin=0, vmax=1, alpha=0.5)
+            ax.imshow(_upsampled(maps[r], img.shape[:2]), cmap="inferno", vmin=0, vmax=1, alpha=0.75)
+            if r == 0:
+                ax.set_title(f"{label}\n{what}", fontsize=5.5)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.spines[:].set_visible(False)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_attention(images: np.ndarray, panels: list[tuple[str, str, np.ndarray]], out_stem: Path,
+                   title: str | None = None) -> dict[str, Path]:
+    """attention_figure written as PNG, PDF and SVG -> {format: path}."""
+    return save_figure(attention_figure(images, panels, title), out_stem)
+
+
+@styled
+def rank_figure(spectra: list[np.ndarray], labels: list[str], scores: list[dict], title: str | None = None,
+                width: str = "auto") -> Figure:
+    """Each model's covariance eigenspectrum (normalised by its largest eigenvalue) against the index, log-log,
+    with the fitted power law k^-alpha dotted over the range it was fitted on; the legend gives RankMe and
+    alpha-ReQ. A collapsed embedding drops off at once; a steeper line is a larger alpha."""
+    fig, ax = plt.subplots(figsize=(figure_width(width, 1), 2.6), layout="constrained")
+    for i, (lam, label, s) in enumerate(zip(spectra, labels, scores)):
+        lam = np.asarray(lam, dtype=float)
+        lam = lam[lam > EIG_FLOOR * lam.max()] if lam.size and lam.max() > 0 else lam[:0]  # the range alpha fits
+        colour = RUN_COLOURS[i % len(RUN_COLOURS)]
+        alpha = s.get("alpha_req")
+        text = f"{label}: RankMe {s['rankme']:.1f}, α {alpha:.2f}" if alpha is not None else \
+            f"{label}: RankMe {s['rankme']:.1f}, α n/a"
+        if lam.size == 0:
+            continue
+        k = np.arange(1, lam.size + 1)
+        ax.loglog(k, lam / lam[0], color=colour, lw=1.1, label=text)
+        if alpha is not None:  # the least-squares line passes through the means of log k and log lambda
+            c = float(np.mean(np.log(lam / lam[0]) + alpha * np.log(k)))
+            ax.loglog(k, np.exp(c) * k ** -alpha, **{**REFERENCE, "color": colour, "lw": 0.8})
+    ax.set_xlabel("eigenvalue index k")
+    ax.set_ylabel("eigenvalue / largest")
+    ax.grid(alpha=0.35, which="both")
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(frameon=False, loc="lower left", fontsize=5.5)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_rank(spectra: list[np.ndarray], labels: list[str], scores: list[dict], out_stem: Path,
+              title: str | None = None, width: str = "auto") -> dict[str, Path]:
+    """rank_figure written as PNG, PDF and SVG -> {format: path}."""
+    return save_figure(rank_figure(spectra, labels, scores, title, width), out_stem)
