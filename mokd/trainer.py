@@ -400,7 +400,8 @@ def knn_monitor(state: TrainState, cfg: Config, epoch: int, log: RunLog) -> dict
                 from mokd_analysis.rank import rank_scores
 
                 scores = rank_scores(test_f)
-                ranks.update({f"rankme_{n}": scores["rankme"], f"alpha_req_{n}": scores["alpha_req"]})
+                ranks.update({f"rankme_{n}": scores["rankme"], f"rankme_centered_{n}": scores["rankme_centered"],
+                              f"alpha_req_{n}": scores["alpha_req"]})
     if distributed.is_main():
         when = "initialisation" if epoch == 0 else f"epoch {epoch}"
         print(f"online k-NN top-1 (k={cfg.train.knn_k}) at {when}: "

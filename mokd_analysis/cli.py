@@ -625,7 +625,8 @@ def rank_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_p
              seed, split, max_images, batch_size, image_size, cache_dir, no_cache, figure_width):
     """Label-free quality of each model's embedding: RankMe (Garrido et al. 2023; effective rank, 1 for a
     collapsed embedding, at most the width) and alpha-ReQ (Agrawal et al. 2022; power-law decay of the
-    eigenspectrum). Any --data works, an unlabelled folder of images too; features come from the cache that the
+    eigenspectrum); also RankMe of the centred features, which a large offset shared by every embedding does not
+    pull towards 1. Any --data works, an unlabelled folder of images too; features come from the cache that the
     other protocols share. Each CHECKPOINT may be PATH::TIMM_ARCH; --label names them. Writes rank.json,
     rank.png, rank.pdf, rank.svg (the eigenspectra) and a record per model into --out.
     """
@@ -654,7 +655,7 @@ def rank_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_p
         spectra.append(spectrum.numpy())
         results.append({"label": m.label, "name": m.checkpoint["name"], **scores, "image_size": fs.image_size,
                         "spectrum": spectrum.tolist()})
-        rows.append([m.label, m.checkpoint["name"], scores["rankme"],
+        rows.append([m.label, m.checkpoint["name"], scores["rankme"], scores["rankme_centered"],
                      "n/a" if scores["alpha_req"] is None else scores["alpha_req"], scores["dim"], scores["n"]])
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -664,7 +665,7 @@ def rank_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_p
     figures = plot_rank(spectra, [r["label"] for r in results], results, out_dir / "rank",
                         title=f"Covariance eigenspectra on {what} ({len(ds)} images)", width=figure_width)
     echo(f"\nRankMe and alpha-ReQ on {what} ({len(ds)} images):")
-    echo(markdown_table(["model", "architecture", "RankMe", "alpha-ReQ", "dim", "images"], rows))
+    echo(markdown_table(["model", "architecture", "RankMe", "RankMe centred", "alpha-ReQ", "dim", "images"], rows))
     for m, r in zip(models, results):
         write_record(out_dir, task="rank", checkpoint=m.checkpoint,
                      data={"spec": str(spec), "split": split, "num_images": r["n"],
@@ -672,7 +673,7 @@ def rank_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_p
                      settings={"image_size": r["image_size"], "max_images": max_images, "seed": seed,
                                "rankme_eps": 1e-7, "alpha_fit": "least squares, log-log, k = 1..numerical rank"},
                      metrics={"headline": "rankme", "rankme": r["rankme"], "alpha_req": r["alpha_req"],
-                              "dim": r["dim"], "figures": {k: str(v) for k, v in figures.items()},
+                              "rankme_centered": r["rankme_centered"], "dim": r["dim"], "figures": {k: str(v) for k, v in figures.items()},
                               "numbers": str(json_path)},
                      wall_time_s=time.time() - t0, device=dev)
     echo(f"\nwritten: {', '.join(str(p) for p in figures.values())}, {json_path}")

@@ -396,15 +396,16 @@ def rank_figure(spectra: list[np.ndarray], labels: list[str], scores: list[dict]
                 width: str = "auto") -> Figure:
     """Each model's covariance eigenspectrum (normalised by its largest eigenvalue) against the index, log-log,
     with the fitted power law k^-alpha dotted over the range it was fitted on; the legend gives RankMe and
-    alpha-ReQ. A collapsed embedding drops off at once; a steeper line is a larger alpha."""
+    alpha-ReQ (and RankMe of the centred features where given). A collapsed embedding drops off at once; a
+    steeper line is a larger alpha."""
     fig, ax = plt.subplots(figsize=(figure_width(width, 1), 2.6), layout="constrained")
     for i, (lam, label, s) in enumerate(zip(spectra, labels, scores)):
         lam = np.asarray(lam, dtype=float)
         lam = lam[lam > EIG_FLOOR * lam.max()] if lam.size and lam.max() > 0 else lam[:0]  # the range alpha fits
         colour = RUN_COLOURS[i % len(RUN_COLOURS)]
         alpha = s.get("alpha_req")
-        text = f"{label}: RankMe {s['rankme']:.1f}, α {alpha:.2f}" if alpha is not None else \
-            f"{label}: RankMe {s['rankme']:.1f}, α n/a"
+        centred = f" (centred {s['rankme_centered']:.1f})" if s.get("rankme_centered") is not None else ""
+        text = f"{label}: RankMe {s['rankme']:.1f}{centred}, α " + ("n/a" if alpha is None else f"{alpha:.2f}")
         if lam.size == 0:
             continue
         k = np.arange(1, lam.size + 1)

@@ -3,7 +3,10 @@
 - RankMe (Garrido et al. 2023, "RankMe: assessing the downstream performance of pretrained self-supervised
   representations by their rank", eq. 1): the exponential of the Shannon entropy of the embedding matrix's
   singular values normalised to sum 1, p_k = sigma_k / ||sigma||_1 + eps. Between 1 (a collapsed, rank-1
-  embedding) and min(N, D) (all singular values equal). As in the paper, the embeddings are not centred.
+  embedding) and min(N, D) (all singular values equal). As in the paper, the embeddings are not centred; so a
+  large offset shared by every embedding (a ViT's CLS feature grows one: on the default run its mean is 46x
+  the spread around it by epoch 6) counts as one dominant direction and pulls RankMe towards 1 even when the
+  spread around the mean is rich. `center=True` scores that spread instead (`rankme_centered` in rank_scores).
 - alpha-ReQ (Agrawal et al. 2022, "alpha-ReQ: assessing representation quality in self-supervised learning by
   measuring eigenspectrum decay"): the exponent alpha of the power law lambda_k ~ k^-alpha fitted to the
   eigenvalues of the feature covariance (centred), by least squares of log lambda_k on log k. The fit runs over
@@ -38,10 +41,13 @@ def _matrix64(features: Tensor, need: int) -> Tensor:
     return x
 
 
-def rankme(features: Tensor, eps: float = 1e-7) -> float:
+def rankme(features: Tensor, eps: float = 1e-7, center: bool = False) -> float:
     """RankMe of an embedding matrix [N, D]: exp(-sum_k p_k log p_k), p_k = sigma_k / sum(sigma) + eps.
-    An all-zero matrix scores 1 (no singular value carries anything; treated as fully collapsed)."""
+    An all-zero matrix scores 1 (no singular value carries anything; treated as fully collapsed).
+    `center`: of the embeddings minus their mean (not in the paper; see the module docstring)."""
     x = _matrix64(features, 1)
+    if center:
+        x = x - x.mean(0, keepdim=True)
     s = torch.linalg.svdvals(x)
     total = s.sum()
     if total <= 0:
@@ -76,9 +82,9 @@ def alpha_req(features: Tensor) -> float:
 
 
 def rank_scores(features: Tensor) -> dict:
-    """{'rankme', 'alpha_req', 'n', 'dim'} of features [N, D], ready for a JSON record: alpha_req is None where
-    alpha_req() is NaN (fewer than 2 non-zero eigenvalues)."""
+    """{'rankme', 'alpha_req', 'n', 'dim', 'rankme_centered'} of features [N, D], ready for a JSON record:
+    alpha_req is None where alpha_req() is NaN (fewer than 2 non-zero eigenvalues)."""
     x = _matrix64(features, 2)
     alpha = alpha_req(x)
     return {"rankme": rankme(x), "alpha_req": None if math.isnan(alpha) else alpha, "n": int(x.shape[0]),
-            "dim": int(x.shape[1])}
+            "dim": int(x.shape[1]), "rankme_centered": rankme(x, center=True)}

@@ -56,6 +56,14 @@ def test_a_rank_1_embedding_scores_rankme_1():
     assert rankme(torch.zeros(10, 4)) == 1.0
 
 
+def test_a_shared_offset_collapses_rankme_but_not_its_centred_form():
+    x = _with_spectrum(torch.ones(16, dtype=torch.float64))  # centred, isotropic: RankMe 16 either way
+    assert rankme(x, center=True) == pytest.approx(16.0, rel=1e-4)
+    shifted = x + 1000.0 * torch.ones(16, dtype=torch.float64)  # every embedding moved far along one direction
+    assert rankme(shifted) < 1.1 and rankme(shifted, center=True) == pytest.approx(16.0, rel=1e-4)
+    assert rank_scores(shifted)["rankme_centered"] == pytest.approx(16.0, rel=1e-4)
+
+
 def test_rankme_of_known_singular_values():
     # singular values 3, 1, 0, 0: p = (0.75, 0.25) -> exp(H) = 0.75^-0.75 * 0.25^-0.25
     x = torch.zeros(6, 4)
