@@ -489,8 +489,12 @@ def cka_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
                         checkpoint={**models[0].checkpoint,
                                     "compared_with": [m.checkpoint for m in models[1:]]},
                         data={"spec": str(spec), "split": split, "num_images": cka.examples},
+                        # which model of each file, and B's file, name the record too (two runs' net1 and net2
+                        # under the same --labels write two records)
                         settings={"batch_size": batch_size, "max_images": max_images, "image_size": image_size,
-                                  "seed": seed, "estimator": "minibatch_unbiased_hsic"},
+                                  "seed": seed, "estimator": "minibatch_unbiased_hsic",
+                                  "models": [m.checkpoint.get("model") for m in models],
+                                  "b_sha256": models[-1].checkpoint.get("sha256")},
                         metrics={"headline": "mean_best_match", "mean_best_match": float(np.mean(diag)),
                                  "layers_a": names_a, "layers_b": names_b, "matrix": matrix.tolist(),
                                  "figures": {k: str(v) for k, v in figures.items()}, "numbers": str(json_path)},

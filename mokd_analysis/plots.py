@@ -360,26 +360,42 @@ def _upsampled(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def attention_figure(images: np.ndarray, panels: list[tuple[str, str, np.ndarray]], title: str | None = None
                      ) -> Figure:
     """A grid: one row per image, the image first, then one column per panel (model and map: rollout, head h,
-    feature norm). images [n, S, S, 3] in 0-1; panels: (model label, map name, maps [n, h, w]). Each map is
-    upsampled to the image and drawn on its own 0-1 scale over a faded copy of the image."""
+    feature norm), the columns of one model grouped under its label. images [n, S, S, 3] in 0-1; panels: (model
+    label, map name, maps [n, h, w]). Each map is upsampled to the image and drawn on its own 0-1 scale over a
+    faded copy of the image."""
     n, cols = images.shape[0], 1 + len(panels)
     side = min(0.9, WIDTHS["page"] / cols)
-    fig, axes = plt.subplots(n, cols, figsize=(side * cols, side * n + 0.5), squeeze=False, layout="constrained")
-    for r in range(n):
-        img = images[r]
-        axes[r, 0].imshow(img)
-        if r == 0:
-            axes[r, 0].set_title("image", fontsize=5.5)
-        for c, (label, what, maps) in enumerate(panels, start=1):
-            ax = axes[r, c]
-            ax.imshow(img.mean(-1), cmap="gray", vmin=0, vmax=1, alpha=0.5)
-            ax.imshow(_upsampled(maps[r], img.shape[:2]), cmap="inferno", vmin=0, vmax=1, alpha=0.75)
-            if r == 0:
-                ax.set_title(f"{label}\n{what}", fontsize=5.5)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.spines[:].set_visible(False)
+    groups: list[tuple[str, list[tuple[str, np.ndarray]]]] = [("", [])]  # the images' own column first
+    for label, what, maps in panels:
+        if groups[-1][0] != label or len(groups) == 1:
+            groups.append((label, []))
+        groups[-1][1].append((what, maps))
+    fig = plt.figure(figsize=(side * cols, side * n + 0.75), layout="constrained")
+    subfigs = np.atleast_1d(fig.subfigures(1, len(groups), width_ratios=[max(1, len(g[1])) for g in groups],
+                                           wspace=0.02))
+    for sub, (label, maps_of) in zip(subfigs, groups):
+        ncol = max(1, len(maps_of))
+        axes = sub.subplots(n, ncol, squeeze=False)
+        # a one-column group gets its label on two lines, so that it does not reach over its neighbours; every
+        # group's title has two lines, so that the rows of images line up across groups
+        two = label.replace(" ", "\n", 1) if ncol == 1 and " " in label else f"{label}\n\u200b"
+        sub.suptitle(two, fontsize=6.5)
+        for r in range(n):
+            img = images[r]
+            if not maps_of:
+                axes[r, 0].imshow(img)
+                if r == 0:
+                    axes[r, 0].set_title("image", fontsize=5.5)
+            for c, (what, maps) in enumerate(maps_of):
+                ax = axes[r, c]
+                ax.imshow(img.mean(-1), cmap="gray", vmin=0, vmax=1, alpha=0.5)
+                ax.imshow(_upsampled(maps[r], img.shape[:2]), cmap="inferno", vmin=0, vmax=1, alpha=0.75)
+                if r == 0:
+                    ax.set_title(what, fontsize=5.5)
+        for ax in axes.ravel():
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.spines[:].set_visible(False)
     if title:
         fig.suptitle(title)
     return fig
@@ -398,7 +414,7 @@ def rank_figure(spectra: list[np.ndarray], labels: list[str], scores: list[dict]
     with the fitted power law k^-alpha dotted over the range it was fitted on; the legend gives RankMe and
     alpha-ReQ (and RankMe of the centred features where given). A collapsed embedding drops off at once; a
     steeper line is a larger alpha."""
-    fig, ax = plt.subplots(figsize=(figure_width(width, 1), 2.6), layout="constrained")
+    fig, ax = plt.subplots(figsize=(figure_width(width, 1), 2.3 + 0.14 * len(labels)), layout="constrained")
     for i, (lam, label, s) in enumerate(zip(spectra, labels, scores)):
         lam = np.asarray(lam, dtype=float)
         lam = lam[lam > EIG_FLOOR * lam.max()] if lam.size and lam.max() > 0 else lam[:0]  # the range alpha fits
@@ -417,7 +433,7 @@ def rank_figure(spectra: list[np.ndarray], labels: list[str], scores: list[dict]
     ax.set_ylabel("eigenvalue / largest")
     ax.grid(alpha=0.35, which="both")
     ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(frameon=False, loc="lower left", fontsize=5.5)
+    fig.legend(frameon=False, loc="outside lower center", fontsize=5.5)  # under the axes, never on the data
     if title:
         ax.set_title(title)
     return fig
