@@ -1,4 +1,6 @@
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,3 +21,51 @@ def tiny_cfg(tmp_path):
         return load_config(None, [*TINY_OVERRIDES, f"train.output_dir={out or tmp_path / 'run'}", *extra])
 
     return make
+
+
+PATH_TOKEN = re.compile(r"[^\s'\"(),;]+")
+
+
+def case_changed_paths(message: str, cwd: Path | None = None) -> list[str]:
+    """Paths in `message` that name an existing file or folder with other letter case (e.g. "Out/last.pth"
+    for out/last.pth): a message must write a path exactly as it is."""
+    cwd = cwd or Path.cwd()
+    changed = []
+    for token in PATH_TOKEN.findall(message):
+        token = token.rstrip(".:")
+        if "/" not in token and "." not in token.strip("."):
+            continue
+        here = Path("/") if token.startswith("/") else cwd
+        for part in Path(token).parts:
+            if part == "/":
+                continue
+            if (here / part).exists():
+                here = here / part
+                continue
+            try:
+                twins = [p for p in os.listdir(here) if p.lower() == part.lower()]
+            except OSError:
+                twins = []
+            if twins:
+                changed.append(token)
+            break
+    return changed
+
+
+@pytest.fixture(autouse=True)
+def user_errors_keep_path_case(monkeypatch):
+    """Every UserError raised in the suite (the trainer's, the eval loader's, ...): no path in its message has
+    its letter case changed (issue 28: "Out/last.pth" for out/last.pth)."""
+    from mokd.errors import UserError
+
+    changed = []
+    real_init = UserError.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        if args and isinstance(args[0], str):
+            changed.extend((token, args[0]) for token in case_changed_paths(args[0]))
+
+    monkeypatch.setattr(UserError, "__init__", init)
+    yield changed
+    assert not changed, f"UserError messages that change the case of a path: {changed}"
