@@ -605,7 +605,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop:
                         f"then --resume.") from e
     if main and resumed_from is not None and resumed_from != last and start_epoch >= cfg.optim.epochs:
         # Resumed from a numbered checkpoint (last.pth older or damaged) with no epoch left to train: no save
-        # below rewrote last.pth, so it gets the newest state now, byte for byte.
+        # above rewrote last.pth, which eval and export read, so it gets the newest state now, byte for byte.
         write_atomic(last, lambda tmp: shutil.copyfile(resumed_from, tmp), size_hint=resumed_from.stat().st_size)
         print(f"wrote {last} from {resumed_from} (the newest state)")
     if main:
