@@ -1,5 +1,6 @@
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,10 +53,15 @@ def case_changed_paths(message: str, cwd: Path | None = None) -> list[str]:
     return changed
 
 
+# The trainer (with its run folder and checkpoint code) and the eval loader: where messages name the user's paths.
+CHECKED_MODULES = ("mokd.trainer", "mokd.rundir", "mokd.checkpoint", "mokd.preemption", "mokd_eval.loader",
+                   "mokd_eval.formats", "mokd_eval.architecture")
+
+
 @pytest.fixture(autouse=True)
 def user_errors_keep_path_case(monkeypatch):
-    """Every UserError raised in the suite (the trainer's, the eval loader's, ...): no path in its message has
-    its letter case changed (issue 28: "Out/last.pth" for out/last.pth)."""
+    """Every UserError the trainer or the eval loader raises in the suite: no path in its message has its
+    letter case changed (issue 28: "Out/last.pth" for out/last.pth)."""
     from mokd.errors import UserError
 
     changed = []
@@ -63,7 +69,11 @@ def user_errors_keep_path_case(monkeypatch):
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
-        if args and isinstance(args[0], str):
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_name == "__init__":  # a subclass's own __init__
+            frame = frame.f_back
+        raised_in = frame.f_globals.get("__name__", "") if frame is not None else ""
+        if raised_in in CHECKED_MODULES and args and isinstance(args[0], str):
             changed.extend((token, args[0]) for token in case_changed_paths(args[0]))
 
     monkeypatch.setattr(UserError, "__init__", init)
