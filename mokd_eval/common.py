@@ -112,8 +112,8 @@ pos_resample_option = click.option(
     "--pos-resample", "pos_resample", type=click.Choice(["dino", "timm"]), default=None, expose_value=False,
     callback=_remember_pos_resample,
     help="ViTs away from their native size: resample the position embedding by DINO's rule (bicubic, scale "
-         "(n + 0.1) / N; DINO, MoCo v3 and MOKD trained with it) or timm's [default: None, the rule the "
-         "checkpoint's source trained with; the load report says which and why].")
+         "(n + 0.1) / N, as DINO and MOKD train) or timm's [default: None, the rule the checkpoint's source "
+         "trained with; the load report says which and why; docs/fidelity.md lists them].")
 
 
 def checkpoint_options(f):
