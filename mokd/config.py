@@ -381,8 +381,13 @@ def _validate_numbers(cfg: Config) -> None:
             raise UserError(f"{k} must be a pair 0 < low <= high <= 1, got [{lo}, {hi}]")
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, readable back by load_config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_yaml(cfg: Config, path: str | Path) -> None:
     from mokd.checkpoint import write_atomic  # torch is not needed to read configs
 
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    text = config_yaml(cfg)
     write_atomic(path, lambda tmp: tmp.write_text(text))

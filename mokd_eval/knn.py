@@ -489,7 +489,7 @@ def _parse_ks(value: str) -> list[int]:
 @out_option(default="results")
 @device_option
 @seed_option
-@batch_size_option
+@batch_size_option(default_text="256")
 @feature_options
 @click.option("--ks", default="10,20,100,200", show_default=True, help="Comma-separated numbers of neighbours.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True,
