@@ -27,6 +27,7 @@ LAZY_COMMANDS = {
     "export": ("mokd_eval.export", "export_cmd"),
     "report": ("mokd_eval.cli", "report_cmd"),
     "analyze": ("mokd_analysis.cli", "analyze_cli"),
+    "plot-log": ("mokd_analysis.training_curves", "plot_log_cmd"),
 }
 
 
