@@ -34,6 +34,14 @@ def test_links_and_images_exist(path):
     assert check_links(path) == []
 
 
+@pytest.mark.parametrize("script", sorted((ROOT / "examples" / "slurm").glob("*.sbatch")), ids=lambda p: p.name)
+def test_slurm_scripts_run_existing_commands(script):
+    text = script.read_text()
+    commands = docs_check.collect_commands(script, f"```bash\n{text}\n```\n")
+    assert any(c.startswith("mokd train") for _, c in commands)
+    assert check_commands(script, cli, f"```bash\n{text}\n```\n") == []
+
+
 # ---------------------------------------------------------------- the checks fail when the docs go stale
 
 
