@@ -73,7 +73,7 @@ def cli():
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               show_default="configs/default.yaml, a small CPU pair on digits",
               help=f"YAML config file, or the name of a shipped config: {', '.join(shipped_configs())}.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", show_default="none",
               help="Override a config value, e.g. --set loss.ct=false --set net2.lam=0.1 (repeatable).")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out exactly where it stopped (its newest readable checkpoint; "

@@ -149,15 +149,17 @@ def _models_for_pair(ckpt_a: str, ckpt_b: str | None, opts: dict, models_ab: tup
 @click.argument("ckpt_a", type=click.Path(dir_okay=False))
 @click.argument("ckpt_b", required=False, type=click.Path(dir_okay=False))
 @click.option("--replacement", type=click.Path(dir_okay=False), default=None,
-              help="A third checkpoint that replaces one model of the pair (Table 9's last column).")
+              show_default="none", help="A third checkpoint that replaces one model of the pair (Table 9's last column).")
 @click.option("--replace", type=click.Choice(["a", "b"]), default="a", show_default=True,
               help="Which model of the pair the replacement stands in for.")
-@click.option("--model-a", default=None, help="net1|net2 of CKPT_A (MOKD checkpoints).")
-@click.option("--model-b", default=None, help="net1|net2 of CKPT_B.")
-@click.option("--model-c", default=None, help="net1|net2 of the replacement.")
+@click.option("--model-a", default=None, show_default="the file's only model; both of one MOKD file",
+              help="net1|net2 of CKPT_A (MOKD checkpoints).")
+@click.option("--model-b", default=None, show_default="the file's only model", help="net1|net2 of CKPT_B.")
+@click.option("--model-c", default=None, show_default="the file's only model", help="net1|net2 of the replacement.")
 @click.option("--branch", type=click.Choice(["teacher", "student"]), default=None, show_default="teacher",
               help="Which branch to load (MoCo and solo-learn: the query/online encoder).")
-@click.option("--arch", default=None, metavar="TIMM_NAME", help="timm architecture when a file does not name it.")
+@click.option("--arch", default=None, metavar="TIMM_NAME", show_default="the file's own",
+              help="timm architecture when a file does not name it.")
 @click.option("--allow-partial", "allow_partial", is_flag=True,
               help="Analyse even if not every backbone tensor matched (the rest keep their random init).")
 @click.option("--k", "k", type=click.IntRange(min=1), default=20, show_default=True, help="k-NN neighbours.")

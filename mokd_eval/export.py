@@ -266,3 +266,5 @@ _EXPORT_HELP = {
 for _param in export_cmd.params:
     if _param.name in _EXPORT_HELP:
         _param.help = _EXPORT_HELP[_param.name]
+    if _param.name == "model":
+        _param.show_default = "the only backbone"

@@ -254,6 +254,7 @@ def run_finetune(task: str, checkpoint: str, load_args: dict, spec, train_ds, va
 @click.command("semisup")
 @finetune_options(warmup=5, epochs="60 for 1%, 30 for 10%")
 @click.option("--split-file", "split_file", type=click.Path(dir_okay=False), default=None,
+              show_default="none: a seeded --percent of every class",
               help="Subset of the training split: one image file name a line (e.g. the standard 1percent.txt, "
                    "10percent.txt); matched by file name within ROOT/train/<class>/.")
 @click.option("--percent", type=click.FloatRange(0, 100, min_open=True), default=None,
