@@ -509,7 +509,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop:
         check_same_classes(dataset.dataset, build_dataset(parse_data_spec(cfg.data.spec, cfg.data.class_list), "val"))
     state = build_state(cfg, device, len(loader), dist_info)
     spe = state.steps_per_epoch
-    log = RunLog(out_dir / "log.jsonl", enabled=main)
+    log = RunLog(out_dir / "log.jsonl", enabled=main, loggers=cfg.train.loggers)
     last = out_dir / rundir.LAST
     start_epoch, start_batch, start_sums, metrics = 0, 0, None, {}
     last_good = "no checkpoint was written yet"
@@ -603,6 +603,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop:
     except NonFiniteLoss as e:
         raise UserError(f"{e}; not saved: {last_good}. Lower the learning rate or use optim.precision=fp32, "
                         f"then --resume.") from e
+    log.close()
     if main and resumed_from is not None and resumed_from != last and start_epoch >= cfg.optim.epochs:
         # Resumed from a numbered checkpoint (last.pth older or damaged) with no epoch left to train: no save
         # above rewrote last.pth, which eval and export read, so it gets the newest state now, byte for byte.

@@ -64,11 +64,12 @@ def loader_options(f):
                      help="MOKD checkpoints: net1 or net2 (default: both); official MOKD files: cnn or vit."),
         click.option("--branch", type=click.Choice(["teacher", "student"]), default=None,
                      help="Which branch to load (default: teacher; MoCo and solo-learn: the query/online encoder)."),
-        click.option("--arch", default=None, metavar="TIMM_NAME",
+        click.option("--arch", default=None, metavar="TIMM_NAME", show_default="the file's own",
                      help="timm architecture when the file does not name it (official MOKD files: CNN,VIT)."),
         click.option("--arch-kwargs", "arch_kwargs", default=None, callback=_parse_kwargs, metavar="KWARGS",
+                     show_default="none",
                      help="Extra timm.create_model arguments, as JSON or k=v,... (e.g. img_size=32,patch_size=4)."),
-        click.option("--key", default=None, metavar="NAME",
+        click.option("--key", default=None, metavar="NAME", show_default="the detected format's",
                      help="Sub-dict (dotted) or key prefix holding the backbone weights, for unknown layouts."),
         click.option("--allow-partial", "allow_partial", is_flag=True,
                      help="Evaluate even if not every backbone tensor matched (the rest keep their random init)."),
@@ -110,10 +111,10 @@ def _pos_resample_flag() -> str | None:
 # Part of loader_options; commands with loader options of their own (analyze consistency) add it alone.
 pos_resample_option = click.option(
     "--pos-resample", "pos_resample", type=click.Choice(["dino", "timm"]), default=None, expose_value=False,
-    callback=_remember_pos_resample,
+    callback=_remember_pos_resample, show_default="None: the rule the checkpoint's source trained with",
     help="ViTs away from their native size: resample the position embedding by DINO's rule (bicubic, scale "
-         "(n + 0.1) / N, as DINO and MOKD train) or timm's [default: None, the rule the checkpoint's source "
-         "trained with; the load report says which and why; docs/fidelity.md lists them].")
+         "(n + 0.1) / N, as DINO and MOKD train) or timm's; the load report says which and why, "
+         "docs/fidelity.md lists each source's.")
 
 
 def checkpoint_options(f):
