@@ -137,15 +137,23 @@ def load_manifest(path: str | Path) -> BenchConfig:
         bad = sorted(set(settings) - set(PROTOCOLS)) if isinstance(settings, dict) else [repr(settings)]
         raise UserError(f"manifest {path}: settings: unknown protocol(s) {', '.join(bad)}; choose from "
                         f"{', '.join(PROTOCOLS)}")
-    data = raw.get("data")
-    if isinstance(data, str) and data not in ("digits", "photos") and ":" not in data:
-        data = str(base / Path(data).expanduser()) if not Path(data).expanduser().is_absolute() else data
+    data = _relative_to(raw.get("data"), base)
     cfg = BenchConfig(entries=entries, data=data, class_list=raw.get("class_list"),
                       protocols=parse_protocols(raw.get("protocols")) or list(PROTOCOLS),
                       settings=settings, seed=int(raw.get("seed", 0)), device=str(raw.get("device", "auto")))
     for k, v in feats.items():
         setattr(cfg, k, v)
     return cfg
+
+
+def _relative_to(data: str | None, base: Path) -> str | None:
+    """A data spec whose path is relative is read from the manifest's folder (embedded sets have no path)."""
+    if not isinstance(data, str) or data in ("digits", "photos"):
+        return data
+    kind, sep, rest = data.partition(":")
+    prefix, path = (f"{kind}:", rest) if sep and kind in ("cifar10", "cifar100", "folder", "imagefolder") else ("", data)
+    p = Path(path).expanduser()
+    return prefix + str(p if p.is_absolute() else base / p)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from mokd import distributed as dist
+from mokd.checkpoint import seed_everything
 from mokd.errors import UserError
 from mokd_bench.plan import Job, Plan, entry_name
 from mokd_bench.protocols import PROTOCOLS, Inputs, ModelInputs
@@ -120,6 +121,7 @@ def run_plan(plan: Plan, out: str | Path, log: Callable[[str], None] = print, de
             res.written.append(path)
 
     def inputs(models: list[ModelInputs]) -> Inputs:
+        seed_everything(cfg.seed)  # every job starts from the seed, whichever jobs ran before it (resuming)
         return Inputs(models, data, device, precision, cfg.image_size, cfg.batch_size, cfg.seed, log)
 
     # Entries that failed to load last time with the same file and spec will again: the cross-model jobs' ids

@@ -260,3 +260,27 @@ def test_every_record_carries_provenance(tmp_path):
     assert prov["seed"] == 3 and prov["checkpoint_format"] == "dino" and prov["load_report"]["matched"] == 3
     assert "features_cached" not in prov["params"] and prov["wall_time_s"] == 2.0
     assert [d[:9] for d in prov["deviations"]] == ["k in [20]", "images at"]
+
+
+def test_mokd_report_tables_third_party_records_beside_the_grid(tmp_path):
+    """The Table-1 grid holds our pairs only; third-party records get their own k-NN / linear table."""
+    ours = {"path": "/runs/m/last.pth", "sha256": "m1", "format": "mokd", "model": "net1", "branch": "teacher",
+            "arch": "resnet50", "label": "net1-teacher", "mode": "mokd", "pair": "resnet50+vit_small_patch16_224"}
+    dino = {"path": "/w/dino_vits16.pth", "sha256": "d1", "format": "dino", "arch": "vit_small_patch16_224",
+            "label": "DINO ViT-S/16", "name": "vit_small_patch16_224"}
+    for ckpt, knn, lin in ((ours, 67.1, 74.1), (dino, 74.5, 77.0)):
+        write_record(tmp_path, task="knn", checkpoint=ckpt, data={"spec": "imagenet"}, settings={"seed": 0},
+                     metrics={"top1": {"20": knn}, "top5": {"20": 90.0}, "best_top1": knn, "best_k": 20},
+                     wall_time_s=1.0)
+        write_record(tmp_path, task="linear", checkpoint=ckpt, data={"spec": "imagenet"}, settings={"seed": 0},
+                     metrics={"top1": lin, "top5": 93.0}, wall_time_s=1.0)
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    others = result.output.split("## Other checkpoints: k-NN and linear (%)")[1].split("##")[0]
+    row = next(line for line in others.splitlines() if line.startswith("| DINO ViT-S/16 "))
+    assert [c.strip() for c in row.strip("|").split("|")] == ["DINO ViT-S/16", "vit_small_patch16_224", "dino",
+                                                             "imagenet", "74.50", "77.00"]
+    assert "net1-teacher" not in others  # ours stays in the grid
+    prov = result.output.split("## Provenance")[1]
+    rows = [line for line in prov.splitlines() if line.startswith("| DINO ViT-S/16 ")]
+    assert len(rows) == 2 and all("| dino " in r and "@" in r and "x1" in r for r in rows)
