@@ -306,6 +306,9 @@ def write_report(directory: str | Path) -> tuple[str, Path, Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory} is not a folder (expected the --out folder of `mokd eval ...`)")
+    if (directory / "bench_status.json").is_file():  # mokd_bench.run.STATUS: its report.md is the bench's own
+        raise UserError(f"{directory} is the output of `mokd bench`, whose report.md and report.csv this would "
+                        f"overwrite; run `mokd report {directory / 'records'}` for these tables")
     records, skipped = scan_records(directory)
     if not records:
         why = "; skipped: " + "; ".join(f"{p} ({r})" for p, r in skipped) if skipped else ""

@@ -174,6 +174,8 @@ def test_mokd_report_lists_third_party_files(manifest_run):
         line = next(x for x in table.splitlines() if x.startswith(f"| {label} "))
         assert f"| {fmt} " in line and line.count("| -") == 0  # both k-NN and linear figures present
     assert "## Provenance" in result.output
+    refused = CliRunner().invoke(cli, ["report", str(manifest_run["out"])])  # would overwrite the bench's report
+    assert refused.exit_code == 1 and "output of `mokd bench`" in refused.output and "records" in refused.output
 
 
 def test_unlabelled_folder_and_cli_checkpoints(tmp_path):
