@@ -99,6 +99,10 @@ PUBLISHED = {
 NATIVE_KINDS = ("digits", "photos", "cifar10", "cifar100")  # data evaluated at the images' own size (no crop)
 
 
+def _num(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
 def _backbone_kind(settings: dict, checkpoint: dict) -> str:
     """vit | cnn, from the settings when the protocol said so, else from the architecture's name."""
     if settings.get("backbone_kind"):
@@ -112,7 +116,7 @@ def _size_deviations(settings: dict, data: dict, published: dict) -> list[str]:
     if (data or {}).get("kind") in NATIVE_KINDS or str((data or {}).get("spec", "")).split(":")[0] in NATIVE_KINDS:
         return [f"images at their own {size} px (published: resize {published['resize']}, centre crop "
                 f"{published['image_size']})"]
-    if size is not None and size != published["image_size"]:
+    if isinstance(size, int) and size != published["image_size"]:
         return [f"centre crop {size} px of {round(size * 256 / 224)} (published: {published['image_size']} of "
                 f"{published['resize']})"]
     return []
@@ -125,23 +129,23 @@ def deviations(task: str, settings: dict, data: dict | None = None, checkpoint: 
     if pub is None:
         return out
     if task == "knn":
-        ks = [int(k) for k in s.get("ks") or []]
+        ks = [int(k) for k in s.get("ks") or [] if str(k).isdigit()]
         if ks and sorted(ks) != pub["ks"]:
             out.append(f"k in {ks} (published: best of {pub['ks']}; DINO reports k=20)")
-        if s.get("temperature") is not None and float(s["temperature"]) != pub["temperature"]:
-            out.append(f"T={s['temperature']:g} (published: {pub['temperature']})")
+        if s.get("temperature") is not None and s["temperature"] != pub["temperature"]:
+            out.append(f"T={_num(s['temperature'])} (published: {pub['temperature']})")
     else:
         kind = _backbone_kind(s, checkpoint or {})
         if s.get("mode") == "fast":
             out.append("fast probe: a grid of learning rates on cached features of the evaluation transform, the lr "
                        f"picked on {s.get('holdout', 0.1):.0%} of train held out (published: one lr, "
                        "RandomResizedCrop and flip)")
-        elif s.get("lr") is not None and float(s["lr"]) != pub["lr"][kind]:
-            out.append(f"base lr {s['lr']:g} (published: {pub['lr'][kind]} for a {kind.upper()})")
+        elif s.get("lr") is not None and s["lr"] != pub["lr"][kind]:
+            out.append(f"base lr {_num(s['lr'])} (published: {pub['lr'][kind]} for a {kind.upper()})")
         for key, what in (("epochs", "epochs"), ("batch_size", "batch"), ("warmup_epochs", "warm-up epochs"),
                           ("momentum", "momentum"), ("weight_decay", "weight decay")):
             if s.get(key) is not None and s[key] != pub[key]:
-                out.append(f"{what} {s[key]:g} (published: {pub[key]:g})")
+                out.append(f"{what} {_num(s[key])} (published: {_num(pub[key])})")
         if kind == "vit" and s.get("n_last_blocks") is not None and s["n_last_blocks"] != pub["n_last_blocks"]:
             out.append(f"CLS tokens of the last {s['n_last_blocks']} block(s) (published: {pub['n_last_blocks']})")
     out += _size_deviations(s, data or {}, pub)

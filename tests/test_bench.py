@@ -286,3 +286,34 @@ def test_mokd_report_tables_third_party_records_beside_the_grid(tmp_path):
     prov = result.output.split("## Provenance")[1]
     rows = [line for line in prov.splitlines() if line.startswith("| DINO ViT-S/16 ")]
     assert len(rows) == 2 and all("| dino " in r and "@" in r and "x1" in r for r in rows)
+
+
+def test_interrupted_bench_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """Ctrl-C during the second checkpoint's job: the rerun keeps the first's record and runs the rest."""
+    import dataclasses
+
+    from mokd_bench import protocols
+
+    data = image_folder(tmp_path / "data", classes=2, train=3, val=2)
+    files = third_party_files(tmp_path / "c")
+    args = (f"{files['solo']}::test_resnet", str(files["dino"]), "--protocols", "rank", "--data", str(data),
+            "--image-size", "32", "--out", str(tmp_path / "out"))
+    real, calls = protocols.PROTOCOLS["rank"], []
+
+    def interrupted(inputs, settings):
+        calls.append(inputs.models[0].loaded.label)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real.run(inputs, settings)
+
+    monkeypatch.setitem(protocols.PROTOCOLS, "rank", dataclasses.replace(real, run=interrupted))
+    first = bench(*args)
+    assert first.exit_code != 0 and calls == ["byol-solo", "dino_vits16_full"]
+    done = stamps(tmp_path / "out")
+    assert len(done) == 1
+    monkeypatch.setitem(protocols.PROTOCOLS, "rank", real)
+    second = bench(*args)
+    assert second.exit_code == 0, second.output
+    assert "1 record(s) written, 1 job(s) already done (resumed), 1 feature set(s) extracted" in second.output
+    after = stamps(tmp_path / "out")
+    assert len(after) == 2 and all(after[name] == stamp for name, stamp in done.items())
