@@ -142,7 +142,7 @@ def load_manifest(path: str | Path) -> BenchConfig:
                       protocols=parse_protocols(raw.get("protocols")) or list(PROTOCOLS),
                       settings=settings, seed=int(raw.get("seed", 0)), device=str(raw.get("device", "auto")))
     for k, v in feats.items():
-        setattr(cfg, k, v)
+        setattr(cfg, k, str(base / Path(v).expanduser()) if k == "cache_dir" and v else v)
     return cfg
 
 

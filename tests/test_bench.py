@@ -262,6 +262,11 @@ def test_every_record_carries_provenance(tmp_path):
     assert prov["seed"] == 3 and prov["checkpoint_format"] == "dino" and prov["load_report"]["matched"] == 3
     assert "features_cached" not in prov["params"] and prov["wall_time_s"] == 2.0
     assert [d[:9] for d in prov["deviations"]] == ["k in [20]", "images at"]
+    # the loader puts its report into the checkpoint field, so `mokd analyze` records carry it too
+    from mokd_eval.loader import load_models
+
+    (m,) = load_models(third_party_files(tmp_path / "c")["solo"], arch="test_resnet")
+    assert m.checkpoint["load_report"] == m.report.as_dict_brief() and m.checkpoint["load_report"]["missing"] == 0
 
 
 def test_mokd_report_tables_third_party_records_beside_the_grid(tmp_path):
