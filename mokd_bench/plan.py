@@ -194,6 +194,11 @@ def make_plan(cfg: BenchConfig, data: BenchData) -> Plan:
     """The jobs of `cfg` on `data`. Labelled protocols on data without labels are planned out with the reason;
     an entry whose file cannot be read fails here, alone (the others are planned)."""
     settings = {p: cfg.resolved_settings(p) for p in cfg.protocols}
+    labels = [s.label for s in cfg.entries if s.label]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise UserError(f"label(s) {', '.join(repr(x) for x in twice)} given to more than one checkpoint: tables, "
+                        f"figures and records tell checkpoints apart by label; give each its own")
     entry_ids: list[str | None] = []
     failures = []
     for spec in cfg.entries:

@@ -73,144 +73,154 @@ def _previous_status(out: Path) -> dict:
         return {}
 
 
-def run_plan(plan: Plan, out: str | Path, log: Callable[[str], None] = print, debug: bool = False) -> RunResult:
-    """Run the jobs of `plan` not done yet, writing records into OUT/records and the run's status into
-    OUT/bench_status.json. Raises only for what stops every job (the device); entries and jobs fail alone."""
-    cfg, data = plan.config, plan.data
-    out = Path(out)
-    records_dir = out / RECORDS
-    if dist.world_size() > 1:
-        raise UserError("mokd bench runs in one process (each protocol of `mokd eval` runs under torchrun)")
-    device = setup_run(cfg.device, cfg.seed)
-    precision = precision_for(cfg.precision, device)
-    num_workers = default_workers(data.spec.kind) if cfg.num_workers is None else cfg.num_workers
-    done = completed_jobs(records_dir)
-    res = RunResult(failures=list(plan.failures), planned_out=list(plan.planned_out))
+class BenchRun:
+    """The state of one run: the device, the jobs already done, what has been written or has failed."""
 
-    def fail(entry: str, protocol: str | None, e: BaseException) -> None:
-        if debug:
+    def __init__(self, plan: Plan, out: Path, log: Callable[[str], None], debug: bool):
+        self.plan, self.cfg, self.data, self.out, self.log, self.debug = plan, plan.config, plan.data, out, log, debug
+        if dist.world_size() > 1:
+            raise UserError("mokd bench runs in one process (each protocol of `mokd eval` runs under torchrun)")
+        self.device = setup_run(self.cfg.device, self.cfg.seed)
+        self.precision = precision_for(self.cfg.precision, self.device)
+        self.num_workers = default_workers(self.data.spec.kind) if self.cfg.num_workers is None \
+            else self.cfg.num_workers
+        self.done = completed_jobs(out / RECORDS)
+        self.res = RunResult(failures=list(plan.failures), planned_out=list(plan.planned_out))
+        self.entry_of: dict[int, int] = {}  # id(ModelInputs) -> its manifest entry
+        self.labels: set[str] = set()
+        self.failed_entries: list[str] = []
+
+    def is_done(self, jid: str) -> bool:
+        if jid in self.done:
+            self.res.job_ids.add(jid)
+            self.res.reused += 1
+            return True
+        return False
+
+    def fail(self, entry: str, protocol: str | None, e: BaseException) -> None:
+        if self.debug:
             raise e
         reason = one_line(e)
-        res.failures.append({"checkpoint": entry, "protocol": protocol, "reason": reason})
-        log(f"FAILED {entry}{' / ' + protocol if protocol else ''}: {reason}")
+        self.res.failures.append({"checkpoint": entry, "protocol": protocol, "reason": reason})
+        self.log(f"FAILED {entry}{' / ' + protocol if protocol else ''}: {reason}")
 
-    def store(m) -> Callable:
+    def store(self, m) -> Callable:
+        """features(split, mode, n_last_blocks) for LoadedModel `m`: features_for once per key in this run."""
         memo: dict[tuple, object] = {}
+        cfg = self.cfg
 
         def features(split: str, mode: str = "cls", n_last_blocks: int = 4):
             mode = effective_mode(m.backbone, mode)
             key = (split, mode, n_last_blocks if mode in LASTN_MODES else None)
             if key not in memo:
-                fs = features_for(m, data.spec, split, device=device, dataset=data.splits[split],
-                                  batch_size=cfg.batch_size, precision=precision, mode=mode,
-                                  n_last_blocks=n_last_blocks, image_size=cfg.image_size, num_workers=num_workers,
-                                  cache=cfg.cache_dir, use_cache=not cfg.no_cache, log=log)
-                res.extracted += not fs.from_cache
+                fs = features_for(m, self.data.spec, split, device=self.device, dataset=self.data.splits[split],
+                                  batch_size=cfg.batch_size, precision=self.precision, mode=mode,
+                                  n_last_blocks=n_last_blocks, image_size=cfg.image_size,
+                                  num_workers=self.num_workers, cache=cfg.cache_dir, use_cache=not cfg.no_cache,
+                                  log=self.log)
+                self.res.extracted += not fs.from_cache
                 memo[key] = fs
             return memo[key]
         return features
 
-    def write(job: Job, jid: str, bodies: list[dict], entry_of: dict[int, int], wall: float) -> None:
-        for b in bodies:
-            m = b["model"].loaded
-            i = entry_of[id(b["model"])]
-            ckpt = {**m.checkpoint, "load_report": m.report.as_dict_brief(), "entry": cfg.entries[i].as_dict()}
-            path = write_record(records_dir, task=job.protocol, checkpoint=ckpt, data=b["data"],
-                                settings=b["settings"], metrics=b["metrics"], wall_time_s=wall / len(bodies),
-                                device=device, extra={"bench": {"job": jid, "n": len(bodies), "entry": i}})
-            res.written.append(path)
-
-    def inputs(models: list[ModelInputs]) -> Inputs:
-        seed_everything(cfg.seed)  # every job starts from the seed, whichever jobs ran before it (resuming)
-        return Inputs(models, data, device, precision, cfg.image_size, cfg.batch_size, cfg.seed, log)
-
-    # Entries that failed to load last time with the same file and spec will again: the cross-model jobs' ids
-    # leave them out from the start, so that a finished bench with a broken entry loads nothing on resume.
-    failed_before = set(_previous_status(out).get("failed_entries") or [])
-    live = [i for i, e in enumerate(plan.entry_ids) if e is not None]
-    expected = tuple(i for i in live if plan.entry_ids[i] not in failed_before)
-    cross = [j for j in plan.jobs if PROTOCOLS[j.protocol].across_models]
-    cross_pending = []
-    for j in cross:
-        jid = plan.job_id(j, expected)
-        if jid in done:
-            res.job_ids.add(jid)
-            res.reused += 1
-        else:
-            cross_pending.append(j)
-    loaded: dict[int, list[ModelInputs]] = {}
-    entry_of: dict[int, int] = {}
-    failed_entries, labels_used = [], set()
-    for i in live:
-        spec, name = cfg.entries[i], entry_name(cfg.entries[i])
-        pending = []
-        for j in (j for j in plan.jobs if j.entries == (i,) and not PROTOCOLS[j.protocol].across_models):
-            jid = plan.job_id(j)
-            if jid in done:
-                res.job_ids.add(jid)
-                res.reused += 1
-            else:
-                pending.append((j, jid))
-        if not pending and not cross_pending:
-            log(f"{name}: every job already has its records (resumed), not loaded")
-            continue
+    def load(self, i: int) -> list[ModelInputs] | None:
+        """Entry i's models, each with a label no other model of the run has; None (and a failure) if it fails."""
+        spec = self.cfg.entries[i]
         try:
             models = load_spec(spec)
         except Exception as e:  # noqa: BLE001 - a bad entry fails alone, with its reason
-            failed_entries.append(plan.entry_ids[i])
-            fail(name, None, e)
-            continue
+            self.failed_entries.append(self.plan.entry_ids[i])
+            self.fail(entry_name(spec), None, e)
+            return None
         for m in models:
-            if spec.label is None and len(cfg.entries) > 1 and m.checkpoint.get("format") in ("mokd", "mokd-official"):
+            if spec.label is None and len(self.cfg.entries) > 1 and m.checkpoint.get("format") in ("mokd",
+                                                                                                   "mokd-official"):
                 m.label = f"{m.checkpoint['run']} {m.label}"  # two pairs would otherwise both be net1-teacher
             base, k = m.label, 2
-            while m.label in labels_used:
+            while m.label in self.labels:
                 m.label, k = f"{base} #{k}", k + 1
-            labels_used.add(m.label)
+            self.labels.add(m.label)
             m.checkpoint["label"] = m.label
-            log(f"loaded {m.label}: {m.checkpoint['name']} from {spec.path} [{m.checkpoint['format']}]; "
-                f"{m.report.summary()}")
-        mis = [ModelInputs(m, store(m)) for m in models]
-        entry_of.update({id(mi): i for mi in mis})
+            self.log(f"loaded {m.label}: {m.checkpoint['name']} from {spec.path} [{m.checkpoint['format']}]; "
+                     f"{m.report.summary()}")
+        mis = [ModelInputs(m, self.store(m)) for m in models]
+        self.entry_of.update({id(mi): i for mi in mis})
+        return mis
+
+    def run_job(self, job: Job, jid: str, models: list[ModelInputs], name: str) -> None:
+        """One job: the protocol on `models`, its records written; a raise is this job's failure alone."""
+        t0 = time.time()
+        seed_everything(self.cfg.seed)  # every job starts from the seed, whichever jobs ran before it (resuming)
+        inputs = Inputs(models, self.data, self.device, self.precision, self.cfg.image_size, self.cfg.batch_size,
+                        self.cfg.seed, self.log)
+        try:
+            bodies = PROTOCOLS[job.protocol].run(inputs, job.settings)
+        except Exception as e:  # noqa: BLE001
+            self.fail(name, job.protocol, e)
+            return
+        wall = time.time() - t0
+        for b in bodies:
+            m, i = b["model"].loaded, self.entry_of[id(b["model"])]
+            ckpt = {**m.checkpoint, "load_report": m.report.as_dict_brief(), "entry": self.cfg.entries[i].as_dict()}
+            self.res.written.append(write_record(
+                self.out / RECORDS, task=job.protocol, checkpoint=ckpt, data=b["data"], settings=b["settings"],
+                metrics=b["metrics"], wall_time_s=wall / len(bodies), device=self.device,
+                extra={"bench": {"job": jid, "n": len(bodies), "entry": i}}))
+        self.res.job_ids.add(jid)
+        self.log(f"{name} / {job.protocol}: {len(bodies)} record(s) in {wall:.1f} s")
+
+    def write_status(self) -> None:
+        res = self.res
+        status = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "data": str(self.data.spec),
+                  "labelled": self.data.labelled, "protocols": self.cfg.protocols, "jobs": sorted(res.job_ids),
+                  "failures": res.failures, "planned_out": res.planned_out, "failed_entries": self.failed_entries,
+                  "checkpoints": [s.as_dict() for s in self.cfg.entries]}
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / STATUS).write_text(json.dumps(status, indent=1, default=str) + "\n")
+
+
+def run_plan(plan: Plan, out: str | Path, log: Callable[[str], None] = print, debug: bool = False) -> RunResult:
+    """Run the jobs of `plan` not done yet, writing records into OUT/records and the run's status into
+    OUT/bench_status.json. Raises only for what stops every job (the device); entries and jobs fail alone.
+
+    Per-checkpoint jobs run entry by entry (each entry loaded once, if any of its jobs is pending); jobs across
+    checkpoints (CKA) run last, on the models that loaded."""
+    run = BenchRun(plan, Path(out), log, debug)
+    # Entries that failed to load last time with the same file and spec will again: the cross-model jobs' ids
+    # leave them out from the start, so that a finished bench with a broken entry loads nothing on resume.
+    failed_before = set(_previous_status(run.out).get("failed_entries") or [])
+    live = [i for i, e in enumerate(plan.entry_ids) if e is not None]
+    expected = tuple(i for i in live if plan.entry_ids[i] not in failed_before)
+    cross = [j for j in plan.jobs if PROTOCOLS[j.protocol].across_models]
+    cross_pending = [j for j in cross if not run.is_done(plan.job_id(j, expected))]
+    loaded: dict[int, list[ModelInputs]] = {}
+    for i in live:
+        name = entry_name(plan.config.entries[i])
+        jobs = [j for j in plan.jobs if j.entries == (i,) and not PROTOCOLS[j.protocol].across_models]
+        pending = [(j, plan.job_id(j)) for j in jobs if not run.is_done(plan.job_id(j))]
+        if not pending and not cross_pending:
+            log(f"{name}: every job already has its records (resumed), not loaded")
+            continue
+        models = run.load(i)
+        if models is None:
+            continue
         for j, jid in pending:
-            t0 = time.time()
-            try:
-                bodies = PROTOCOLS[j.protocol].run(inputs(mis), j.settings)
-            except Exception as e:  # noqa: BLE001
-                fail(name, j.protocol, e)
-                continue
-            write(j, jid, bodies, entry_of, time.time() - t0)
-            res.job_ids.add(jid)
-            log(f"{name} / {j.protocol}: {len(bodies)} record(s) in {time.time() - t0:.1f} s")
+            run.run_job(j, jid, models, name)
         if cross_pending:
-            loaded[i] = mis
+            loaded[i] = models
         else:
-            for mi in mis:
+            for mi in models:
                 mi.loaded.backbone.to("cpu")
     for j in cross_pending:
         members = tuple(i for i in j.entries if i in loaded)
         jid = plan.job_id(j, members)
-        res.job_ids.add(jid)
-        if jid in done:
-            res.reused += 1
+        if run.is_done(jid):
             continue
         models = [mi for i in members for mi in loaded[i]]
         if len(models) < 2:
-            res.planned_out.append({"checkpoint": "all", "protocol": j.protocol,
-                                    "reason": f"{j.protocol} compares models: {len(models)} loaded, two or more needed"})
+            run.res.planned_out.append({"checkpoint": "all", "protocol": j.protocol, "reason": f"{j.protocol} "
+                                        f"compares models: {len(models)} loaded, two or more needed"})
             continue
-        t0 = time.time()
-        try:
-            bodies = PROTOCOLS[j.protocol].run(inputs(models), j.settings)
-        except Exception as e:  # noqa: BLE001
-            fail("all", j.protocol, e)
-            continue
-        write(j, jid, bodies, entry_of, time.time() - t0)
-        log(f"{j.protocol} across {len(models)} models: {len(bodies)} record(s) in {time.time() - t0:.1f} s")
-    status = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "data": str(data.spec),
-              "labelled": data.labelled, "protocols": cfg.protocols, "jobs": sorted(res.job_ids),
-              "failures": res.failures, "planned_out": res.planned_out, "failed_entries": failed_entries,
-              "checkpoints": [s.as_dict() for s in cfg.entries]}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / STATUS).write_text(json.dumps(status, indent=1, default=str) + "\n")
-    return res
+        run.run_job(j, jid, models, "all")
+    run.write_status()
+    return run.res

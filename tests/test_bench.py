@@ -216,6 +216,8 @@ def test_bad_entry_and_setting_errors(tmp_path):
     assert r.exit_code == 1 and "unknown protocol(s) speed" in r.output
     r = bench(str(files["solo"]), "--set", "linear.warmup_epochs=20", "--set", "linear.epochs=5", "--data", str(data))
     assert r.exit_code == 1 and "warmup_epochs 20 is more than epochs 5" in r.output
+    r = bench(str(files["solo"]), str(files["dino"]), "--label", "same", "--label", "same", "--data", str(data))
+    assert r.exit_code == 1 and "label(s) 'same' given to more than one checkpoint" in r.output
     r = bench(str(files["solo"]), str(files["dino"]), "--label", "only-one", "--data", str(data))
     assert r.exit_code == 1 and "--label was given 1 time(s) for 2 checkpoint(s)" in r.output
 
