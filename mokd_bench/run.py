@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
+
+from torch import nn
 
 from mokd import distributed as dist
 from mokd.checkpoint import seed_everything
@@ -23,7 +25,9 @@ from mokd.errors import UserError
 from mokd_bench.plan import Job, Plan, entry_name
 from mokd_bench.protocols import PROTOCOLS, Inputs, ModelInputs
 from mokd_eval.common import precision_for, setup_run
+from mokd.models.backbones import is_vit
 from mokd_eval.features import LASTN_MODES, effective_mode, features_for
+from mokd_eval.linear import effective_blocks
 from mokd_eval.records import scan_records, write_record
 from mokd_eval.spec import load_spec
 from mokd_eval.supervised import default_workers
@@ -54,6 +58,14 @@ def completed_jobs(records_dir: Path) -> set[str]:
             counts[b["job"]] = counts.get(b["job"], 0) + 1
             need[b["job"]] = int(b.get("n", 1))
     return {j for j, c in counts.items() if c >= need[j]}
+
+
+def cls_in_lastn(backbone: nn.Module) -> bool:
+    """A timm ViT whose embedding (`backbone(x)`, the `cls` features) is its last block's CLS token through the
+    final norm: the last block's part of the `lastn` features, which hold each block's normed CLS token."""
+    return (is_vit(backbone) and getattr(backbone, "global_pool", None) == "token"
+            and getattr(backbone, "attn_pool", None) is None
+            and all(isinstance(getattr(backbone, name, None), nn.Identity) for name in ("fc_norm", "head")))
 
 
 def one_line(e: BaseException) -> str:
@@ -104,26 +116,36 @@ class BenchRun:
         self.res.failures.append({"checkpoint": entry, "protocol": protocol, "reason": reason})
         self.log(f"FAILED {entry}{' / ' + protocol if protocol else ''}: {reason}")
 
-    def store(self, m) -> Callable:
-        """features(split, mode, n_last_blocks) for LoadedModel `m`: features_for once per key in this run."""
+    def store(self, m, lastn: tuple[int, bool] | None = None) -> Callable:
+        """features(split, mode, n_last_blocks) for LoadedModel `m`: features_for once per key in this run.
+
+        `lastn` (n_last_blocks, avgpool): the linear probe's ViT features, when the plan has them. A ViT whose
+        embedding is its last block's CLS token (`cls_in_lastn`) then takes its `cls` features from those
+        columns, so that each split is extracted once for every protocol."""
         memo: dict[tuple, object] = {}
         cfg = self.cfg
 
         def features(split: str, mode: str = "cls", n_last_blocks: int = 4):
             mode = effective_mode(m.backbone, mode)
             key = (split, mode, n_last_blocks if mode in LASTN_MODES else None)
-            if key not in memo:
-                fs = features_for(m, self.data.spec, split, device=self.device, dataset=self.data.splits[split],
-                                  batch_size=cfg.batch_size, precision=self.precision, mode=mode,
-                                  n_last_blocks=n_last_blocks, image_size=cfg.image_size,
-                                  num_workers=self.num_workers, cache=cfg.cache_dir, use_cache=not cfg.no_cache,
-                                  log=self.log)
-                self.res.extracted += not fs.from_cache
-                memo[key] = fs
-            return memo[key]
+            if key in memo:
+                return memo[key]
+            if mode == "cls" and lastn and cls_in_lastn(m.backbone):
+                n = effective_blocks(m.backbone, lastn[0])
+                wide = features(split, ("lastn_avgpool" if n > 1 else "avgpool") if lastn[1] else "lastn", n)
+                c = int(m.backbone.num_features)
+                memo[key] = replace(wide, bank=wide.features[:, (n - 1) * c:n * c].contiguous(), mode="cls")
+                return memo[key]
+            fs = features_for(m, self.data.spec, split, device=self.device, dataset=self.data.splits[split],
+                              batch_size=cfg.batch_size, precision=self.precision, mode=mode,
+                              n_last_blocks=n_last_blocks, image_size=cfg.image_size, num_workers=self.num_workers,
+                              cache=cfg.cache_dir, use_cache=not cfg.no_cache, log=self.log)
+            self.res.extracted += not fs.from_cache
+            memo[key] = fs
+            return fs
         return features
 
-    def load(self, i: int) -> list[ModelInputs] | None:
+    def load(self, i: int, lastn: tuple[int, bool] | None = None) -> list[ModelInputs] | None:
         """Entry i's models, each with a label no other model of the run has; None (and a failure) if it fails."""
         spec = self.cfg.entries[i]
         try:
@@ -143,7 +165,7 @@ class BenchRun:
             m.checkpoint["label"] = m.label
             self.log(f"loaded {m.label}: {m.checkpoint['name']} from {spec.path} [{m.checkpoint['format']}]; "
                      f"{m.report.summary()}")
-        mis = [ModelInputs(m, self.store(m)) for m in models]
+        mis = [ModelInputs(m, self.store(m, lastn)) for m in models]
         self.entry_of.update({id(mi): i for mi in mis})
         return mis
 
@@ -201,7 +223,8 @@ def run_plan(plan: Plan, out: str | Path, log: Callable[[str], None] = print, de
         if not pending and not cross_pending:
             log(f"{name}: every job already has its records (resumed), not loaded")
             continue
-        models = run.load(i)
+        linear = next((j for j in jobs if j.protocol == "linear"), None)
+        models = run.load(i, (linear.settings["n_last_blocks"], linear.settings["avgpool"]) if linear else None)
         if models is None:
             continue
         for j, jid in pending:

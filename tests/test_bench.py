@@ -324,3 +324,22 @@ def test_interrupted_bench_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert "1 record(s) written, 1 job(s) already done (resumed), 1 feature set(s) extracted" in second.output
     after = stamps(tmp_path / "out")
     assert len(after) == 2 and all(after[name] == stamp for name, stamp in done.items())
+
+
+def test_vit_features_extracted_once_and_equal_to_mokd_eval(tmp_path):
+    """A ViT's k-NN and linear probe read one extraction per split (its embedding is a slice of the probe's
+    features), and give exactly what `mokd eval knn` and `mokd eval linear --fast` give."""
+    data = image_folder(tmp_path / "data", classes=3, train=6, val=3)
+    dino = third_party_files(tmp_path / "c")["dino"]
+    common = ["--data", str(data), "--image-size", "32", "--seed", "0"]
+    r = bench(str(dino), "--protocols", "knn,linear", "--set", "linear.epochs=2", "--set", "linear.warmup_epochs=0",
+              "--out", str(tmp_path / "bench"), "--cache-dir", str(tmp_path / "cache-bench"), *common)
+    assert r.exit_code == 0, r.output
+    assert "2 feature set(s) extracted" in r.output  # train and val, once each for both protocols
+    for cmd in (["knn"], ["linear", "--fast", "--epochs", "2", "--warmup-epochs", "0"]):
+        e = CliRunner().invoke(cli, ["eval", *cmd, str(dino), "--out", str(tmp_path / "eval"), "--cache-dir",
+                                     str(tmp_path / "cache-eval"), *common])
+        assert e.exit_code == 0, e.output
+    by_task = lambda folder: {r["task"]: r["metrics"] for r in map(json.loads, map(Path.read_text,  # noqa: E731
+                                                                                   folder.glob("*.json")))}
+    assert by_task(tmp_path / "bench" / "records") == by_task(tmp_path / "eval")
