@@ -48,7 +48,8 @@ def make_checkpoints(folder: Path) -> list[dict]:
                 "args": ap.Namespace(arch="test_vit", patch_size=16), "epoch": 100}, folder / "dino.pth")
     torch.save({"arch": "test_vit", "epoch": 300,
                 "state_dict": {**_prefixed(backbone_state(VIT, 2), "module.base_encoder."),
-                               **_prefixed(backbone_state(VIT, 3), "module.momentum_encoder.")}}, folder / "mocov3.pth.tar")
+                               **_prefixed(backbone_state(VIT, 3), "module.momentum_encoder.")}},
+               folder / "mocov3.pth.tar")
     torch.save({"state_dict": _prefixed(backbone_state(RESNET, 4), "backbone."), "epoch": 400}, folder / "solo.ckpt")
     make_mokd_checkpoint(folder / "pair.pth", net1=RESNET)
     return [{"path": str(folder / "dino.pth"), "label": "DINO"},

@@ -151,7 +151,8 @@ def _relative_to(data: str | None, base: Path) -> str | None:
     if not isinstance(data, str) or data in ("digits", "photos"):
         return data
     kind, sep, rest = data.partition(":")
-    prefix, path = (f"{kind}:", rest) if sep and kind in ("cifar10", "cifar100", "folder", "imagefolder") else ("", data)
+    with_path = sep and kind in ("cifar10", "cifar100", "folder", "imagefolder")
+    prefix, path = (f"{kind}:", rest) if with_path else ("", data)
     p = Path(path).expanduser()
     return prefix + str(p if p.is_absolute() else base / p)
 

@@ -214,7 +214,8 @@ def render_markdown(records: list[dict], status: dict, figures: dict[str, Path],
         if title.startswith("Linear CKA") and "cka" in figures:
             parts += ["", f"![CKA]({figures['cka'].relative_to(out)})"]
     if "mad" in figures:
-        parts += ["", "## Mean attention distance", "", f"![mean attention distance]({figures['mad'].relative_to(out)})"]
+        parts += ["", "## Mean attention distance", "",
+                  f"![mean attention distance]({figures['mad'].relative_to(out)})"]
     return "\n".join(parts) + "\n"
 
 

@@ -93,8 +93,9 @@ def record_name(task: str, checkpoint: dict, data: dict, settings: dict) -> str:
 # after DINO's eval_linear.py). Both on 224 px centre crops of images resized to 256.
 PUBLISHED = {
     "knn": {"ks": [10, 20, 100, 200], "temperature": 0.07, "image_size": 224, "resize": 256, "precision": "fp32"},
-    "linear": {"mode": "full", "epochs": 100, "batch_size": 2048, "lr": {"cnn": 0.08, "vit": 0.008}, "warmup_epochs": 10,
-               "momentum": 0.9, "weight_decay": 0.0, "n_last_blocks": 4, "image_size": 224, "resize": 256},
+    "linear": {"mode": "full", "epochs": 100, "batch_size": 2048, "lr": {"cnn": 0.08, "vit": 0.008},
+               "warmup_epochs": 10, "momentum": 0.9, "weight_decay": 0.0, "n_last_blocks": 4, "image_size": 224,
+               "resize": 256},
 }
 NATIVE_KINDS = ("digits", "photos", "cifar10", "cifar100")  # data evaluated at the images' own size (no crop)
 

@@ -264,8 +264,8 @@ def other_checkpoints_table(records: list[dict]) -> str | None:
         cells.setdefault(row, {}).setdefault(r["task"], []).append(r)
     if not cells:
         return None
-    rows = [[label, name, fmt, data] + [_summary([v for v in (headline(r)[1] for r in vals.get(t, [])) if v is not None])
-                                        for t, _ in GRID_TASKS]
+    figure = lambda recs: _summary([v for v in (headline(r)[1] for r in recs) if v is not None])  # noqa: E731
+    rows = [[label, name, fmt, data] + [figure(vals.get(t, [])) for t, _ in GRID_TASKS]
             for (label, name, fmt, data, _), vals in sorted(cells.items(), key=lambda kv: [str(x) for x in kv[0]])]
     return markdown_table(["checkpoint", "arch", "format", "data"] + [title for _, title in GRID_TASKS], rows)
 

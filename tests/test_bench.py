@@ -58,8 +58,8 @@ def third_party_files(folder: Path) -> dict[str, Path]:
                 "state_dict": {**prefixed(backbone_state(VIT, 3), "module.base_encoder."),
                                **prefixed(backbone_state(VIT, 4), "module.momentum_encoder."),
                                "module.predictor.0.weight": torch.ones(2)}}, files["mocov3"])
-    torch.save({"state_dict": {**prefixed(backbone_state(RESNET, 5), "backbone."), "projector.0.weight": torch.ones(2, 2)},
-                "epoch": 400}, files["solo"])
+    torch.save({"state_dict": {**prefixed(backbone_state(RESNET, 5), "backbone."),
+                               "projector.0.weight": torch.ones(2, 2)}, "epoch": 400}, files["solo"])
     return files
 
 
@@ -247,7 +247,8 @@ def test_deviations_from_the_published_protocols():
                     "momentum": 0.9, "weight_decay": 0.0, "n_last_blocks": 4, "image_size": 224}
     assert deviations("linear", paper_linear, folder, {"arch": "vit_small_patch16_224"}) == []
     assert deviations("linear", {**paper_linear, "lr": 0.08}, folder, {"arch": "resnet50"}) == []
-    assert deviations("linear", paper_linear, folder, {"arch": "resnet50"}) == ["base lr 0.008 (published: 0.08 for a CNN)"]
+    assert deviations("linear", paper_linear, folder, {"arch": "resnet50"}) == [
+        "base lr 0.008 (published: 0.08 for a CNN)"]
     assert deviations("mad", {"image_size": 32}, folder) == []
 
 
