@@ -28,7 +28,8 @@ def _given(ctx: click.Context, name: str, value):
               help="Comma-separated protocols of knn, linear, rank, mad, cka [default: all, or the manifest's].")
 @click.option("--label", "labels", multiple=True,
               help="A label per checkpoint, in the order given (default: the file's own: run and model, or stem).")
-@click.option("--set", "overrides", multiple=True, metavar="PROTOCOL.KEY=VALUE",
+@click.option("--set", "protocol_settings", multiple=True, metavar="PROTOCOL.KEY=VALUE",
+              show_default="none: each protocol's defaults, or the manifest's settings",
               help="A protocol setting, e.g. --set knn.ks=[20] --set linear.epochs=10 (repeatable).")
 @loader_options
 @data_options
@@ -39,8 +40,8 @@ def _given(ctx: click.Context, name: str, value):
 @batch_size_option
 @feature_options
 @debug_option
-def bench_cmd(sources, protocols, labels, overrides, model, branch, arch, arch_kwargs, key, allow_partial, data,
-              class_list, skip_bad_images, out, device, seed, batch_size, image_size, precision, num_workers,
+def bench_cmd(sources, protocols, labels, protocol_settings, model, branch, arch, arch_kwargs, key, allow_partial,
+              data, class_list, skip_bad_images, out, device, seed, batch_size, image_size, precision, num_workers,
               cache_dir, no_cache):
     """Benchmark checkpoints with several protocols in one run, features extracted once and shared.
 
@@ -77,7 +78,7 @@ def bench_cmd(sources, protocols, labels, overrides, model, branch, arch, arch_k
                             f"manifest(s) {', '.join(manifests)}")
         cfg = BenchConfig(entries=parse_checkpoint_args(list(sources), list(labels), **loader))
     cfg = merge_cli(cfg, data=data, class_list=class_list, protocols=parse_protocols(protocols),
-                    settings=parse_set(overrides) or None, device=_given(ctx, "device", device),
+                    settings=parse_set(protocol_settings) or None, device=_given(ctx, "device", device),
                     seed=_given(ctx, "seed", seed), batch_size=batch_size, image_size=image_size,
                     precision=_given(ctx, "precision", precision), num_workers=num_workers, cache_dir=cache_dir,
                     no_cache=no_cache or None, skip_bad_images=skip_bad_images or None)
