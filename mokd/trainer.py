@@ -399,7 +399,7 @@ def knn_monitor(state: TrainState, cfg: Config, epoch: int, log: RunLog) -> dict
     if len(train_set) > cfg.train.knn_max_train:
         idx = np.random.default_rng(0).choice(len(train_set), cfg.train.knn_max_train, replace=False)
         train_set = train_set.subset(sorted(idx.tolist()))
-    out = {}
+    out, ranks = {}, {}
     for n in NETS:
         backbone = state.model.teacher[n].backbone
         was_training = backbone.training
@@ -411,13 +411,26 @@ def knn_monitor(state: TrainState, cfg: Config, epoch: int, log: RunLog) -> dict
             res = knn_evaluate(train_f, train_l, test_f, test_l, ks=(cfg.train.knn_k,),
                                num_classes=len(train_set.classes), log=None)
             out[n] = res["top1"][cfg.train.knn_k]
+            if cfg.train.monitor_rank:  # label-free: collapse shows as RankMe falling towards 1
+                from mokd_analysis.rank import rank_scores
+
+                scores = rank_scores(test_f)
+                ranks.update({f"rankme_{n}": scores["rankme"], f"alpha_req_{n}": scores["alpha_req"]})
     if distributed.is_main():
         when = "initialisation" if epoch == 0 else f"epoch {epoch}"
         print(f"online k-NN top-1 (k={cfg.train.knn_k}) at {when}: "
               + ", ".join(f"{n} ({getattr(cfg, n).arch}) {out[n]:.2f}%" for n in NETS), flush=True)
+        if ranks:
+            print(f"online rank at {when}: " + ", ".join(
+                f"{n} RankMe {ranks[f'rankme_{n}']:.1f} alpha-ReQ {_fmt(ranks[f'alpha_req_{n}'])}" for n in NETS),
+                flush=True)
         log.write({"type": "knn", "epoch": epoch, "step": epoch * state.steps_per_epoch - 1, "k": cfg.train.knn_k,
-                   **{f"knn_top1_{n}": out[n] for n in NETS}})
+                   **{f"knn_top1_{n}": out[n] for n in NETS}, **ranks})
     return out
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def train(cfg: Config, resume_run: bool = False, overwrite: bool = False) -> Path:

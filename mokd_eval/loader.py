@@ -156,6 +156,7 @@ def load_models(path: str | Path, *, model: str | None = None, branch: str | Non
                 "shape": model_name(a["name"], a["kwargs"], a["small_stem"]),
                 "name": model_name(a["name"], a["kwargs"], a["small_stem"], (cand.arch or {}).get("given_name")),
                 "run": run_name(path),
+                "load_report": report.as_dict_brief(),  # so that every result record carries it (provenance)
                 **{k: v for k, v in cand.extra.items() if v is not None},
                 **({"pos_resample": rule} if rule else {})}
         out.append(LoadedModel(backbone, label, a, report, ckpt, cand.image_size))
