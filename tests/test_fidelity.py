@@ -167,10 +167,10 @@ def test_every_command_that_loads_a_checkpoint_takes_pos_resample(tmp_path):
             if isinstance(cmd, click.Group) else [(name, cmd)]
         for full_name, sub in subs:
             params = {p.name for p in sub.params}
-            if params & {"checkpoint", "checkpoints", "ckpt_a"}:
+            if params & {"checkpoint", "checkpoints", "ckpt_a", "sources"}:
                 loaders.append(full_name)
                 assert "pos_resample" in params, full_name
-    assert {"export", "eval knn", "eval linear", "analyze consistency", "analyze mad"} <= set(loaders)
+    assert {"export", "eval knn", "eval linear", "analyze consistency", "analyze mad", "bench"} <= set(loaders)
 
     torch.save(backbone_state({"name": "test_vit", "kwargs": {}, "small_stem": False}, 6), tmp_path / "vit.pth")
     res = CliRunner().invoke(cli, ["export", str(tmp_path / "vit.pth"), "--arch", "test_vit", "--pos-resample",
