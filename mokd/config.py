@@ -143,6 +143,7 @@ class TrainConfig:
     progress: bool = True  # tqdm bar per epoch on rank 0
     fast_step: bool = True  # foreach optimisers, fused EMA, low-precision teacher copies; false: the plain path
     compile: str = "auto"  # torch.compile the branches' forward: auto (on for CUDA, off on CPU) | true | false
+    loggers: list = field(default_factory=lambda: ["jsonl"])  # jsonl (always) | tensorboard (OUT/tensorboard)
 
 
 @dataclass
@@ -223,6 +224,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             return float(value)
         if hint is str or text.startswith("str"):
             return str(value)
+        if hint is list:
+            return [value] if isinstance(value, str) else list(value)
         if hint is dict or text.startswith("dict"):
             if not isinstance(value, dict):
                 raise ValueError(value)
@@ -339,6 +342,10 @@ def validate(cfg: Config) -> None:
     need(cfg.thead.depth >= 1, "thead.depth must be >= 1")
     need(not cfg.train.monitor_rank or cfg.train.knn_every > 0,
          "train.monitor_rank scores the features the online monitor extracts: set train.knn_every > 0 too")
+    loggers = cfg.train.loggers if isinstance(cfg.train.loggers, list) else [cfg.train.loggers]
+    need(all(x in ("jsonl", "tensorboard") for x in loggers) and "jsonl" in loggers,
+         f"train.loggers must be [jsonl] or [jsonl, tensorboard] (log.jsonl is always written: resume and "
+         f"mokd plot-log read it), got {cfg.train.loggers!r}")
     need(str(cfg.train.compile).lower() in ("auto", "true", "false"),
          f"train.compile must be auto, true or false, got {cfg.train.compile!r}")
 
@@ -384,8 +391,13 @@ def _validate_numbers(cfg: Config) -> None:
             raise UserError(f"{k} must be a pair 0 < low <= high <= 1, got [{lo}, {hi}]")
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, readable back by load_config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_yaml(cfg: Config, path: str | Path) -> None:
     from mokd.checkpoint import write_atomic  # torch is not needed to read configs
 
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    text = config_yaml(cfg)
     write_atomic(path, lambda tmp: tmp.write_text(text))
