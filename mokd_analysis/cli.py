@@ -20,8 +20,8 @@ from mokd.cli_common import data_options, debug_option, device_option, out_optio
 from mokd.data import build_dataset
 from mokd.errors import UserError
 from mokd.naming import data_name
-from mokd_eval.common import _cifar_stem_flag, echo, load_eval_data, loader_options, pos_resample_option, \
-    precision_for, setup_run
+from mokd_eval.common import _cifar_stem_flag, _pos_resample_flag, echo, load_eval_data, loader_options, \
+    pos_resample_option, precision_for, setup_run
 from mokd_eval.features import eval_transform, features_for, fit_input_size
 from mokd_eval.knn import knn_predict
 from mokd_eval.records import write_record
@@ -47,16 +47,10 @@ CHECKPOINTS_HELP = ("Each CHECKPOINT is a file, or PATH::TIMM_ARCH for a file th
                     "(e.g. dino_vits16.pth::vit_small_patch16_224); --arch applies to the files without one.")
 
 
-def _pos_resample() -> str | None:
-    """--pos-resample where the loader options have it (stored in the click context like --cifar-stem)."""
-    ctx = click.get_current_context(silent=True)
-    return ctx.meta.get("mokd_eval.pos_resample") if ctx else None
-
-
 def _specs(args: list[str], labels: tuple[str, ...] | list[str], **opts) -> list[CheckpointSpec]:
     """CLI arguments (PATH or PATH::ARCH) and --labels -> specs with the loader options given once for all."""
     return parse_checkpoint_args(list(args), list(labels), **opts, cifar_stem=_cifar_stem_flag(),
-                                 pos_resample=_pos_resample())
+                                 pos_resample=_pos_resample_flag())
 
 
 def _load_spec_cli(spec: CheckpointSpec) -> list:
@@ -234,8 +228,8 @@ def _models_for_pair(specs: list[CheckpointSpec], models_ab: tuple[str | None, s
               help="Input resolution (default: the data's own size for small images, else the checkpoint's "
                    "training resolution, else 224).")
 @debug_option
-def consistency_cmd(ckpt_a, ckpt_b, replacement, replace, model_a, model_b, model_c, branch, arch, allow_partial, labels,
-                    k, temperature, data, class_list, out, device, seed, batch_size, image_size):
+def consistency_cmd(ckpt_a, ckpt_b, replacement, replace, model_a, model_b, model_c, branch, arch, allow_partial,
+                    labels, k, temperature, data, class_list, out, device, seed, batch_size, image_size):
     """Fraction of evaluation images on which two models' k-NN predictions agree (Table 9).
 
     CKPT_A alone (a MOKD checkpoint) compares its two models. --replacement C repeats the comparison with C
@@ -688,7 +682,8 @@ def rank_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_p
                      settings={"image_size": r["image_size"], "max_images": max_images, "seed": seed,
                                "rankme_eps": 1e-7, "alpha_fit": "least squares, log-log, k = 1..numerical rank"},
                      metrics={"headline": "rankme", "rankme": r["rankme"], "alpha_req": r["alpha_req"],
-                              "rankme_centered": r["rankme_centered"], "dim": r["dim"], "figures": {k: str(v) for k, v in figures.items()},
+                              "rankme_centered": r["rankme_centered"], "dim": r["dim"],
+                              "figures": {k: str(v) for k, v in figures.items()},
                               "numbers": str(json_path)},
                      wall_time_s=time.time() - t0, device=dev)
     echo(f"\nwritten: {', '.join(str(p) for p in figures.values())}, {json_path}")
