@@ -175,10 +175,11 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     v = x.amax(1)
     delta = v - x.amin(1)
     inv = delta.clamp_min(1e-12).reciprocal_()  # grey pixels (delta 0) have no hue and come back unchanged
-    is_r = 1 - torch.ceil(v - r)  # 1 where r is the maximum (torchvision's tie order: r, then g, then b)
-    is_g = (1 - torch.ceil(v - g)) * (1 - is_r)
-    is_b = 1 - is_r - is_g
-    h6 = ((g - b) * is_r + (b - r + 2 * delta) * is_g + (r - g + 4 * delta) * is_b) * inv  # hue x 6, in [-1, 5)
+    is_r = torch.ceil(v - r).neg_().add_(1)  # 1 where r is the maximum (torchvision's tie order: r, then g, then b)
+    is_g = torch.ceil(v - g).neg_().add_(1).mul_(1 - is_r)
+    is_b = (1 - is_r).sub_(is_g)
+    h6 = (g - b).mul_(is_r)  # hue x 6, in [-1, 5)
+    h6 = h6.addcmul_((b - r).add_(delta, alpha=2), is_g).addcmul_((r - g).add_(delta, alpha=4), is_b).mul_(inv)
     h6 = h6.add_(6 * shift.view(-1, 1, 1))
     h6 = h6.sub_(torch.floor(h6 / 6).mul_(6))
     # Each channel from (h, s, v): v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1 for r, g, b
