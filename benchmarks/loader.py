@@ -265,7 +265,7 @@ def profile_fast(paths: list[str], cfg: AugmentConfig) -> dict:
         crops = [fa.cut(image, p, k.size, factor) for p, k in zip(params, kinds)]
         lap("crop/resize")
         for lo, hi in ((0, 1), (1, 2), (2, len(kinds))):
-            p = fa.as_lists(fa.stack_params(params[lo:hi]))
+            p = fa.stack_params(params[lo:hi])
             x = torch.stack(crops[lo:hi]).float().div_(255)
             lap("other")
             x = fa.colour(x, p)

@@ -118,13 +118,13 @@ def decode(path: str, params: list[dict], kinds: list[CropKind], width: int, hei
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         read_image(path)  # raises the data module's one-line error naming the file
         raise
-    image = pil_to_uint8(to_rgb8(img))
+    image = pil_to_uint8(img)
     return image, image.shape[1] / height
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as uint8 [3, H, W] (a channels-last view: torch's uint8 resize reads it fastest)."""
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+    """A PIL image as 8-bit RGB uint8 [3, H, W] (a channels-last view: torch's uint8 resize reads it fastest)."""
+    return torch.from_numpy(np.array(img if img.mode == "RGB" else to_rgb8(img))).permute(2, 0, 1)
 
 
 def scaled_box(box: tuple[int, int, int, int], factor: float, height: int, width: int) -> tuple[int, int, int, int]:
@@ -154,10 +154,10 @@ def param_tensors(p: dict) -> dict[str, torch.Tensor]:
             "sigma": torch.tensor(p["sigma"], dtype=torch.float32), "solarize": torch.tensor(p["solarize"])}
 
 
-def stack_params(params: list[dict]) -> dict[str, torch.Tensor]:
-    """The photometric parameters of N crops, stacked as the loader collates them: [N] and [N, 4] tensors."""
-    each = [param_tensors(p) for p in params]
-    return {k: torch.stack([e[k] for e in each]) for k in each[0]}
+def stack_params(params: list[dict]) -> dict[str, list]:
+    """The photometric parameters of N crops as lists, as `photometric` takes them (jitter, order, factors, gray,
+    sigma, solarize; one entry per crop)."""
+    return {k: [p[k] for p in params] for k in ("jitter", "order", "factors", "gray", "sigma", "solarize")}
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -216,7 +216,7 @@ def _apply(x: torch.Tensor, rows: list[int], fn) -> torch.Tensor:
 
 def colour(x: torch.Tensor, p: dict[str, list]) -> torch.Tensor:
     """ColorJitter (each op in the crop's own order) where p["jitter"], then grayscale where p["gray"]:
-    [N, 3, H, W] float in [0, 1]. `p`: the parameters as lists (`as_lists`)."""
+    [N, 3, H, W] float in [0, 1]. `p`: the parameters as lists (`stack_params`)."""
     x = x.clone()  # the ops work in place
     factors = torch.tensor(p["factors"], device=x.device, dtype=x.dtype).view(-1, 4)
     for position in range(4):
@@ -259,11 +259,6 @@ def solarize(x: torch.Tensor, sel: list[bool]) -> torch.Tensor:
                   lambda y, r: torch.lerp(y, 1 - y, torch.floor(y - SOLARIZE_THRESHOLD).add_(1)))
 
 
-def as_lists(p: dict[str, torch.Tensor]) -> dict[str, list]:
-    """Parameters as Python lists: which crops an op touches is decided on the CPU (one transfer per tensor)."""
-    return {k: v.tolist() for k, v in p.items()}
-
-
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """ImageNet mean and std, in place on x [N, 3, H, W]."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
@@ -271,10 +266,10 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
-def photometric(crops: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-    """uint8 crops [N, 3, S, S] and their parameters (stack_params, on the crops' device) -> normalised float32
-    [N, 3, S, S]: colour jitter, grayscale, blur, solarise, as DINO orders them. The same code on CPU and CUDA."""
-    p = as_lists(p)
+def photometric(crops: torch.Tensor, p: dict[str, list]) -> torch.Tensor:
+    """uint8 crops [N, 3, S, S] on any device and their parameters (`stack_params`: lists, so which crops an op
+    touches is decided on the CPU) -> normalised float32 [N, 3, S, S]: colour jitter, grayscale, blur, solarise,
+    as DINO orders them. The same code on CPU and CUDA."""
     x = crops.float().div_(255)
     x = colour(x, p)
     x = blur(x, p["sigma"])
@@ -309,7 +304,7 @@ def keep_freed_memory() -> None:
 
 class FastMultiCrop:
     """(image source, generator) -> list of 2 + local_crops crops, globals first: normalised float [3, S, S], or
-    with `ship_uint8` a dict {crops: uint8 [3, S, S] each, params: stack_params of each} for `finish_batch`."""
+    with `ship_uint8` a dict {crops: uint8 [3, S, S] each, params: param_tensors of each} for `finish_batch`."""
 
     def __init__(self, cfg: AugmentConfig, ship_uint8: bool = False):
         self.kinds, self.ship_uint8 = crop_kinds(cfg), ship_uint8
@@ -320,7 +315,7 @@ class FastMultiCrop:
         if isinstance(source, Image.Image):
             width, height = source.size
             params = sample_params(gen, self.kinds, width, height)
-            image, factor = pil_to_uint8(to_rgb8(source)), 1.0
+            image, factor = pil_to_uint8(source), 1.0
         else:
             try:
                 img = Image.open(source)
@@ -351,8 +346,7 @@ def finish_batch(batch, device: torch.device) -> list[torch.Tensor]:
     out = []
     for crops, p in zip(batch["crops"], batch["params"]):
         crops = crops.to(device, non_blocking=True)
-        p = {k: v.to(device, non_blocking=True) for k, v in p.items()}
-        out.append(photometric(crops, p))
+        out.append(photometric(crops, {k: v.tolist() for k, v in p.items()}))  # collated [B], [B, 4] tensors
     return out
 
 
