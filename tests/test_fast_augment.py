@@ -259,3 +259,28 @@ def test_the_trainer_builds_the_configured_pipeline(tiny_cfg):
     assert shipped.multicrop.ship_uint8
     crops = fa.to_device(next(iter(loader))[0], torch.device("cpu"))
     assert [tuple(c.shape[1:]) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+
+
+def test_resuming_a_run_from_before_the_fast_pipeline_keeps_the_pil_chain(tmp_path, monkeypatch):
+    """A run's config.yaml without augment.pipeline was written when the PIL chain was the only one: --resume
+    keeps it (the fast pipeline's crops differ for the same seed); a run that names its pipeline keeps that."""
+    import yaml
+    from click.testing import CliRunner
+
+    import mokd.trainer
+    from mokd.cli import cli
+    from mokd.config import to_dict
+
+    seen = []
+    monkeypatch.setattr(mokd.trainer, "train", lambda cfg, **kw: seen.append(cfg.augment.pipeline))
+    for name, pipeline in (("old", None), ("new", "fast")):
+        run = tmp_path / name
+        run.mkdir()
+        tree = to_dict(load_config(None, TINY_OVERRIDES))
+        if pipeline is None:
+            del tree["augment"]["pipeline"]
+        (run / "config.yaml").write_text(yaml.safe_dump(tree))
+        res = CliRunner().invoke(cli, ["train", "--out", str(run), "--resume"])
+        assert res.exit_code == 0, res.output
+    assert seen == ["pil", "fast"]
+    assert "pipeline" in to_dict(load_config(None, TINY_OVERRIDES))["augment"]  # what new runs write
