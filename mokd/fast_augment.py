@@ -189,18 +189,20 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return t.neg_().add_(v.unsqueeze(1))
 
 
-def _colour_op(x: torch.Tensor, op: int, f: torch.Tensor, clamp: bool) -> torch.Tensor:
-    """One ColorJitter op, in place on x [N, 3, H, W], per-crop factors f [N] (torchvision's definitions).
-    `clamp`: whether a factor is above 1 (below 1 every op stays inside [0, 1] and needs no clamp)."""
-    if op == HUE:
-        return _hue(x, f)
-    f = f.view(-1, 1, 1, 1)
-    if op == BRIGHTNESS:
-        x = x.mul_(f)
-    else:  # blend with the grey image's mean (contrast) or the grey image (saturation)
-        grey = _gray(x.mean(dim=(2, 3), keepdim=True)) if op == CONTRAST else _gray(x)
-        x = x.mul_(f).add_(grey * (1 - f))
-    return x.clamp_(0, 1) if clamp else x
+def _bcs(x: torch.Tensor, ops: list[int | None], f: list[float]) -> torch.Tensor:
+    """Brightness, contrast or saturation, each crop its own: ops[n] with factor f[n] (None: untouched), in place
+    on x [N, 3, H, W]. torchvision's blends, x <- clamp(f x + (1 - f) ref), ref being 0 (brightness), the grey
+    image's mean (contrast) or the grey image (saturation); the same arithmetic for a crop whichever ops its batch
+    mixes (ref 0 and f 1 leave a value exactly as it was). No clamp when no factor exceeds 1: then the blend of
+    values in [0, 1] stays there."""
+    ft = torch.tensor(f, device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+    ref = None
+    for op, grey in ((SATURATION, _gray), (CONTRAST, lambda y: _gray(y.mean(dim=(2, 3), keepdim=True)))):
+        if op in ops:
+            w = torch.tensor([o == op for o in ops], device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+            ref = grey(x).mul_(w) if ref is None else ref.add_(grey(x).mul_(w))
+    x = x.mul_(ft) if ref is None else x.mul_(ft).add_(ref.mul_(1 - ft))
+    return x.clamp_(0, 1) if any(v > 1 for v, o in zip(f, ops) if o is not None) else x
 
 
 def _apply(x: torch.Tensor, rows: list[int], fn) -> torch.Tensor:
@@ -216,15 +218,27 @@ def _apply(x: torch.Tensor, rows: list[int], fn) -> torch.Tensor:
 
 def colour(x: torch.Tensor, p: dict[str, list]) -> torch.Tensor:
     """ColorJitter (each op in the crop's own order) where p["jitter"], then grayscale where p["gray"]:
-    [N, 3, H, W] float in [0, 1]. `p`: the parameters as lists (`stack_params`)."""
+    [N, 3, H, W] float in [0, 1]. `p`: the parameters as lists (`stack_params`).
+
+    The batch runs through 7 slots, 3 for the brightness/contrast/saturation ops each crop does before its hue
+    shift, the hue slot, and 3 for those after, so that every op touches the whole batch at once (a crop with
+    no op in a slot passes through it unchanged) instead of a gather and a scatter per op and order."""
     x = x.clone()  # the ops work in place
-    factors = torch.tensor(p["factors"], device=x.device, dtype=x.dtype).view(-1, 4)
-    for position in range(4):
-        for op in range(4):
-            rows = [n for n, (j, o) in enumerate(zip(p["jitter"], p["order"])) if j and o[position] == op]
-            clamp = any(p["factors"][n][op] > 1 for n in rows)
-            x = _apply(x, rows, lambda y, r: _colour_op(y, op, factors[r, op], clamp))
-    return _apply(x, [n for n, g in enumerate(p["gray"]) if g], lambda y, r: _gray(y).repeat(1, 3, 1, 1))
+    n = len(x)
+    before, after = [[None] * 3 for _ in range(n)], [[None] * 3 for _ in range(n)]
+    for i, (jitter, order) in enumerate(zip(p["jitter"], p["order"])):
+        if jitter:
+            h = order.index(HUE)
+            before[i][3 - h:], after[i][:3 - h] = order[:h], order[h + 1:]
+    for slot in range(7):
+        if slot == 3:
+            shift = torch.tensor([f[HUE] for f in p["factors"]], device=x.device, dtype=x.dtype)
+            x = _apply(x, [i for i in range(n) if p["jitter"][i]], lambda y, r: _hue(y, shift[r]))
+            continue
+        ops = [before[i][slot] if slot < 3 else after[i][slot - 4] for i in range(n)]
+        if any(op is not None for op in ops):
+            x = _bcs(x, ops, [p["factors"][i][op] if op is not None else 1.0 for i, op in enumerate(ops)])
+    return _apply(x, [i for i, g in enumerate(p["gray"]) if g], lambda y, r: _gray(y).repeat(1, 3, 1, 1))
 
 
 def blur(x: torch.Tensor, sigma: list[float]) -> torch.Tensor:

@@ -103,7 +103,11 @@ def test_batched_ops_equal_torchvisions_per_crop_ops():
     for op, tv in ((fa.BRIGHTNESS, F.adjust_brightness), (fa.CONTRAST, F.adjust_contrast),
                    (fa.SATURATION, F.adjust_saturation)):
         ref = torch.stack([tv(x[i], factors[i].item()) for i in range(5)])
-        assert (fa._colour_op(x.clone(), op, factors, clamp=True) - ref).abs().max() < 2e-6
+        assert (fa._bcs(x.clone(), [op] * 5, factors.tolist()) - ref).abs().max() < 2e-6
+    mixed = [fa.BRIGHTNESS, fa.CONTRAST, None, fa.SATURATION, fa.CONTRAST]  # a batch mixing the ops: each its own
+    tv = {fa.BRIGHTNESS: F.adjust_brightness, fa.CONTRAST: F.adjust_contrast, fa.SATURATION: F.adjust_saturation}
+    ref = torch.stack([tv[op](x[i], factors[i].item()) if op is not None else x[i] for i, op in enumerate(mixed)])
+    assert (fa._bcs(x.clone(), mixed, factors.tolist()) - ref).abs().max() < 2e-6
     shift = torch.tensor([-0.1, 0.05, 0.0, 0.5, -0.5])
     ref = torch.stack([F.adjust_hue(x[i], shift[i].item()) for i in range(5)])
     assert (fa._hue(x, shift) - ref).abs().max() < 2e-6
