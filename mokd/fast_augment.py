@@ -108,7 +108,7 @@ def sample_params(gen: torch.Generator, kinds: list[CropKind], width: int, heigh
 def decode(path: str, params: list[dict], kinds: list[CropKind], width: int, height: int, img=None
            ) -> tuple[torch.Tensor, float]:
     """The image as uint8 [3, H', W'] at the smallest JPEG DCT scale that leaves every crop's source region at least
-    its output side, and the factor H'/height (1 for a full decode). `img`: the opened file, if it is."""
+    its output side, and that scale (1, 1/2, 1/4 or 1/8; H' = ceil(height x scale)). `img`: the opened file."""
     reduce = min(min(p["box"][2], p["box"][3]) / k.size for p, k in zip(params, kinds))
     try:
         img = Image.open(path) if img is None else img
@@ -119,7 +119,7 @@ def decode(path: str, params: list[dict], kinds: list[CropKind], width: int, hei
         read_image(path)  # raises the data module's one-line error naming the file
         raise
     image = pil_to_uint8(img)
-    return image, image.shape[1] / height
+    return image, 1.0 / round(width / image.shape[2])
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
@@ -347,7 +347,7 @@ class FastMultiCrop:
     def finish(self, crops: list[torch.Tensor], params: list[dict]) -> list[torch.Tensor]:
         """Photometric part in the worker: the two globals as one batch, the locals as another."""
         out = []
-        for lo, hi in ((0, 1), (1, 2), (2, len(crops))):  # globals differ in blur and solarise: one each
+        for lo, hi in ((0, 2), (2, len(crops))):
             if hi > lo:
                 x = photometric(torch.stack(crops[lo:hi]), stack_params(params[lo:hi]))
                 out.extend(x.unbind(0))
