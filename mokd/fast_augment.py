@@ -181,12 +181,11 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h6 = (g - b).mul_(is_r)  # hue x 6, in [-1, 5)
     h6 = h6.addcmul_((b - r).add_(delta, alpha=2), is_g).addcmul_((r - g).add_(delta, alpha=4), is_b).mul_(inv)
     h6 = h6.add_(6 * shift.view(-1, 1, 1))
-    h6 = h6.sub_(torch.floor(h6 / 6).mul_(6))
+    h6 = h6.sub_(torch.floor(h6 / 6), alpha=6)
     # Each channel from (h, s, v): v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1 for r, g, b
     k = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h6.unsqueeze(1)
-    k = k.sub_(torch.floor(k / 6).mul_(6))
-    t = torch.minimum(k, 4 - k).clamp_(0, 1).mul_(delta.unsqueeze(1))
-    return t.neg_().add_(v.unsqueeze(1))
+    k = k.sub_(torch.floor(k / 6), alpha=6)
+    return torch.addcmul(v.unsqueeze(1), delta.unsqueeze(1), torch.minimum(k, 4 - k).clamp_(0, 1), value=-1)
 
 
 def _bcs(x: torch.Tensor, ops: list[int | None], f: list[float]) -> torch.Tensor:
@@ -216,14 +215,14 @@ def _apply(x: torch.Tensor, rows: list[int], fn) -> torch.Tensor:
     return x
 
 
-def colour(x: torch.Tensor, p: dict[str, list]) -> torch.Tensor:
+def colour(x: torch.Tensor, p: dict[str, list], own: bool = False) -> torch.Tensor:
     """ColorJitter (each op in the crop's own order) where p["jitter"], then grayscale where p["gray"]:
-    [N, 3, H, W] float in [0, 1]. `p`: the parameters as lists (`stack_params`).
+    [N, 3, H, W] float in [0, 1]. `p`: the parameters as lists (`stack_params`); `own`: x may be overwritten.
 
     The batch runs through 7 slots, 3 for the brightness/contrast/saturation ops each crop does before its hue
     shift, the hue slot, and 3 for those after, so that every op touches the whole batch at once (a crop with
     no op in a slot passes through it unchanged) instead of a gather and a scatter per op and order."""
-    x = x.clone()  # the ops work in place
+    x = x if own else x.clone()  # the ops work in place
     n = len(x)
     before, after = [[None] * 3 for _ in range(n)], [[None] * 3 for _ in range(n)]
     for i, (jitter, order) in enumerate(zip(p["jitter"], p["order"])):
@@ -285,7 +284,7 @@ def photometric(crops: torch.Tensor, p: dict[str, list]) -> torch.Tensor:
     touches is decided on the CPU) -> normalised float32 [N, 3, S, S]: colour jitter, grayscale, blur, solarise,
     as DINO orders them. The same code on CPU and CUDA."""
     x = crops.float().div_(255)
-    x = colour(x, p)
+    x = colour(x, p, own=True)
     x = blur(x, p["sigma"])
     return normalize(solarize(x, p["solarize"]))
 
