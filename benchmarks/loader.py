@@ -16,7 +16,8 @@ The pipelines, each a torch DataLoader over the folder (--images images a measur
   fast-uint8 (--gpu-augment) the workers' part of data.gpu_augment: decode and crop/resize only, the crops shipped
          as uint8 with their parameters; with CUDA, the photometric part of a batch is timed on the device too.
 Both crop settings (2x224 + 6x96 and 2x224 + 10x96, the paper's scales) and every --workers count; the
-pipelines alternate within each round so that they share the machine's load, and the ratio is of one run.
+pipelines run back to back within each round (alternating which goes first) so that they share the machine's
+load, and the ratio shown is the median over rounds of each round's ratio (rates: the median over rounds).
 Images/s per worker = images/s of the loader / workers. A profile pass in this process (one thread) splits each
 pipeline's time into decode, crop/resize, colour (jitter, grayscale, solarise), blur and the rest (parameter
 draws, to-tensor, normalise).
@@ -330,19 +331,25 @@ def main(argv: list[str] | None = None) -> int:
                     rates.setdefault((name, w, pipeline), []).append(rate)
                     print(f"  {name} workers={w} {pipeline}: {rate:.1f} img/s (round {r + 1})", flush=True)
 
-    head = ["crops", "workers", "DINO img/s per worker", "ours img/s per worker", "ours / DINO"]
+    # The ratio is the median of each round's ratio: a round's pipelines ran back to back, under the same load
+    head = ["crops", "workers", "DINO img/s per worker", "ours img/s per worker", "ours / DINO (each round)"]
     if args.gpu_augment:
-        head += ["uint8 shipping img/s per worker"]
+        head += ["uint8 shipping img/s per worker (/ DINO)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     table = []
     for name in SETTINGS:
         for w in workers:
-            med = {p: statistics.median(rates[(name, w, p)]) / w for p in pipelines}
-            row = {"crops": name, "workers": w, **{p: med[p] for p in pipelines}, "ratio": med["fast"] / med["dino"]}
-            table.append(row)
-            cells = [name, str(w), f"{med['dino']:.1f}", f"{med['fast']:.1f}", f"{row['ratio']:.2f}x"]
+            runs = {p: rates[(name, w, p)] for p in pipelines}
+            med = {p: statistics.median(runs[p]) / w for p in pipelines}
+            ratio = {p: [a / b for a, b in zip(runs[p], runs["dino"])] for p in pipelines}
+            row = {"crops": name, "workers": w, **med, "ratio": statistics.median(ratio["fast"]),
+                   "round_ratios": ratio["fast"]}
+            cells = [name, str(w), f"{med['dino']:.1f}", f"{med['fast']:.1f}",
+                     f"{row['ratio']:.2f}x ({', '.join(f'{r:.2f}' for r in ratio['fast'])})"]
             if args.gpu_augment:
-                cells.append(f"{med['fast-uint8']:.1f}")
+                row["uint8_ratio"] = statistics.median(ratio["fast-uint8"])
+                cells.append(f"{med['fast-uint8']:.1f} ({row['uint8_ratio']:.2f}x)")
+            table.append(row)
             lines.append("| " + " | ".join(cells) + " |")
     print()
     print("\n".join(lines))
