@@ -15,11 +15,19 @@ from mokd.cli_common import batch_size_option, data_options, debug_option, devic
     out_option, skip_bad_images_option
 from mokd.errors import UserError
 
+
+def shipped_configs() -> list[str]:
+    """Names `--config NAME` accepts (the YAML files shipped in configs/)."""
+    from mokd.config import PACKAGE_CONFIGS
+
+    return sorted(p.stem for p in PACKAGE_CONFIGS.glob("*.yaml"))
+
 LAZY_COMMANDS = {
     "eval": ("mokd_eval.cli", "eval_cli"),
     "export": ("mokd_eval.export", "export_cmd"),
     "report": ("mokd_eval.cli", "report_cmd"),
     "analyze": ("mokd_analysis.cli", "analyze_cli"),
+    "plot-log": ("mokd_analysis.training_curves", "plot_log_cmd"),
 }
 
 
@@ -53,7 +61,8 @@ class MokdGroup(click.Group):
             raise click.ClickException(user_message(e)) from e
 
 
-@click.group(cls=MokdGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=MokdGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110,
+                                                "show_default": True})
 @debug_option
 @click.version_option(package_name="mokd")
 def cli():
@@ -62,23 +71,27 @@ def cli():
 
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="YAML config (default: the embedded configs/default.yaml, a small CPU pair on digits).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              show_default="configs/default.yaml, a small CPU pair on digits",
+              help=f"YAML config file, or the name of a shipped config: {', '.join(shipped_configs())}.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", show_default="none",
               help="Override a config value, e.g. --set loss.ct=false --set net2.lam=0.1 (repeatable).")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out exactly where it stopped (its newest readable checkpoint; "
                    "from scratch when there is none yet).")
 @click.option("--overwrite", is_flag=True,
               help="Start over in an --out that holds a run: its checkpoints, log and config are deleted.")
+@click.option("--print-config", "print_config", is_flag=True,
+              help="Print the resolved config (file, --set and flags applied) as YAML and exit; the output works as "
+                   "a --config file.")
 @skip_bad_images_option("log.jsonl")
 @data_options
-@out_option(default=None)
-@epochs_option
-@batch_size_option
+@out_option(default=None, default_text="the config's train.output_dir")
+@epochs_option(default_text="the config's optim.epochs")
+@batch_size_option(default_text="the config's optim.batch_size")
 @device_option
 @click.option("--seed", type=int, default=None, help="Random seed (default: the config's).")
 @debug_option
-def train(config_file, overrides, resume, overwrite, skip_bad_images, data, class_list, out, epochs, batch_size,
+def train(config_file, overrides, resume, overwrite, print_config, skip_bad_images, data, class_list, out, epochs, batch_size,
           device, seed):
     """Train a MOKD model pair (or, with loss.mode=independent, two plain DINO runs).
 
@@ -89,7 +102,7 @@ def train(config_file, overrides, resume, overwrite, skip_bad_images, data, clas
     """
     from pathlib import Path
 
-    from mokd.config import apply_cli_flags, load_config, read_yaml
+    from mokd.config import apply_cli_flags, config_yaml, load_config, read_yaml
     from mokd.preemption import StoppedBySignal
     from mokd.trainer import train as run_training
 
@@ -105,6 +118,9 @@ def train(config_file, overrides, resume, overwrite, skip_bad_images, data, clas
                           device=device if device != "auto" else None, seed=seed)
     if skip_bad_images:
         cfg.data.skip_bad_images = True
+    if print_config:
+        click.echo(config_yaml(cfg), nl=False)
+        return
     try:
         run_training(cfg, resume_run=resume, overwrite=overwrite)
     except StoppedBySignal as e:

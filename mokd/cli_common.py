@@ -20,6 +20,7 @@ debug_option = click.option("--debug", is_flag=True, expose_value=False, callbac
 def data_options(f):
     """--data SPEC and --class-list FILE, parsed into a `DataSpec` passed as `data`."""
     f = click.option("--class-list", "class_list", type=click.Path(dir_okay=False), default=None,
+                     show_default="all classes",
                      help="Text file of class folder names (one a line) selecting a subset, e.g. ImageNet-100.")(f)
     f = click.option("--data", "data", default=None, metavar="SPEC",
                      help="Data set: an ImageFolder root (ROOT/train, ROOT/val), 'digits' (embedded, default), "
@@ -39,14 +40,23 @@ def resolve_data(data: str | None, class_list: str | None) -> DataSpec:
     return parse_data_spec(data, class_list)
 
 
-def out_option(default: str):
-    return click.option("--out", "out", type=click.Path(file_okay=False), default=default, show_default=True,
-                        help="Output folder.")
+def out_option(default: str | None, default_text: str | None = None):
+    return click.option("--out", "out", type=click.Path(file_okay=False), default=default,
+                        show_default=default_text or True, help="Output folder.")
 
 
 device_option = click.option("--device", default="auto", show_default=True,
                              help="cpu, cuda, cuda:N, or auto (CUDA when available).")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
-batch_size_option = click.option("--batch-size", "batch_size", type=click.IntRange(min=1), default=None,
-                                 help="Batch size (global across ranks).")
-epochs_option = click.option("--epochs", type=click.IntRange(min=1), default=None, help="Number of epochs.")
+def batch_size_option(f=None, *, default_text: str = "the protocol's"):
+    """--batch-size; `@batch_size_option` or `@batch_size_option(default_text=...)` to say what None means."""
+    option = click.option("--batch-size", "batch_size", type=click.IntRange(min=1), default=None,
+                          show_default=default_text, help="Batch size (global across ranks).")
+    return option(f) if f is not None else option
+
+
+def epochs_option(f=None, *, default_text: str = "the protocol's"):
+    """--epochs; `@epochs_option` or `@epochs_option(default_text=...)` to say what None means."""
+    option = click.option("--epochs", type=click.IntRange(min=1), default=None, show_default=default_text,
+                          help="Number of epochs.")
+    return option(f) if f is not None else option

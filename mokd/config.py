@@ -147,6 +147,7 @@ class TrainConfig:
     progress: bool = True  # tqdm bar per epoch on rank 0
     fast_step: bool = True  # foreach optimisers, fused EMA, low-precision teacher copies; false: the plain path
     compile: str = "auto"  # torch.compile the branches' forward: auto (on for CUDA, off on CPU) | true | false
+    loggers: list = field(default_factory=lambda: ["jsonl"])  # jsonl (always) | tensorboard (OUT/tensorboard)
 
 
 @dataclass
@@ -227,6 +228,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             return float(value)
         if hint is str or text.startswith("str"):
             return str(value)
+        if hint is list:
+            return [value] if isinstance(value, str) else list(value)
         if hint is dict or text.startswith("dict"):
             if not isinstance(value, dict):
                 raise ValueError(value)
@@ -345,6 +348,10 @@ def validate(cfg: Config) -> None:
     need(cfg.head.out_dim >= 2, "head.out_dim must be >= 2")
     need(cfg.thead.dim % cfg.thead.num_heads == 0, "thead.dim must be divisible by thead.num_heads")
     need(cfg.thead.depth >= 1, "thead.depth must be >= 1")
+    loggers = cfg.train.loggers if isinstance(cfg.train.loggers, list) else [cfg.train.loggers]
+    need(all(x in ("jsonl", "tensorboard") for x in loggers) and "jsonl" in loggers,
+         f"train.loggers must be [jsonl] or [jsonl, tensorboard] (log.jsonl is always written: resume and "
+         f"mokd plot-log read it), got {cfg.train.loggers!r}")
     need(str(cfg.train.compile).lower() in ("auto", "true", "false"),
          f"train.compile must be auto, true or false, got {cfg.train.compile!r}")
 
@@ -390,8 +397,13 @@ def _validate_numbers(cfg: Config) -> None:
             raise UserError(f"{k} must be a pair 0 < low <= high <= 1, got [{lo}, {hi}]")
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, readable back by load_config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_yaml(cfg: Config, path: str | Path) -> None:
     from mokd.checkpoint import write_atomic  # torch is not needed to read configs
 
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    text = config_yaml(cfg)
     write_atomic(path, lambda tmp: tmp.write_text(text))

@@ -91,7 +91,7 @@ COMPILE_CHOICES = ("auto", "true", "false")
 
 
 def resolve_compile(setting: str | bool, device: torch.device) -> bool:
-    """train.compile: 'auto' -> on for CUDA, off on the CPU (see the README's speed notes for the measurement)."""
+    """train.compile: 'auto' -> on for CUDA, off on the CPU (docs/training.md gives the measurement)."""
     setting = str(setting).lower()
     if setting not in COMPILE_CHOICES:
         raise UserError(f"train.compile must be auto, true or false, got {setting!r}")

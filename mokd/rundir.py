@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -66,6 +67,9 @@ def clear_run(out: Path) -> list[str]:
     removed = run_files(out)
     for name in removed:
         (out / name).unlink()
+    if (out / "tensorboard").is_dir():  # train.loggers: [jsonl, tensorboard]
+        shutil.rmtree(out / "tensorboard")
+        removed.append("tensorboard/")
     return removed
 
 

@@ -497,7 +497,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop:
         check_same_classes(dataset.dataset, build_dataset(parse_data_spec(cfg.data.spec, cfg.data.class_list), "val"))
     state = build_state(cfg, device, len(loader), dist_info)
     spe = state.steps_per_epoch
-    log = RunLog(out_dir / "log.jsonl", enabled=main)
+    log = RunLog(out_dir / "log.jsonl", enabled=main, loggers=cfg.train.loggers)
     last = out_dir / rundir.LAST
     start_epoch, start_batch, start_sums, metrics = 0, 0, None, {}
     last_good = "no checkpoint was written yet"
@@ -589,6 +589,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop:
     except NonFiniteLoss as e:
         raise UserError(f"{e}. {last_good[0].upper()}{last_good[1:]}: lower the learning rate or use "
                         f"optim.precision=fp32, then --resume.") from e
+    log.close()
     if main:
         summary = knn_summary(metrics, cfg) if knn_on else None
         if summary:

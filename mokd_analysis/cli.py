@@ -69,7 +69,8 @@ def analyze_cli():
 @analyze_cli.command("mad")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @analysis_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per forward pass.")
 @click.option("--image-size", type=click.IntRange(min=8), default=None,
               help="Input resolution (default: the checkpoint's training resolution, else 224).")
 @click.option("--max-images", type=click.IntRange(min=1), default=256, show_default=True,
@@ -78,7 +79,8 @@ def analyze_cli():
 @debug_option
 def mad_cmd(checkpoints, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out, device, seed,
             batch_size, image_size, max_images, figure_width):
-    """Mean attention distance per layer and head (ViTs) or per residual block (CNNs), Fig. 5 / S2.
+    """Mean attention distance per layer and head (ViTs) or per residual block (CNNs), the paper's Fig. 5 and
+    supplementary Fig. S2.
 
     Several checkpoints overlay in one figure (e.g. independent against MOKD); a MOKD checkpoint gives both
     models; each run keeps its colour and marker in both panels. Writes mad.png, mad.pdf, mad.svg, mad.json,
@@ -147,22 +149,28 @@ def _models_for_pair(ckpt_a: str, ckpt_b: str | None, opts: dict, models_ab: tup
 @click.argument("ckpt_a", type=click.Path(dir_okay=False))
 @click.argument("ckpt_b", required=False, type=click.Path(dir_okay=False))
 @click.option("--replacement", type=click.Path(dir_okay=False), default=None,
-              help="A third checkpoint that replaces one model of the pair (Table 9's last column).")
+              show_default="none", help="A third checkpoint that replaces one model of the pair (Table 9's last column).")
 @click.option("--replace", type=click.Choice(["a", "b"]), default="a", show_default=True,
               help="Which model of the pair the replacement stands in for.")
-@click.option("--model-a", default=None, help="net1|net2 of CKPT_A (MOKD checkpoints).")
-@click.option("--model-b", default=None, help="net1|net2 of CKPT_B.")
-@click.option("--model-c", default=None, help="net1|net2 of the replacement.")
-@click.option("--branch", type=click.Choice(["teacher", "student"]), default=None)
-@click.option("--arch", default=None, metavar="TIMM_NAME", help="timm architecture when a file does not name it.")
-@click.option("--allow-partial", "allow_partial", is_flag=True)
+@click.option("--model-a", default=None, show_default="the file's only model; both of one MOKD file",
+              help="net1|net2 of CKPT_A (MOKD checkpoints).")
+@click.option("--model-b", default=None, show_default="the file's only model", help="net1|net2 of CKPT_B.")
+@click.option("--model-c", default=None, show_default="the file's only model", help="net1|net2 of the replacement.")
+@click.option("--branch", type=click.Choice(["teacher", "student"]), default=None, show_default="teacher",
+              help="Which branch to load (MoCo and solo-learn: the query/online encoder).")
+@click.option("--arch", default=None, metavar="TIMM_NAME", show_default="the file's own",
+              help="timm architecture when a file does not name it.")
+@click.option("--allow-partial", "allow_partial", is_flag=True,
+              help="Analyse even if not every backbone tensor matched (the rest keep their random init).")
 @click.option("--k", "k", type=click.IntRange(min=1), default=20, show_default=True, help="k-NN neighbours.")
-@click.option("--temperature", type=float, default=0.07, show_default=True)
+@click.option("--temperature", type=float, default=0.07, show_default=True,
+              help="k-NN vote temperature (DINO's weights exp(similarity / T)).")
 @data_options
 @out_option(default="results/analysis")
 @device_option
 @seed_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per forward pass.")
 @click.option("--image-size", type=click.IntRange(min=8), default=None,
               help="Input resolution (default: the data's own size for small images, else the checkpoint's "
                    "training resolution, else 224).")
@@ -226,8 +234,9 @@ def consistency_cmd(ckpt_a, ckpt_b, replacement, replace, model_a, model_b, mode
               help="Classes drawn at random (seeded) for the plot.")
 @click.option("--per-class", type=click.IntRange(min=1), default=100, show_default=True,
               help="At most this many validation images per class and model.")
-@click.option("--perplexity", type=float, default=30.0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--perplexity", type=float, default=30.0, show_default=True, help="t-SNE perplexity (openTSNE).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per forward pass.")
 @click.option("--image-size", type=click.IntRange(min=8), default=None,
               help="Input resolution (default: the data's own size for small images, else the checkpoint's "
                    "training resolution, else 224).")

@@ -41,7 +41,14 @@ def eval_cli():
 @click.argument("directory", type=click.Path(file_okay=False))
 @debug_option
 def report_cmd(directory):
-    """Render the result records in DIRECTORY as Markdown and CSV tables (DIRECTORY/report.md, report.csv)."""
+    """Render the result records in DIRECTORY as Markdown and CSV tables (DIRECTORY/report.md, report.csv).
+
+    Every *.json record under DIRECTORY is read, in subfolders too (so several `mokd eval --out` folders, or a
+    `benchmarks/reproduce.py` output, render together). report.md holds: all results (one row per record:
+    task, run, model, architecture, mode, data, headline figure and unit); k-NN top-1 / top-5 per k; a Table 1
+    grid (independent vs MOKD, with mean ± std over seeds); the files skipped and why. report.csv: one row per record, the
+    same columns plus every metric flattened (metrics.top1.20, ...).
+    """
     from mokd_eval.report import write_report
 
     md, md_path, csv_path = write_report(directory)

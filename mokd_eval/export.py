@@ -255,3 +255,16 @@ def export_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial,
     with echo_warnings():
         files = export_backbone(loaded.backbone, loaded.arch, target, out)
     click.echo(f"{loaded.label} ({loaded.arch['name']}) -> {target}: " + ", ".join(str(p) for p in files))
+
+
+# The loader options are shared with `mokd eval`; these two say what they mean for an export of one backbone.
+_EXPORT_HELP = {
+    "model": "Which backbone of a MOKD checkpoint: net1 or net2 (official MOKD files: cnn or vit). Needed when the "
+             "file holds several, unless only one of them is a ResNet (detectron2, torchvision).",
+    "allow_partial": "Export even if not every backbone tensor matched (the rest keep their random init).",
+}
+for _param in export_cmd.params:
+    if _param.name in _EXPORT_HELP:
+        _param.help = _EXPORT_HELP[_param.name]
+    if _param.name == "model":
+        _param.show_default = "the only backbone"

@@ -167,12 +167,12 @@ def infer_percent(path: str | Path) -> int | None:
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-def finetune_options(warmup: int):
+def finetune_options(warmup: int, epochs: str):
     """Options shared by `semisup` and `cifar` (the warm-up default differs: 5 and 10 epochs)."""
     options = [
         checkpoint_options, data_options, skip_bad_images_option("the result records"),
         out_option(default="results"), device_option, seed_option,
-        batch_size_option, epochs_option,
+        batch_size_option(default_text="1024"), epochs_option(default_text=epochs),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
                      help="Base lr of the backbone, scaled by batch/256 (the paper searched it per model)."),
         click.option("--head-lr-mult", "head_lr_mult", type=click.FloatRange(min=0), default=10.0,
@@ -252,8 +252,9 @@ def run_finetune(task: str, checkpoint: str, load_args: dict, spec, train_ds, va
 
 
 @click.command("semisup")
-@finetune_options(warmup=5)
+@finetune_options(warmup=5, epochs="60 for 1%, 30 for 10%")
 @click.option("--split-file", "split_file", type=click.Path(dir_okay=False), default=None,
+              show_default="none: a seeded --percent of every class",
               help="Subset of the training split: one image file name a line (e.g. the standard 1percent.txt, "
                    "10percent.txt); matched by file name within ROOT/train/<class>/.")
 @click.option("--percent", type=click.FloatRange(0, 100, min_open=True), default=None,
@@ -306,7 +307,7 @@ def semisup_cmd(checkpoint, split_file, percent, data, class_list, skip_bad_imag
 
 
 @click.command("cifar")
-@finetune_options(warmup=10)
+@finetune_options(warmup=10, epochs="100")
 def cifar_cmd(checkpoint, data, class_list, skip_bad_images, out, device, seed, epochs, image_size, precision,
               **opts):
     """Transfer: fine-tune CHECKPOINT on CIFAR-10/100 (paper Supp. A.4), --data cifar10:PATH or cifar100:PATH.

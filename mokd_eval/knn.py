@@ -489,7 +489,7 @@ def _parse_ks(value: str) -> list[int]:
 @out_option(default="results")
 @device_option
 @seed_option
-@batch_size_option
+@batch_size_option(default_text="256")
 @feature_options
 @click.option("--ks", default="10,20,100,200", show_default=True, help="Comma-separated numbers of neighbours.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True,
@@ -498,6 +498,7 @@ def _parse_ks(value: str) -> list[int]:
               help="Neighbour search (all exact): FAISS flat index, chunked fp32 torch matmul, or the certified "
                    "bf16/fp16 search with fp32 re-rank; auto picks the fastest for the device and says which.")
 @click.option("--dump-features", "dump_features", type=click.Path(file_okay=False), default=None,
+              show_default="none: not saved",
               help="Also save train/test features and labels (.pt) into this folder (per model sub-folder "
                    "when the checkpoint holds two models; the whole bank is then read into memory).")
 @debug_option

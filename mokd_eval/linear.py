@@ -358,8 +358,8 @@ def fast_features(m, spec, split: str, dataset, *, n_last_blocks: int, avgpool: 
 @out_option(default="results")
 @device_option
 @seed_option
-@batch_size_option
-@epochs_option
+@batch_size_option(default_text="2048")
+@epochs_option(default_text="100")
 @feature_options
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Base learning rate, scaled by batch/256 [default: 0.08 for CNNs, 0.008 for ViTs].")

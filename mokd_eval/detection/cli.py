@@ -53,12 +53,16 @@ def strict_json(x):
 
 @click.command("detection")
 @checkpoint_options
-@click.option("--coco", "coco", type=click.Path(), default=None,
+@click.option("--coco", "coco", type=click.Path(), default=None, show_default="none: required unless the four overrides are given",
               help="COCO root: annotations/instances_{train,val}2017.json, train2017/, val2017/.")
-@click.option("--train-json", type=click.Path(dir_okay=False), default=None, help="Override: train annotations.")
-@click.option("--val-json", type=click.Path(dir_okay=False), default=None, help="Override: val annotations.")
-@click.option("--train-images", type=click.Path(file_okay=False), default=None, help="Override: train images.")
-@click.option("--val-images", type=click.Path(file_okay=False), default=None, help="Override: val images.")
+@click.option("--train-json", type=click.Path(dir_okay=False), default=None, show_default="from --coco",
+              help="Override: train annotations.")
+@click.option("--val-json", type=click.Path(dir_okay=False), default=None, show_default="from --coco",
+              help="Override: val annotations.")
+@click.option("--train-images", type=click.Path(file_okay=False), default=None, show_default="from --coco",
+              help="Override: train images.")
+@click.option("--val-images", type=click.Path(file_okay=False), default=None, show_default="from --coco",
+              help="Override: val images.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="detectron2", show_default=True,
               help="detectron2 (the paper's set-up, GPUs) or torchvision (a re-implementation that runs anywhere; "
                    "its numbers are not comparable with detectron2's).")
