@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
 import random
 import re
 import shutil
@@ -59,16 +58,23 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], size_hint: int
 
 
 def out_of_space(e: BaseException, folder: Path, size_hint: int | None = None) -> bool:
-    """True for ENOSPC/EDQUOT, and for torch.save's errno-less 'file write failed' on a nearly full disk."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if isinstance(e, RuntimeError) and "write" in str(e) and "fail" in str(e):
-        try:
-            free = shutil.disk_usage(folder).free
-        except OSError:
-            return False
-        return free < max(size_hint or 0, 1 << 20)
-    return False
+    """Whether a failed write ran out of space: ENOSPC/EDQUOT anywhere in the exception's chain, or, whatever
+    the exception says, less free space in `folder` than the write needed (`size_hint` bytes, at least 1 MiB).
+
+    torch.save reports a full disk without an errno, in words that vary with where it stopped ("file write
+    failed", "unexpected pos ..."), so the free space is the test that does not depend on its wording.
+    """
+    seen, err = set(), e
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return False
+    return free < max(size_hint or 0, 1 << 20)
 
 
 def no_space_message(path: Path, size_hint: int | None = None) -> str:
@@ -132,19 +138,18 @@ def _load_failure(path: Path, e: Exception) -> str:
     if path.stat().st_size == 0:
         return f"checkpoint {path} is empty (0 bytes): a copy or save was interrupted"
     blocked = re.search(r"GLOBAL (\S+) (?:was not an allowed|whose module)", text)
-    unsafe = ("Unpickling it would run code from the file, so mokd reads checkpoints with weights_only=True "
-              "(tensors and plain containers only) and will not load it. If you made this file yourself, save "
-              "the state dict alone (torch.save(model.state_dict(), path)) and load that.")
-    if blocked:
-        return f"refused to load {path}: it holds a pickled {blocked.group(1)} object. {unsafe}"
-    if "Weights only load failed" in text or isinstance(e, pickle.UnpicklingError):
-        detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
-        detail = re.sub(r"\x1b\[[0-9;]*m", "", detail)
-        return f"refused to load {path}: it holds pickled objects other than tensors ({detail}). {unsafe}"
+    if blocked:  # only a global the unpickler met and refused means code: anything else is not a checkpoint
+        return (f"refused to load {path}: it holds a pickled {blocked.group(1)} object. Unpickling it would run "
+                f"code from the file, so mokd reads checkpoints with weights_only=True (tensors and plain "
+                f"containers only) and will not load it. If you made this file yourself, save the state dict "
+                f"alone (torch.save(model.state_dict(), path)) and load that.")
     if "zip archive" in text or "central directory" in text or isinstance(e, EOFError):
         return (f"checkpoint {path} is damaged: it is truncated or corrupt (not a complete torch archive), "
                 f"e.g. a copy or save was cut off")
-    return f"cannot read checkpoint {path}: it is truncated or corrupt ({text.splitlines()[0][:300]})"
+    detail = text.split("WeightsUnpickler error:")[-1] if "WeightsUnpickler error:" in text else text
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", detail).splitlines() if ln.strip()]
+    detail = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+    return f"{path} is not a checkpoint (unreadable: {detail}); expected a file written by torch.save or safetensors"
 
 
 def non_finite(named: dict[str, torch.Tensor], limit: int = 4) -> tuple[list[str], int]:

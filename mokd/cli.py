@@ -1,7 +1,7 @@
-"""The `mokd` command line: train, eval, analyze, export, report.
+"""The `mokd` command line: train, eval, analyze, bench, export, report.
 
-`eval`, `analyze`, `export` and `report` live in the evaluation and analysis packages and are imported only
-when invoked, so `mokd train` does not pay for them and the dependency arrows keep pointing one way.
+`eval`, `analyze`, `bench`, `export` and `report` live in the evaluation, analysis and bench packages and are
+imported only when invoked, so `mokd train` does not pay for them and the dependency arrows keep pointing one way.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ LAZY_COMMANDS = {
     "export": ("mokd_eval.export", "export_cmd"),
     "report": ("mokd_eval.cli", "report_cmd"),
     "analyze": ("mokd_analysis.cli", "analyze_cli"),
+    "bench": ("mokd_bench.cli", "bench_cmd"),
     "plot-log": ("mokd_analysis.training_curves", "plot_log_cmd"),
 }
 

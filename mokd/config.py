@@ -141,6 +141,7 @@ class TrainConfig:
     knn_every: int = 0  # online k-NN monitor on the held-out split every this many epochs (0: off)
     knn_k: int = 20
     knn_max_train: int = 50000  # cap on the memory-bank size for the online monitor
+    monitor_rank: bool = False  # the monitor also logs RankMe and alpha-ReQ of the held-out features (no labels used)
     channels_last: bool = True  # for CNNs
     sync_bn: bool = True  # SyncBatchNorm for CNNs under DDP
     log_every: int = 10  # steps between JSONL records (the last step of an epoch is always logged)
@@ -348,6 +349,8 @@ def validate(cfg: Config) -> None:
     need(cfg.head.out_dim >= 2, "head.out_dim must be >= 2")
     need(cfg.thead.dim % cfg.thead.num_heads == 0, "thead.dim must be divisible by thead.num_heads")
     need(cfg.thead.depth >= 1, "thead.depth must be >= 1")
+    need(not cfg.train.monitor_rank or cfg.train.knn_every > 0,
+         "train.monitor_rank scores the features the online monitor extracts: set train.knn_every > 0 too")
     loggers = cfg.train.loggers if isinstance(cfg.train.loggers, list) else [cfg.train.loggers]
     need(all(x in ("jsonl", "tensorboard") for x in loggers) and "jsonl" in loggers,
          f"train.loggers must be [jsonl] or [jsonl, tensorboard] (log.jsonl is always written: resume and "

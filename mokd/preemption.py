@@ -37,7 +37,7 @@ class StopRequest:
             raise KeyboardInterrupt  # a second Ctrl-C: stop at once, without a checkpoint
         self.signum = signum
         print(f"\ncaught {signal.Signals(signum).name}: saving a checkpoint after this step "
-              f"(Ctrl-C again stops at once, without one)", file=sys.stderr, flush=True)
+              f"({_at_once(signum)})", file=sys.stderr, flush=True)
 
     def requested(self, device: torch.device) -> bool:
         """True once any rank got a stop signal (all ranks must stop after the same step)."""
@@ -50,6 +50,14 @@ class StopRequest:
         if self.signum is None and int(flag.item()):
             self.signum = int(flag.item())
         return self.signum is not None
+
+
+def _at_once(signum: int) -> str:
+    """How to stop at once, for the signal received: only a second Ctrl-C is handled as 'now'."""
+    if signum == signal.SIGINT:
+        return "Ctrl-C again stops at once, without one"
+    name = signal.Signals(signum).name
+    return f"a second {name} changes nothing; SIGKILL stops at once, without one"
 
 
 class StoppedBySignal(Exception):

@@ -42,10 +42,41 @@ def run_files(out: Path) -> list[str]:
     return [n for n in RUN_FILES if (out / n).exists()] + [p.name for p in numbered_checkpoints(out)]
 
 
+def holds_run(out: Path) -> bool:
+    """A checkpoint (readable or not), or a log with a training step in it: what a start must not replace.
+
+    A start that stopped before its first step (an unreadable image, a bad setting) leaves config.yaml and
+    perhaps a log without steps; that is not a run, and its own rerun must not be refused."""
+    if (out / LAST).exists() or numbered_checkpoints(out):
+        return True
+    log = out / "log.jsonl"
+    if not log.is_file():
+        return False
+    with open(log, errors="replace") as f:
+        for ln in f:
+            try:
+                record = json.loads(ln)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("type") in ("step", "epoch"):
+                return True
+    return False
+
+
+def clear_failed_start(out: Path) -> list[str]:
+    """Delete what a start that trained no step left (its config.yaml and log), so the rerun starts clean."""
+    if holds_run(out):
+        return []
+    removed = run_files(out)
+    for name in removed:
+        (out / name).unlink()
+    return removed
+
+
 def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to start over a run by accident (read-only)."""
     present = run_files(out)
-    if present and not resume and not overwrite:
+    if present and not resume and not overwrite and holds_run(out):
         shown = ", ".join(present[:4]) + (f" and {len(present) - 4} more" if len(present) > 4 else "")
         raise UserError(f"{out} already holds a run ({shown}); nothing was changed. Continue it with --resume, "
                         f"start it over with --overwrite (deletes its checkpoints and log), or choose another --out")
@@ -187,18 +218,30 @@ class UnusableCheckpoint(UserError):
     """A checkpoint that does not read back or is damaged; a resume falls back past it."""
 
 
+class NonFiniteCheckpoint(UnusableCheckpoint):
+    """A checkpoint whose weights or optimiser state hold NaN/inf: resuming it would train on them."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 def find_resume_checkpoint(out: Path, read: Callable[[Path], dict]) -> tuple[Path, dict, list[str]] | None:
     """The newest checkpoint of the run in `out` that `read` accepts, with notes on what was passed over.
 
     `read(path)` returns the checkpoint or raises UnusableCheckpoint (any other UserError, e.g. a config that
     builds a different model, stops the search: it would stop every file alike). None when there is nothing.
+    A newest state with NaN/inf in it (NonFiniteCheckpoint) is refused, naming the newest clean checkpoint:
+    falling back past it without being asked would lose epochs and meet the same divergence again.
     """
-    notes, failures = [], []
+    notes, failures, poisoned = [], [], []
     best: tuple[Path, dict] | None = None
     last = out / LAST
     if last.exists():
         try:
             best = (last, read(last))
+        except NonFiniteCheckpoint as e:
+            poisoned.append((last, e))
         except UnusableCheckpoint as e:
             failures.append(str(e))
     for p in numbered_checkpoints(out):
@@ -207,6 +250,9 @@ def find_resume_checkpoint(out: Path, read: Callable[[Path], dict]) -> tuple[Pat
             break
         try:
             ckpt = read(p)
+        except NonFiniteCheckpoint as e:
+            poisoned.append((p, e))
+            continue
         except UnusableCheckpoint as e:
             failures.append(str(e))
             continue
@@ -214,6 +260,15 @@ def find_resume_checkpoint(out: Path, read: Callable[[Path], dict]) -> tuple[Pat
             notes.append(f"{p.name} (epoch {number}) is newer than {LAST} (a save was cut off between them)")
         best = (p, ckpt)
         break
+    newer = [(p, e) for p, e in poisoned if best is None or e.step > int(best[1]["step"])]
+    notes += [f"{e}; passing over it for {best[0].name} ({describe(best[1])})" for p, e in poisoned
+              if (p, e) not in newer]
+    if newer:
+        clean = (f"the newest clean checkpoint is {best[0]} ({describe(best[1])}): move "
+                 f"{', '.join(str(p) for p, _ in newer)} aside and --resume continues from it"
+                 if best is not None else f"no checkpoint in {out} is clean: start over with --overwrite")
+        raise UserError(f"--resume: {newer[0][1]}; {clean}. Lower the learning rate or use optim.precision=fp32 "
+                        f"first, or the run may diverge again")
     if best is None:
         if failures:
             raise UserError(f"--resume: no checkpoint in {out} reads back ({'; '.join(failures)}). Start over "

@@ -9,11 +9,12 @@ def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int
                     warmup_start: float = 0.0) -> np.ndarray:
     """Linear warm-up from warmup_start to base over warmup_epochs, then cosine from base to final.
 
-    Returns [epochs * steps_per_epoch] float64 values; value[0] = warmup_start (or base without warm-up),
-    and the last value approaches final.
+    DINO's `cosine_scheduler`, step for step: the warm-up includes its end point (its last step is already
+    `base`, as is the cosine's first). Returns [epochs * steps_per_epoch] float64 values; value[0] =
+    warmup_start (or base without warm-up), and the last value approaches final.
     """
     warmup_steps = warmup_epochs * steps_per_epoch
-    warmup = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps > 0 else np.array([])
+    warmup = np.linspace(warmup_start, base, warmup_steps) if warmup_steps > 0 else np.array([])
     steps = epochs * steps_per_epoch - warmup_steps
     t = np.arange(steps)
     cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(steps, 1)))

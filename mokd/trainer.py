@@ -7,6 +7,7 @@ and, on SIGTERM/SIGINT/SIGUSR1, mid-epoch (mokd.preemption). No checkpoint with 
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from mokd import distributed, rundir
 from mokd.augment import MultiCrop, SeededCrops
 from mokd.fast_augment import FastMultiCrop, FastSeededCrops, to_device
 from mokd.checkpoint import FORMAT, VERSION, load_file, no_space_message, non_finite, out_of_space, rng_state, \
-    save_atomic, seed_everything, set_rng_state
+    save_atomic, seed_everything, set_rng_state, write_atomic
 from mokd.config import Config, save_yaml, to_dict
 from mokd.data import build_dataset, check_same_classes, parse_data_spec
 from mokd.device import autocast, grad_scaler, resolve_compile, resolve_device, resolve_precision
@@ -347,12 +348,26 @@ def read_resumable(path: Path, state: TrainState, cfg: Config) -> dict:
         raise UserError(f"{path} does not fit the model this config builds ({len(differ)} tensors differ, e.g. "
                         f"{', '.join(differ[:4])}): loss.mode, loss.st/ct/ct_center, head.* and thead.* must stay as they "
                         f"were. Resume without --config to use the run's own config.yaml.")
+    bad, count = non_finite(_resumable_tensors(ckpt))
+    if bad:
+        more = f" and {count - len(bad)} more" if count > len(bad) else ""
+        raise rundir.NonFiniteCheckpoint(f"{path} ({rundir.describe(ckpt)}) holds non-finite values (NaN or inf) "
+                                         f"in {', '.join(bad)}{more}", int(ckpt["step"]))
     part = ckpt.get("partial_epoch")
     if part and part["of"] != state.steps_per_epoch:
         raise UserError(f"{path} was saved in the middle of an epoch of {part['of']} steps, but this config gives "
                         f"{state.steps_per_epoch} steps per epoch (batch size or data changed); resume with the "
                         f"run's batch size and data, or from a checkpoint_NNNN.pth")
     return ckpt
+
+
+def _resumable_tensors(ckpt: dict) -> dict:
+    """A checkpoint's weights and optimiser state by name: what a resume would train on."""
+    named = dict(ckpt["model"])
+    for n, opt in (ckpt.get("optimizer") or {}).items():
+        for i, slots in (opt.get("state") or {}).items() if isinstance(opt, dict) else ():
+            named.update({f"optimizer {n} {slot} of parameter {i}": v for slot, v in slots.items()})
+    return named
 
 
 def resume(state: TrainState, ckpt: dict, cfg: Config) -> tuple[int, int, dict[str, float] | None]:
@@ -389,7 +404,7 @@ def knn_monitor(state: TrainState, cfg: Config, epoch: int, log: RunLog) -> dict
     if len(train_set) > cfg.train.knn_max_train:
         idx = np.random.default_rng(0).choice(len(train_set), cfg.train.knn_max_train, replace=False)
         train_set = train_set.subset(sorted(idx.tolist()))
-    out = {}
+    out, ranks = {}, {}
     for n in NETS:
         backbone = state.model.teacher[n].backbone
         was_training = backbone.training
@@ -401,13 +416,26 @@ def knn_monitor(state: TrainState, cfg: Config, epoch: int, log: RunLog) -> dict
             res = knn_evaluate(train_f, train_l, test_f, test_l, ks=(cfg.train.knn_k,),
                                num_classes=len(train_set.classes), log=None)
             out[n] = res["top1"][cfg.train.knn_k]
+            if cfg.train.monitor_rank:  # label-free: collapse shows as RankMe falling towards 1
+                from mokd_analysis.rank import rank_scores
+
+                scores = rank_scores(test_f)
+                ranks.update({f"rankme_{n}": scores["rankme"], f"alpha_req_{n}": scores["alpha_req"]})
     if distributed.is_main():
         when = "initialisation" if epoch == 0 else f"epoch {epoch}"
         print(f"online k-NN top-1 (k={cfg.train.knn_k}) at {when}: "
               + ", ".join(f"{n} ({getattr(cfg, n).arch}) {out[n]:.2f}%" for n in NETS), flush=True)
+        if ranks:
+            print(f"online rank at {when}: " + ", ".join(
+                f"{n} RankMe {ranks[f'rankme_{n}']:.1f} alpha-ReQ {_fmt(ranks[f'alpha_req_{n}'])}" for n in NETS),
+                flush=True)
         log.write({"type": "knn", "epoch": epoch, "step": epoch * state.steps_per_epoch - 1, "k": cfg.train.knn_k,
-                   **{f"knn_top1_{n}": out[n] for n in NETS}})
+                   **{f"knn_top1_{n}": out[n] for n in NETS}, **ranks})
     return out
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def train(cfg: Config, resume_run: bool = False, overwrite: bool = False) -> Path:
@@ -454,6 +482,8 @@ def _own_run_dir(out_dir: Path, resume_run: bool, overwrite: bool) -> rundir.Run
         raise
     try:
         rundir.check_out_dir(out_dir, resume_run, overwrite)
+        if not overwrite and (removed := rundir.clear_failed_start(out_dir)):
+            print(f"note: deleted {', '.join(removed)} in {out_dir}, left by a start that trained no step")
         if note:
             print(f"note: {note}")
         if n := rundir.clean_temp_files(out_dir):
@@ -501,6 +531,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop:
     last = out_dir / rundir.LAST
     start_epoch, start_batch, start_sums, metrics = 0, 0, None, {}
     last_good = "no checkpoint was written yet"
+    resumed_from: Path | None = None
     if resume_run:
         found = rundir.find_resume_checkpoint(out_dir, lambda p: read_resumable(p, state, cfg))
         if found is None:
@@ -508,6 +539,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop:
                 print(f"--resume: no checkpoint in {out_dir} yet; starting from scratch")
         else:
             path, ckpt, notes = found
+            resumed_from = path
             start_epoch, start_batch, start_sums = resume(state, ckpt, cfg)
             metrics = dict(ckpt.get("metrics") or {})
             last_good = f"{path} ({rundir.describe(ckpt)}) is untouched"
@@ -587,9 +619,14 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop:
             if done < cfg.optim.epochs and stop.requested(device):
                 raise _stopped(stop.signum, last, out_dir, f"after epoch {done}")
     except NonFiniteLoss as e:
-        raise UserError(f"{e}. {last_good[0].upper()}{last_good[1:]}: lower the learning rate or use "
-                        f"optim.precision=fp32, then --resume.") from e
+        raise UserError(f"{e}; not saved: {last_good}. Lower the learning rate or use optim.precision=fp32, "
+                        f"then --resume.") from e
     log.close()
+    if main and resumed_from is not None and resumed_from != last and start_epoch >= cfg.optim.epochs:
+        # Resumed from a numbered checkpoint (last.pth older or damaged) with no epoch left to train: no save
+        # above rewrote last.pth, which eval and export read, so it gets the newest state now, byte for byte.
+        write_atomic(last, lambda tmp: shutil.copyfile(resumed_from, tmp), size_hint=resumed_from.stat().st_size)
+        print(f"wrote {last} from {resumed_from} (the newest state)")
     if main:
         summary = knn_summary(metrics, cfg) if knn_on else None
         if summary:

@@ -18,7 +18,8 @@ from mokd.cli_common import data_options, debug_option, device_option, out_optio
 from mokd.data import build_dataset
 from mokd.errors import UserError
 from mokd.naming import data_name
-from mokd_eval.common import echo, load_eval_data, load_models_cli, loader_options, precision_for, setup_run
+from mokd_eval.common import echo, load_eval_data, load_models_cli, loader_options, pos_resample_option, \
+    precision_for, setup_run
 from mokd_eval.features import eval_transform, features_for, fit_input_size
 from mokd_eval.knn import knn_predict
 from mokd_eval.records import write_record
@@ -162,6 +163,7 @@ def _models_for_pair(ckpt_a: str, ckpt_b: str | None, opts: dict, models_ab: tup
               help="timm architecture when a file does not name it.")
 @click.option("--allow-partial", "allow_partial", is_flag=True,
               help="Analyse even if not every backbone tensor matched (the rest keep their random init).")
+@pos_resample_option
 @click.option("--k", "k", type=click.IntRange(min=1), default=20, show_default=True, help="k-NN neighbours.")
 @click.option("--temperature", type=float, default=0.07, show_default=True,
               help="k-NN vote temperature (DINO's weights exp(similarity / T)).")

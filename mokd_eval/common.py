@@ -57,7 +57,8 @@ def _parse_kwargs(ctx, param, value):
 
 
 def loader_options(f):
-    """--model, --branch, --arch, --arch-kwargs, --key, --allow-partial: how to read a checkpoint."""
+    """--model, --branch, --arch, --arch-kwargs, --key, --allow-partial, --cifar-stem, --pos-resample: how to
+    read a checkpoint."""
     options = [
         click.option("--model", default=None, metavar="NAME",
                      help="MOKD checkpoints: net1 or net2 (default: both); official MOKD files: cnn or vit."),
@@ -76,6 +77,7 @@ def loader_options(f):
         click.option("--cifar-stem", "cifar_stem", is_flag=True, expose_value=False, callback=_remember_cifar_stem,
                      help="CNNs: first convolution at stride 1 and no stem max-pool, as CIFAR models are trained "
                           "(a 3x3 first convolution is recognised without this flag; a 7x7 one is not)."),
+        pos_resample_option,
     ]
     for option in reversed(options):
         f = option(f)
@@ -92,6 +94,27 @@ def _remember_cifar_stem(ctx, param, value):
 def _cifar_stem_flag() -> bool:
     ctx = click.get_current_context(silent=True)
     return bool(ctx and ctx.meta.get(CIFAR_STEM_KEY))
+
+
+POS_RESAMPLE_KEY = "mokd_eval.pos_resample"
+
+
+def _remember_pos_resample(ctx, param, value):
+    ctx.meta[POS_RESAMPLE_KEY] = value
+
+
+def _pos_resample_flag() -> str | None:
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(POS_RESAMPLE_KEY) if ctx else None
+
+
+# Part of loader_options; commands with loader options of their own (analyze consistency) add it alone.
+pos_resample_option = click.option(
+    "--pos-resample", "pos_resample", type=click.Choice(["dino", "timm"]), default=None, expose_value=False,
+    callback=_remember_pos_resample, show_default="None: the rule the checkpoint's source trained with",
+    help="ViTs away from their native size: resample the position embedding by DINO's rule (bicubic, scale "
+         "(n + 0.1) / N, as DINO and MOKD train) or timm's; the load report says which and why, "
+         "docs/fidelity.md lists each source's.")
 
 
 def checkpoint_options(f):
@@ -165,7 +188,7 @@ def load_models_cli(checkpoint: str, model: str | None, branch: str | None, arch
                     arch_kwargs: dict | None, key: str | None, allow_partial: bool) -> list[LoadedModel]:
     """load_models, printing one load report per model (rank 0)."""
     models = load_models(checkpoint, model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs, key=key,
-                         allow_partial=allow_partial, cifar_stem=_cifar_stem_flag())
+                         allow_partial=allow_partial, cifar_stem=_cifar_stem_flag(), pos_resample=_pos_resample_flag())
     for m in models:
         c = m.checkpoint
         echo(f"loaded {m.label}: {c['name']} from {checkpoint} [{c['format']}"

@@ -142,10 +142,9 @@ def load_models(path: str | Path, *, model: str | None = None, branch: str | Non
         backbone = architecture.build(a)
         rule = None
         if is_vit(backbone):
-            rule = pos_resample or eval_pos_resample(fmt, obj, cand)
-            if rule == "dino" and pos_resample is None and not dino_rule_applies(backbone):
-                rule = "timm"  # a ViT relative with a position embedding of its own (XCiT, ...)
+            rule, why = choose_pos_resample(fmt, obj, cand, pos_resample, backbone)
             set_pos_resample(backbone, rule, a["name"])
+            notes.append(_pos_resample_note(backbone, rule, why))
         report = match_and_load(backbone, cand.state, cand.ignored)
         report.notes.extend(notes)
         _check(report, a["name"], path, label, allow_partial, _arch_hint(cand.state))
@@ -157,6 +156,7 @@ def load_models(path: str | Path, *, model: str | None = None, branch: str | Non
                 "shape": model_name(a["name"], a["kwargs"], a["small_stem"]),
                 "name": model_name(a["name"], a["kwargs"], a["small_stem"], (cand.arch or {}).get("given_name")),
                 "run": run_name(path),
+                "load_report": report.as_dict_brief(),  # so that every result record carries it (provenance)
                 **{k: v for k, v in cand.extra.items() if v is not None},
                 **({"pos_resample": rule} if rule else {})}
         out.append(LoadedModel(backbone, label, a, report, ckpt, cand.image_size))
@@ -236,7 +236,7 @@ def _check_has_backbone(cand: Candidate, path: Path, fmt: str) -> None:
         raise UserError(f"{path.name} ({fmt}, {cand.label}) holds no backbone weights: no tensors where this layout "
                         f"keeps them{_ignored_groups(cand.ignored)}")
     if all(k.startswith(HEAD_PREFIXES) for k in cand.state):
-        groups = sorted({k.split(".")[0] + "." for k in cand.state})
+        groups = sorted({k.split(".")[0] + ".*" for k in cand.state})
         raise UserError(f"{path.name} ({fmt}) holds no backbone weights: every tensor is under "
                         f"{'/'.join(groups)} (a projector or classifier head only); use the file that holds the "
                         "backbone, or --key NAME if it sits elsewhere in this one")
@@ -261,6 +261,37 @@ def eval_pos_resample(fmt: str, obj: Any, cand: Candidate) -> str:
         net_cfg = (obj.get("config") or {}).get(cand.model) or {}
         return net_cfg.get("pos_resample", "timm")
     return "timm"
+
+
+SOURCES = {"dino": "DINO", "mocov3": "MoCo v3", "mokd-official": "the official MOKD code"}
+
+
+def choose_pos_resample(fmt: str, obj: Any, cand: Candidate, asked: str | None, backbone: nn.Module
+                        ) -> tuple[str, str]:
+    """(rule, why) for a ViT: the user's --pos-resample, else the rule the checkpoint's source trained with."""
+    if asked is not None:
+        return asked, f"--pos-resample {asked}"
+    rule = eval_pos_resample(fmt, obj, cand)
+    if rule == "dino" and not dino_rule_applies(backbone):
+        return "timm", f"{type(backbone).__name__} has a position embedding of its own, which only timm's rule resamples"
+    if fmt in SOURCES:
+        return rule, f"the rule {SOURCES[fmt]} trained with"
+    if fmt == "mokd":
+        net_cfg = ((obj.get("config") or {}).get(cand.model) or {}) if isinstance(obj, dict) else {}
+        if "pos_resample" in net_cfg:
+            return rule, f"the run's {cand.model}.pos_resample, as it trained"
+        return rule, f"the run predates {cand.model}.pos_resample and trained with timm's rule"
+    return rule, (f"a {fmt} file does not say how its source resampled; DINO's backbone-only release files "
+                  f"(e.g. dino_deitsmall16_pretrain.pth) trained with DINO's rule: --pos-resample dino for them")
+
+
+def _pos_resample_note(backbone: nn.Module, rule: str, why: str) -> str:
+    """The load report's line on position-embedding resampling, for any input away from the native grid."""
+    pe = backbone.patch_embed
+    size, grid = getattr(pe, "img_size", None), getattr(pe, "grid_size", None)
+    native = f" away from {size[0]} px ({grid[0]}x{grid[1]} grid)" if size and grid else ""
+    name = {"dino": "DINO's rule (bicubic, scale (n + 0.1) / N)", "timm": "timm's rule (bicubic to n, antialiased)"}
+    return f"position embedding resampled{native} by {name[rule]}: {why}"
 
 
 def _arch_hint(state: dict) -> str:

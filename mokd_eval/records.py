@@ -2,9 +2,12 @@
 
 Fields (DESIGN.md): task, checkpoint {path, sha256, format, model, branch, arch, label, name, shape, run,
 [mode, pair]} (name and shape: mokd.naming.model_name; run: mokd.naming.run_name),
-data {spec, sizes, classes}, settings (resolved), metrics, env (versions, device, git commit), wall_time_s.
-`metrics` names its headline figure: k-NN has `best_top1`; other protocols put their headline accuracy
-under `top1` (or name the key in `metrics["headline"]`).
+data {spec, sizes, classes}, settings (resolved), metrics, env (versions, device, git commit), wall_time_s,
+and `provenance`: the same facts gathered flat for a report row (protocol and its parameters, seed, precision,
+device type and world size, checkpoint sha256, format and load report, package version and git commit,
+torch/timm/faiss versions, wall time) with `deviations`, the settings that differ from the published protocol
+(`PUBLISHED`). `metrics` names its headline figure: k-NN has `best_top1`; other protocols put their headline
+accuracy under `top1` (or name the key in `metrics["headline"]`).
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def environment(device: torch.device | str | None = None) -> dict:
             pass
     versions.setdefault("torch", torch.__version__)
     dev = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    env = {"python": platform.python_version(), "packages": versions, "device": dev, "platform": platform.platform(),
+    env = {"python": platform.python_version(), "packages": versions, "device": dev,
+           "device_type": torch.device(dev).type, "platform": platform.platform(),
            "world_size": dist.world_size(), "git_commit": _git_commit()}
     if dev.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(dev))
@@ -84,14 +88,97 @@ def record_name(task: str, checkpoint: dict, data: dict, settings: dict) -> str:
     return f"{base}__{hashlib.sha256(ident.encode()).hexdigest()[:8]}.json"
 
 
+# The published protocols the records are compared with: DINO's k-NN (Caron et al. 2021, eval_knn.py) as the
+# MOKD paper runs it (the best of k = 10, 20, 100, 200; Supp. A.2), and the paper's linear probe (Supp. A.2,
+# after DINO's eval_linear.py). Both on 224 px centre crops of images resized to 256.
+PUBLISHED = {
+    "knn": {"ks": [10, 20, 100, 200], "temperature": 0.07, "image_size": 224, "resize": 256, "precision": "fp32"},
+    "linear": {"mode": "full", "epochs": 100, "batch_size": 2048, "lr": {"cnn": 0.08, "vit": 0.008},
+               "warmup_epochs": 10, "momentum": 0.9, "weight_decay": 0.0, "n_last_blocks": 4, "image_size": 224,
+               "resize": 256},
+}
+NATIVE_KINDS = ("digits", "photos", "cifar10", "cifar100")  # data evaluated at the images' own size (no crop)
+
+
+def _num(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def _backbone_kind(settings: dict, checkpoint: dict) -> str:
+    """vit | cnn, from the settings when the protocol said so, else from the architecture's name."""
+    if settings.get("backbone_kind"):
+        return settings["backbone_kind"]
+    name = str(checkpoint.get("arch") or "").lower()
+    return "vit" if any(t in name for t in ("vit", "deit", "xcit", "eva", "beit")) else "cnn"
+
+
+def _size_deviations(settings: dict, data: dict, published: dict) -> list[str]:
+    size = settings.get("image_size")
+    if (data or {}).get("kind") in NATIVE_KINDS or str((data or {}).get("spec", "")).split(":")[0] in NATIVE_KINDS:
+        return [f"images at their own {size} px (published: resize {published['resize']}, centre crop "
+                f"{published['image_size']})"]
+    if isinstance(size, int) and size != published["image_size"]:
+        return [f"centre crop {size} px of {round(size * 256 / 224)} (published: {published['image_size']} of "
+                f"{published['resize']})"]
+    return []
+
+
+def deviations(task: str, settings: dict, data: dict | None = None, checkpoint: dict | None = None) -> list[str]:
+    """Where a record's settings differ from the published protocol (`PUBLISHED`), one sentence each; [] for a
+    match, and for tasks without a published protocol (analyses)."""
+    pub, s, out = PUBLISHED.get(task), settings or {}, []
+    if pub is None:
+        return out
+    if task == "knn":
+        ks = [int(k) for k in s.get("ks") or [] if str(k).isdigit()]
+        if ks and sorted(ks) != pub["ks"]:
+            out.append(f"k in {ks} (published: best of {pub['ks']}; DINO reports k=20)")
+        if s.get("temperature") is not None and s["temperature"] != pub["temperature"]:
+            out.append(f"T={_num(s['temperature'])} (published: {pub['temperature']})")
+    else:
+        kind = _backbone_kind(s, checkpoint or {})
+        if s.get("mode") == "fast":
+            out.append("fast probe: a grid of learning rates on cached features of the evaluation transform, the lr "
+                       f"picked on {s.get('holdout', 0.1):.0%} of train held out (published: one lr, "
+                       "RandomResizedCrop and flip)")
+        elif s.get("lr") is not None and s["lr"] != pub["lr"][kind]:
+            out.append(f"base lr {_num(s['lr'])} (published: {pub['lr'][kind]} for a {kind.upper()})")
+        for key, what in (("epochs", "epochs"), ("batch_size", "batch"), ("warmup_epochs", "warm-up epochs"),
+                          ("momentum", "momentum"), ("weight_decay", "weight decay")):
+            if s.get(key) is not None and s[key] != pub[key]:
+                out.append(f"{what} {_num(s[key])} (published: {_num(pub[key])})")
+        if kind == "vit" and s.get("n_last_blocks") is not None and s["n_last_blocks"] != pub["n_last_blocks"]:
+            out.append(f"CLS tokens of the last {s['n_last_blocks']} block(s) (published: {pub['n_last_blocks']})")
+    out += _size_deviations(s, data or {}, pub)
+    if s.get("precision") not in (None, "fp32"):
+        out.append(f"features in {s['precision']} (published: fp32)")
+    return out
+
+
+def provenance(task: str, checkpoint: dict, data: dict, settings: dict, env: dict, wall_time_s: float) -> dict:
+    """The facts a report row needs to be trusted and repeated, flat (see the module docstring)."""
+    packages = env.get("packages") or {}
+    stable = {k: v for k, v in (settings or {}).items() if k not in VOLATILE_SETTINGS}
+    return {"protocol": task, "params": stable, "seed": stable.get("seed"), "precision": stable.get("precision"),
+            "device_type": env.get("device_type"), "world_size": env.get("world_size"),
+            "checkpoint_sha256": checkpoint.get("sha256"), "checkpoint_format": checkpoint.get("format"),
+            "load_report": checkpoint.get("load_report"), "mokd_version": packages.get("mokd"),
+            "git_commit": env.get("git_commit"), "torch": packages.get("torch"), "timm": packages.get("timm"),
+            "faiss": packages.get("faiss-cpu") or packages.get("faiss-gpu-cu12"), "wall_time_s": float(wall_time_s),
+            "deviations": deviations(task, settings, data, checkpoint)}
+
+
 def write_record(out_dir: str | Path, *, task: str, checkpoint: dict, data: dict, settings: dict, metrics: dict,
-                 wall_time_s: float, device: torch.device | str | None = None) -> Path:
-    """Write one result record (adds `env`, `created`, `record_version`); returns its path."""
+                 wall_time_s: float, device: torch.device | str | None = None, extra: dict | None = None) -> Path:
+    """Write one result record (adds `env`, `provenance`, `created`, `record_version`, and the fields of
+    `extra`, such as the bench's job); returns its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    env = environment(device)
     record = {"record_version": RECORD_VERSION, "task": task, "checkpoint": checkpoint, "data": data,
-              "settings": settings, "metrics": metrics, "env": environment(device), "wall_time_s": float(wall_time_s),
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              "settings": settings, "metrics": metrics, "env": env, "wall_time_s": float(wall_time_s),
+              "provenance": provenance(task, checkpoint, data, settings, env, wall_time_s),
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(extra or {})}
     path = out / record_name(task, checkpoint, data, settings)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(to_jsonable(record), indent=2) + "\n")

@@ -2,7 +2,8 @@
 
 Sections: all results (one row per record: run, model, architecture as built, mode, headline figure and its
 unit), a per-k table for k-NN, a Table-1-style grid (pair x independent/MOKD x k-NN/linear, net1 and net2)
-for records of our own checkpoints, whose `checkpoint` field carries `mode` and `pair`, and the files that
+for records of our own checkpoints, whose `checkpoint` field carries `mode` and `pair`, the same two figures for
+every other checkpoint (third-party files, and ours without a pair and mode) beside them, and the files that
 were skipped with the reason. Several records in one grid cell (runs with other seeds, say) are shown as
 mean ± std and listed below the grid, with a warning when they are not repeats of one evaluation.
 """
@@ -93,7 +94,57 @@ def _row(r: dict) -> dict:
     return {"task": r.get("task"), "run": ident["run"], "model": ident["model"], "arch": ident["name"],
             "mode": ident["mode"], "data": _data(r), "metric": name, "value": value, "unit": unit(r) if r else None,
             "format": c.get("format"), "pair": c.get("pair"), "checkpoint": c.get("path"),
-            "data_spec": (r.get("data") or {}).get("spec"), "wall_time_s": r.get("wall_time_s"), "file": r.get("_file")}
+            "data_spec": (r.get("data") or {}).get("spec"), "wall_time_s": r.get("wall_time_s"), "file": r.get("_file"),
+            **{f"provenance.{k}": v for k, v in provenance_cells(r).items()}}
+
+
+PROVENANCE_COLUMNS = ("params", "seed", "precision", "device", "sha256", "format", "load", "version", "versions",
+                      "wall_s", "deviations")
+
+
+def provenance_cells(r: dict) -> dict:
+    """A record's provenance as short cells (records written before `provenance` existed give what they hold)."""
+    p = r.get("provenance") or {}
+    if not r:
+        return dict.fromkeys(PROVENANCE_COLUMNS)
+    c, env = r.get("checkpoint") or {}, r.get("env") or {}
+    params = p.get("params", {k: v for k, v in (r.get("settings") or {}).items() if k not in VOLATILE_SETTINGS})
+    load = p.get("load_report") or c.get("load_report")
+    world = p.get("world_size", env.get("world_size"))
+    device = p.get("device_type") or str(env.get("device", "")).split(":")[0] or None
+    commit = p.get("git_commit", env.get("git_commit"))
+    versions = {k: p.get(k) for k in ("torch", "timm", "faiss")}
+    deviations = p.get("deviations")
+    return {
+        "params": ", ".join(f"{k}={_short(v)}" for k, v in params.items() if k not in ("seed", "precision")),
+        "seed": p.get("seed", params.get("seed")), "precision": p.get("precision", params.get("precision")),
+        "device": f"{device} x{world}" if device and world else device,
+        "sha256": (p.get("checkpoint_sha256") or c.get("sha256") or "")[:12] or None,
+        "format": p.get("checkpoint_format") or c.get("format"),
+        "load": (f"{load['matched']}/{load['total']} matched, {load.get('missing', 0)} missing"
+                 if isinstance(load, dict) and "matched" in load else None),
+        "version": f"{p.get('mokd_version') or '?'}@{(commit or '?')[:8]}",
+        "versions": " ".join(f"{k} {v}" for k, v in versions.items() if v) or None,
+        "wall_s": p.get("wall_time_s", r.get("wall_time_s")),
+        "deviations": "; ".join(deviations) if deviations else ("none" if deviations is not None else None),
+    }
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "/".join(_short(x) for x in v) if len(v) <= 6 else f"{_short(v[0])}..{_short(v[-1])} ({len(v)})"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{_short(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def provenance_table(records: list[dict], label=None) -> str:
+    """One row per record: who (label), what (task), and its provenance cells."""
+    label = label or (lambda r: identity(r)["model"] or identity(r)["run"])
+    rows = [[label(r), r.get("task")] + [provenance_cells(r)[k] for k in PROVENANCE_COLUMNS] for r in records]
+    return markdown_table(["model", "task", *PROVENANCE_COLUMNS], rows)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict:
@@ -129,6 +180,11 @@ def render_markdown(records: list[dict], skipped: Sequence[tuple[Path, str]] = (
     grid = table1_grid(records)
     if grid:
         parts += ["", "## Table 1: independent training vs MOKD (%)", "", grid]
+    others = other_checkpoints_table(records)
+    if others:
+        parts += ["", "## Other checkpoints: k-NN and linear (%)" if grid else "## Checkpoints: k-NN and linear (%)",
+                  "", others]
+    parts += ["", "## Provenance", "", provenance_table(records)]
     if skipped:
         parts += ["", "## Skipped files", ""] + [f"- {p}: {why}" for p, why in skipped]
     return "\n".join(parts) + "\n"
@@ -161,7 +217,7 @@ def table1_grid(records: list[dict]) -> str | None:
     cells: dict[tuple, dict[tuple, list[dict]]] = {}
     for r in records:
         c = r.get("checkpoint") or {}
-        if c.get("mode") not in dict(GRID_MODES) or not c.get("pair") or c.get("model") not in ("net1", "net2"):
+        if not _in_grid(r):
             continue
         if r.get("task") not in dict(GRID_TASKS):
             continue
@@ -187,6 +243,31 @@ def table1_grid(records: list[dict]) -> str | None:
     if notes:
         table += "\n\nCells with several records (mean ± sample std over them):\n\n" + "\n".join(notes)
     return table
+
+
+def _in_grid(r: dict) -> bool:
+    c = r.get("checkpoint") or {}
+    return c.get("mode") in dict(GRID_MODES) and bool(c.get("pair")) and c.get("model") in ("net1", "net2")
+
+
+def other_checkpoints_table(records: list[dict]) -> str | None:
+    """k-NN and linear headline figures of the checkpoints the Table-1 grid leaves out (third-party files, and
+    ours without mode and pair): one row per checkpoint (label, architecture as built, format) and data set;
+    several records in a cell are summarised as in the grid."""
+    cells: dict[tuple, dict[str, list[dict]]] = {}
+    for r in records:
+        if r.get("task") not in dict(GRID_TASKS) or _in_grid(r):
+            continue
+        c, ident = r.get("checkpoint") or {}, identity(r)
+        row = (str(c.get("label") or ident["model"] or ident["run"]), ident["name"], c.get("format"), _data(r),
+               c.get("sha256"))
+        cells.setdefault(row, {}).setdefault(r["task"], []).append(r)
+    if not cells:
+        return None
+    figure = lambda recs: _summary([v for v in (headline(r)[1] for r in recs) if v is not None])  # noqa: E731
+    rows = [[label, name, fmt, data] + [figure(vals.get(t, [])) for t, _ in GRID_TASKS]
+            for (label, name, fmt, data, _), vals in sorted(cells.items(), key=lambda kv: [str(x) for x in kv[0]])]
+    return markdown_table(["checkpoint", "arch", "format", "data"] + [title for _, title in GRID_TASKS], rows)
 
 
 def _cell_note(where: str, recs: list[dict]) -> str:
@@ -225,6 +306,9 @@ def write_report(directory: str | Path) -> tuple[str, Path, Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory} is not a folder (expected the --out folder of `mokd eval ...`)")
+    if (directory / "bench_status.json").is_file():  # mokd_bench.run.STATUS: its report.md is the bench's own
+        raise UserError(f"{directory} is the output of `mokd bench`, whose report.md and report.csv this would "
+                        f"overwrite; run `mokd report {directory / 'records'}` for these tables")
     records, skipped = scan_records(directory)
     if not records:
         why = "; skipped: " + "; ".join(f"{p} ({r})" for p, r in skipped) if skipped else ""

@@ -118,15 +118,71 @@ def test_2_a_kill_between_the_numbered_copy_and_last_loses_nothing(finished, tmp
         real(obj, path)
 
     monkeypatch.setattr(trainer, "save_atomic", killed_before_last)
-    res = run(["train", "--out", str(out), "--resume", "--epochs", "3"])
+    res = run(["train", "--out", str(out), "--resume", "--epochs", "2"])  # the kill lands in the final epoch
     assert res.exit_code != 0 and (out / "checkpoint_0002.pth").exists()
     assert load_file(out / "last.pth")["epoch"] == 1
     monkeypatch.setattr(trainer, "save_atomic", real)
-    res = run(["train", "--out", str(out), "--resume", "--epochs", "3"])
+    res = run(["train", "--out", str(out), "--resume", "--epochs", "2"])
     assert res.exit_code == 0, res.output
     assert "checkpoint_0002.pth (epoch 2) is newer than last.pth" in res.output
     assert f"resumed from {out / 'checkpoint_0002.pth'}" in res.output
-    assert [p.name for p in sorted(out.glob("checkpoint_*"))] == [f"checkpoint_000{i}.pth" for i in (1, 2, 3)]
+    # no epoch was left to train, and last.pth still gets the newest state: eval and export read last.pth
+    assert (out / "last.pth").read_bytes() == (out / "checkpoint_0002.pth").read_bytes()
+    assert res.output.strip().splitlines()[-1] == f"done: {out / 'last.pth'}"
+    assert [p.name for p in sorted(out.glob("checkpoint_*"))] == ["checkpoint_0001.pth", "checkpoint_0002.pth"]
+    assert leftovers(out) == []
+
+
+def test_2_b_a_truncated_last_pth_is_rewritten_by_the_resume(finished, tmp_path):
+    out = copy_run(finished, tmp_path)
+    (out / "last.pth").write_bytes(b"")  # a finished run whose last.pth a copy cut to 0 bytes
+    res = run(["train", "--out", str(out), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "is empty (0 bytes)" in res.output and f"resumed from {out / 'checkpoint_0001.pth'}" in res.output
+    assert (out / "last.pth").read_bytes() == (out / "checkpoint_0001.pth").read_bytes()
+    assert load_file(out / "last.pth")["epoch"] == 1
+    assert res.output.strip().splitlines()[-1] == f"done: {out / 'last.pth'}" and leftovers(out) == []
+
+
+def poison(ckpt, epoch=None):
+    """NaN in one weight of net1's student (and, given `epoch`, the checkpoint moved to it); returns its name."""
+    key = next(k for k, v in ckpt["model"].items() if k.startswith("student.net1.backbone.") and v.is_floating_point())
+    ckpt["model"][key] = torch.full_like(ckpt["model"][key], float("nan"))
+    if epoch is not None:
+        ckpt["step"] = ckpt["step"] // ckpt["epoch"] * epoch
+        ckpt["epoch"] = epoch
+    return key
+
+
+def test_2_c_resuming_non_finite_weights_is_refused_naming_the_clean_checkpoint(finished, tmp_path):
+    out = copy_run(finished, tmp_path)
+    clean = (out / "checkpoint_0001.pth").read_bytes()
+    ckpt = load_file(out / "last.pth")
+    key = poison(ckpt, epoch=2)  # a later epoch, written by an older version that saved NaN
+    torch.save(ckpt, out / "last.pth")
+    torch.save(ckpt, out / "checkpoint_0002.pth")
+    before = snapshot(out)
+    res = run(["train", "--out", str(out), "--resume", "--epochs", "2"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert f"{out / 'last.pth'} (after epoch 2) holds non-finite values (NaN or inf) in {key}" in res.output
+    assert f"the newest clean checkpoint is {out / 'checkpoint_0001.pth'} (after epoch 1)" in res.output
+    assert f"move {out / 'last.pth'}, {out / 'checkpoint_0002.pth'} aside" in res.output
+    assert snapshot(out) == before and leftovers(out) == []
+
+    for name in ("last.pth", "checkpoint_0002.pth"):  # as advised
+        (out / name).rename(tmp_path / name)
+    res = run(["train", "--out", str(out), "--resume", "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    assert f"resumed from {out / 'checkpoint_0001.pth'}" in res.output and (out / "last.pth").read_bytes() == clean
+
+    # A NaN last.pth beside a clean numbered copy of the same state: that copy is resumed, and last.pth rewritten.
+    ckpt = load_file(out / "last.pth")
+    poison(ckpt)
+    torch.save(ckpt, out / "last.pth")
+    res = run(["train", "--out", str(out), "--resume", "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    assert "holds non-finite values" in res.output and "passing over it for checkpoint_0001.pth" in res.output
+    assert (out / "last.pth").read_bytes() == clean
 
 
 def read_log(path):
@@ -178,13 +234,13 @@ def test_4_io_failures_are_one_line(tmp_path, monkeypatch):
     import mokd.runlog as runlog
     import mokd.trainer as trainer
 
-    # Disk full while torch.save writes (it reports no errno): the previous file stays, no temp file remains.
+    # Disk full while torch.save writes (it reports no errno, and its words vary: here "unexpected pos", which
+    # has no "write" in it): the previous file stays, no temp file remains.
     real_save = torch.save
 
     def full_disk(obj, f):
         open(f, "wb").write(b"x" * 1000)
-        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing "
-                           "file data/7: file write failed")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4054")
 
     monkeypatch.setattr(torch, "save", full_disk)
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 2**19, 2**19))
@@ -227,6 +283,46 @@ def test_4_io_failures_are_one_line(tmp_path, monkeypatch):
     assert list((tmp_path / "r").iterdir()) == []  # the failed starts left nothing behind, no lock either
 
 
+@pytest.mark.parametrize("error, free", [
+    (OSError(errno.ENOSPC, "No space left on device"), None),  # the real errno, any free space reported
+    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4054"), 2**19),
+    (RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/7: "
+                  "file write failed"), 2**19),
+    (RuntimeError("words torch has not used yet"), 2**19),
+])
+def test_4_b_a_full_disk_is_one_line_whatever_torch_says(tmp_path, monkeypatch, error, free):
+    import mokd.checkpoint as checkpoint
+    from mokd.checkpoint import save_atomic
+    from mokd.errors import UserError
+
+    def full_disk(obj, f):
+        open(f, "wb").write(b"x" * 1000)
+        raise error
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    if free is not None:
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                            lambda p: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
+    (tmp_path / "last.pth").write_bytes(b"the previous checkpoint")
+    with pytest.raises(UserError) as e:
+        save_atomic({"w": torch.zeros(1000)}, tmp_path / "last.pth")
+    msg = str(e.value)
+    assert msg.startswith("no space left on ") and "writing last.pth, needed about 1 MB" in msg and "\n" not in msg
+    assert (tmp_path / "last.pth").read_bytes() == b"the previous checkpoint" and leftovers(tmp_path) == []
+
+
+def test_4_c_a_failed_save_with_room_to_spare_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    from mokd.checkpoint import save_atomic
+
+    def broken(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4054")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # plenty of space here: torch's own error stands
+        save_atomic({"w": torch.zeros(10)}, tmp_path / "last.pth")
+    assert leftovers(tmp_path) == [] and not (tmp_path / "last.pth").exists()
+
+
 def image_folder(root, n_per_class=8, sixteen_bit=False, with_val=True):
     rng = np.random.default_rng(0)
     for split in ("train", "val") if with_val else ("train",):
@@ -257,9 +353,10 @@ def test_5_images_as_they_come(tmp_path):
     assert res.exit_code != 0 and "cannot read image " in res.output and "--skip-bad-images" in res.output
     assert ("notes.jpg" in res.output or "b3.png" in res.output) and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) <= 3
-    shutil.rmtree(tmp_path / "r")
-    res = run(args + ["--skip-bad-images"])
+    assert (tmp_path / "r" / "config.yaml").exists()  # the failed start wrote its config, and no step
+    res = run(args + ["--skip-bad-images"])  # the rerun its message advises, into the same --out
     assert res.exit_code == 0, res.output
+    assert "already holds a run" not in res.output and "left by a start that trained no step" in res.output
     assert "left out 2 unreadable image file(s)" in res.output
     records = [json.loads(ln) for ln in open(tmp_path / "r" / "log.jsonl")]
     data = [r for r in records if r["type"] == "data"]
@@ -296,3 +393,84 @@ def test_7_messages_that_protect(finished, tmp_path):
     assert res.exit_code != 0 and "last.pth is damaged" in res.output and "teacher.net2.thead." in res.output
     assert "does not fit" not in res.output and "--overwrite" in res.output
     assert load_file(out / "last.pth")["epoch"] == 1  # left as it was
+
+
+def test_7_b_random_bytes_are_not_a_checkpoint_not_code(tmp_path):
+    from mokd.errors import UserError
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        path = tmp_path / f"random{i}.pth"
+        path.write_bytes(rng.bytes(4096))
+        with pytest.raises(UserError) as e:
+            load_file(path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path} is not a checkpoint (unreadable: "), msg
+        assert "pickled" not in msg and "code" not in msg and "\n" not in msg
+    res = run(["eval", "knn", str(tmp_path / "random0.pth")])
+    assert res.exit_code != 0 and "random0.pth is not a checkpoint (unreadable: " in res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("sig, says, never", [(signal.SIGTERM, "a second SIGTERM changes nothing", "Ctrl-C"),
+                                              (signal.SIGUSR1, "SIGKILL stops at once", "Ctrl-C"),
+                                              (signal.SIGINT, "Ctrl-C again stops at once", "SIGKILL")])
+def test_7_c_the_stop_message_fits_the_signal_received(capsys, sig, says, never):
+    from mokd.preemption import StopRequest
+
+    stop = StopRequest()
+    stop._handle(sig, None)
+    err = capsys.readouterr().err
+    assert f"caught {signal.Signals(sig).name}: saving a checkpoint after this step" in err
+    assert says in err and never not in err and stop.signum == sig
+
+
+def test_7_d_messages_keep_a_relative_paths_case(finished, tmp_path, monkeypatch, user_errors_keep_path_case):
+    import mokd.trainer as trainer
+    from tests.conftest import case_changed_paths
+
+    shutil.copytree(finished, tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
+    assert case_changed_paths("cannot read Out/last.pth.") == ["Out/last.pth"]  # the check can fail
+    assert case_changed_paths("cannot read out/last.pth.") == []
+
+    def blows_up(losses, step, epoch):  # the first step after the resume
+        raise trainer.NonFiniteLoss(f"non-finite loss sm1 at step {step} (epoch {epoch + 1}); stopping")
+
+    monkeypatch.setattr(trainer, "_check_finite", blows_up)
+    res = run(["train", "--out", "out", "--resume", "--epochs", "2"])
+    assert res.exit_code != 0
+    assert "not saved: out/last.pth (after epoch 1) is untouched. Lower the learning rate" in res.output
+    assert case_changed_paths(res.output) == [] and user_errors_keep_path_case == []
+
+
+def test_7_e_no_message_of_the_trainer_or_loader_changes_letter_case():
+    """Every UserError raise in the trainer, its run folder and checkpoint code and the eval loader: no call
+    that changes case (upper, lower, capitalize, title) builds its message, where it would meet a path."""
+    import ast
+    import inspect
+
+    import mokd.checkpoint
+    import mokd.rundir
+    import mokd.trainer
+    import mokd_eval.architecture
+    import mokd_eval.formats
+    import mokd_eval.loader
+
+    errors = {"UserError", "UnusableCheckpoint", "NonFiniteCheckpoint", "NonFiniteLoss"}
+    raises = 0
+    for module in (mokd.trainer, mokd.rundir, mokd.checkpoint, mokd_eval.loader, mokd_eval.formats,
+                   mokd_eval.architecture):
+        tree = ast.parse(inspect.getsource(module))
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)):
+                continue
+            func = node.exc.func
+            if getattr(func, "id", getattr(func, "attr", None)) not in errors:
+                continue
+            raises += 1
+            for inner in ast.walk(node.exc):
+                if isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute):
+                    assert inner.func.attr not in ("upper", "lower", "capitalize", "title", "swapcase"), \
+                        f"{module.__name__} line {node.lineno}: {ast.unparse(node.exc)[:120]}"
+    assert raises > 40  # the walk found the raises

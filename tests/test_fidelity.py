@@ -128,6 +128,58 @@ def test_eval_loads_dino_mocov3_and_mokd_vits_with_the_rule_they_trained_with(tm
     assert "pos_resample" not in load_models(tmp_path / "dino_rn.pth")[0].checkpoint  # CNNs have none
 
 
+def test_dino_backbone_only_file_with_pos_resample_dino_gives_the_full_checkpoints_features(tmp_path):
+    """DINO's backbone-only release is a plain state dict (timm's rule by default); --pos-resample dino gives it
+    the features of DINO's full training checkpoint holding the same weights, at 32 px (issue 28, item 7)."""
+    from mokd_eval.features import forward_features
+
+    vit = {"name": "test_vit", "kwargs": {}, "small_stem": False}  # 160 px, patch 16: a 10x10 grid, 2x2 at 32 px
+    sd = backbone_state(vit, 5)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in sd.items()}, "student": {},
+                "args": argparse.Namespace(arch="test_vit", patch_size=16)}, tmp_path / "full.pth")
+    torch.save(sd, tmp_path / "dino_deitsmall16_pretrain.pth")
+    (full,) = load_models(tmp_path / "full.pth")
+    (plain,) = load_models(tmp_path / "dino_deitsmall16_pretrain.pth", arch="test_vit")
+    (asked,) = load_models(tmp_path / "dino_deitsmall16_pretrain.pth", arch="test_vit", pos_resample="dino")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    a, b, c = (forward_features(m.backbone, x) for m in (full, plain, asked))
+    assert torch.equal(a, c)
+    assert (a - b).norm() / a.norm() > 1e-3  # the default for a plain file (timm's rule) differs: the fault
+    assert [m.checkpoint["pos_resample"] for m in (full, plain, asked)] == ["dino", "timm", "dino"]
+    # the load report says which rule and why, whenever a ViT is resampled
+    assert any("away from 160 px (10x10 grid) by DINO's rule" in n and "the rule DINO trained with" in n
+               for n in full.report.notes)
+    assert any("by timm's rule" in n and "--pos-resample dino for them" in n for n in plain.report.notes)
+    assert any("by DINO's rule" in n and ": --pos-resample dino" in n for n in asked.report.notes)
+
+
+def test_every_command_that_loads_a_checkpoint_takes_pos_resample(tmp_path):
+    import click
+    from click.testing import CliRunner
+
+    from mokd.cli import cli
+
+    ctx = click.Context(cli)
+    loaders = []
+    for name in cli.list_commands(ctx):
+        cmd = cli.get_command(ctx, name)
+        subs = [(f"{name} {n}", cmd.get_command(ctx, n)) for n in cmd.list_commands(ctx)] \
+            if isinstance(cmd, click.Group) else [(name, cmd)]
+        for full_name, sub in subs:
+            params = {p.name for p in sub.params}
+            if params & {"checkpoint", "checkpoints", "ckpt_a", "sources"}:
+                loaders.append(full_name)
+                assert "pos_resample" in params, full_name
+    assert {"export", "eval knn", "eval linear", "analyze consistency", "analyze mad", "bench"} <= set(loaders)
+
+    torch.save(backbone_state({"name": "test_vit", "kwargs": {}, "small_stem": False}, 6), tmp_path / "vit.pth")
+    res = CliRunner().invoke(cli, ["export", str(tmp_path / "vit.pth"), "--arch", "test_vit", "--pos-resample",
+                                   "dino", "--to", "timm", str(tmp_path / "vit.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert "note: position embedding resampled away from 160 px (10x10 grid) by DINO's rule" in res.output
+    assert "--pos-resample dino" in res.output
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 2. last-layer weight-norm gains
 

@@ -1,0 +1,83 @@
+"""The bench's one data set: labelled (both splits share a class list) or an unlabelled folder of images.
+
+An unlabelled folder (image files, in any sub-folders, under a root with no train/ or val/ folder and no class
+folders holding every image) serves the protocols that need no labels (rank, mad, cka); the labelled protocols
+are planned out with the reason. Labelled data with no val split likewise serves only those protocols.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mokd.cli_common import resolve_data
+from mokd.data import IMAGE_EXTENSIONS, DataSpec, ImageDataset, build_dataset, check_same_classes, read_image
+from mokd.errors import UserError
+
+UNLABELLED_CLASS = "(unlabelled)"
+
+
+@dataclass
+class BenchData:
+    spec: DataSpec
+    splits: dict[str, ImageDataset]
+    labelled: bool
+    note: str | None = None  # why only some protocols can run on it
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def free_split(self) -> str:
+        """The split the label-free protocols read: val when there is one (as `mokd analyze`), else train."""
+        return "val" if "val" in self.splits else "train"
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.splits["train"].classes)
+
+    def record(self, split: str | None = None) -> dict:
+        """The result record's `data` field."""
+        out = {"spec": str(self.spec), "kind": self.spec.kind if self.labelled else "unlabelled",
+               "labelled": self.labelled, **{f"{s}_size": len(d) for s, d in self.splits.items()}}
+        if self.labelled:
+            out.update(num_classes=len(self.classes), classes=self.classes)
+        if split:
+            out["split"] = split
+        if self.skipped:
+            out.update(skipped_images=len(self.skipped), skipped_files=list(self.skipped))
+        return out
+
+
+def is_unlabelled_folder(root: Path) -> bool:
+    """No train/ or val/ folder, and image files directly in the root (an ImageFolder keeps them in class folders)."""
+    if (root / "train").is_dir() or (root / "val").is_dir():
+        return False
+    return any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir())
+
+
+def unlabelled_folder(root: Path) -> ImageDataset:
+    """Every image file under `root` (sorted), one pseudo-class, label 0."""
+    paths = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise UserError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return ImageDataset([UNLABELLED_CLASS], [0] * len(paths), lambda i: read_image(paths[i]), None, paths)
+
+
+def load_bench_data(data: str | None, class_list: str | None = None, skip_bad_images: bool = False) -> BenchData:
+    """Resolve --data for the bench: both splits when it has them, else what it has, and whether it is labelled."""
+    spec = resolve_data(data, class_list)
+    if spec.kind == "folder" and is_unlabelled_folder(spec.root):
+        if class_list:
+            raise UserError(f"--class-list: {spec.root} is an unlabelled folder (images without class folders)")
+        return BenchData(spec, {"train": unlabelled_folder(spec.root)}, labelled=False,
+                         note=f"{spec.root} holds images without class folders (unlabelled)")
+    train = build_dataset(spec, "train", skip_unreadable=skip_bad_images)
+    try:
+        val = build_dataset(spec, "val", skip_unreadable=skip_bad_images)
+    except UserError as e:
+        return BenchData(spec, {"train": train}, labelled=False, note=f"no val split ({e})",
+                         skipped=list(train.skipped))
+    check_same_classes(train, val)
+    for name, ds in (("train", train), ("val", val)):
+        if len(ds) == 0:
+            raise UserError(f"{spec}: the {name} split holds no images")
+    return BenchData(spec, {"train": train, "val": val}, labelled=True, skipped=train.skipped + val.skipped)

@@ -1,0 +1,157 @@
+"""Linear CKA: the full-batch reference against its defining properties, the unbiased HSIC against Song et al.'s
+sum written out term by term, and the minibatch estimator (Nguyen et al. 2021) against the full-batch one."""
+
+import itertools
+
+import pytest
+import torch
+
+from mokd.errors import UserError
+from mokd_analysis.cka import MinibatchCKA, _gram_stats, _unbiased_hsic, linear_cka
+
+
+def _features(n=512, d=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # anisotropic, so that a general linear map changes the geometry
+    return torch.randn(n, d, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, d, dtype=torch.float64)
+
+
+def _orthogonal(d, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return q
+
+
+def test_cka_of_x_with_itself_is_1():
+    x = _features()
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cka_is_invariant_to_orthogonal_transforms_and_isotropic_scaling():
+    x = _features()
+    y = torch.tanh(x @ torch.randn(24, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    ref = linear_cka(x, y)
+    assert 0.1 < ref < 0.99
+    assert linear_cka(x @ _orthogonal(24), y) == pytest.approx(ref, abs=1e-10)
+    assert linear_cka(x, y @ _orthogonal(10, seed=3)) == pytest.approx(ref, abs=1e-10)
+    assert linear_cka(7.5 * x, 0.01 * y) == pytest.approx(ref, abs=1e-10)
+    assert linear_cka(x @ _orthogonal(24), x) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_cka_is_not_invariant_to_a_general_invertible_linear_map():
+    x = _features()
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(24, 24, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(0, 2, 24, dtype=torch.float64))
+    assert torch.linalg.matrix_rank(a) == 24
+    assert linear_cka(x, x @ a) < 0.9
+
+
+def test_cka_does_not_depend_on_a_shared_offset_and_is_symmetric():
+    x, y = _features(seed=5), _features(seed=6)[:, :7]
+    assert linear_cka(x + 100.0, y - 3.0) == pytest.approx(linear_cka(x, y), abs=1e-9)
+    assert linear_cka(x, y) == pytest.approx(linear_cka(y, x), abs=1e-12)
+
+
+def _hsic1_by_the_book(k, l):
+    """Song et al. 2012, eq. 5, with the sums written out (K~, L~: the Grams with a zero diagonal)."""
+    n = k.shape[0]
+    k, l = k.clone(), l.clone()
+    k.fill_diagonal_(0)
+    l.fill_diagonal_(0)
+    trace = sum(k[i, j] * l[j, i] for i in range(n) for j in range(n))
+    sum_k, sum_l = k.sum(), l.sum()
+    ones_kl_ones = sum(k[i, j] * l[j, m] for i, j, m in itertools.product(range(n), repeat=3))
+    return (trace + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * ones_kl_ones) / (n * (n - 3))
+
+
+def test_unbiased_hsic_equals_song_et_al_eq_5():
+    x, y = _features(n=9, d=5, seed=7), _features(n=9, d=3, seed=8)
+    ka, ra, sa, _ = _gram_stats([x])
+    kb, rb, sb, _ = _gram_stats([y])
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    expected = _hsic1_by_the_book(xc @ xc.T, yc @ yc.T)
+    assert _unbiased_hsic(ka, ra, sa, kb, rb, sb)[0, 0].item() == pytest.approx(expected.item(), rel=1e-10)
+    # and unbiased HSIC does not care about centring: the uncentred Grams give the same value
+    assert _hsic1_by_the_book(x @ x.T, y @ y.T).item() == pytest.approx(expected.item(), rel=1e-8)
+
+
+def _layers(n=2048, seed=0):
+    """Four 'layers' of one model: a base, a rotated and scaled copy, a noisy non-linear map of it, an unrelated one."""
+    g = torch.Generator().manual_seed(seed)
+    x = _features(n, 24, seed)
+    w = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    return [x, 3.0 * x @ _orthogonal(24), torch.relu(x @ w) + 0.3 * torch.randn(n, 16, generator=g, dtype=torch.float64),
+            torch.randn(n, 12, generator=g, dtype=torch.float64)]
+
+
+def _full(a, b):
+    return torch.tensor([[linear_cka(x, y) for y in b] for x in a], dtype=torch.float64)
+
+
+MINIBATCH_TOL = 0.02  # measured <= 0.01 (seeds 0-2), mostly the biased full-batch value of unrelated layers (~0.004 > 0)
+
+
+def test_minibatch_estimate_is_within_tolerance_of_the_full_batch_one():
+    a, b = _layers(seed=0), _layers(seed=0)[1:3] + [_features(2048, 8, seed=9)]
+    cka = MinibatchCKA(len(a), len(b))
+    for i in range(0, 2048, 128):
+        cka.update([f[i:i + 128] for f in a], [f[i:i + 128] for f in b])
+    est = cka.compute()
+    assert est.shape == (4, 3) and est.dtype == torch.float64
+    assert (est - _full(a, b)).abs().max().item() < MINIBATCH_TOL
+    assert cka.batches == 16 and cka.examples == 2048
+
+
+def test_self_similarity_has_a_diagonal_of_1_and_is_symmetric():
+    a = _layers(n=512, seed=1)
+    cka = MinibatchCKA(len(a))
+    for i in range(0, 512, 64):
+        cka.update([f[i:i + 64].float() for f in a])  # float32 in: computed in float64 all the same
+    est = cka.compute()
+    assert torch.equal(est.diagonal(), torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(est, est.T, atol=1e-12)
+    assert est[0, 1].item() == pytest.approx(1.0, abs=1e-6)  # rotation and scale of the same layer
+    assert abs(est[0, 3].item()) < 0.1  # unrelated: near 0 (the unbiased estimate can dip below it)
+    assert (est - _full(a, a)).abs().max().item() < 0.05
+
+
+def test_small_batches_are_skipped_and_never_give_nan():
+    a = _layers(n=64, seed=2)
+    cka = MinibatchCKA(len(a))
+    cka.update([f[:3] for f in a])
+    with pytest.raises(UserError, match="B >= 4"):
+        cka.compute()
+    cka.update([f[3:7] for f in a])  # B = 4: the smallest batch unbiased HSIC is defined for
+    cka.update([f[7:8] for f in a])
+    est = cka.compute()
+    assert torch.isfinite(est).all() and cka.batches == 1 and cka.skipped_batches == 2
+
+
+def test_constant_features_have_cka_0_and_no_nan():
+    x = _features(n=256, seed=3)
+    const = torch.full((256, 5), 2.7, dtype=torch.float64)
+    zeros = torch.zeros(256, 4, dtype=torch.float64)
+    assert linear_cka(x, const) == 0.0 and linear_cka(const, const) == 0.0 and linear_cka(zeros, x) == 0.0
+    cka = MinibatchCKA(3, 2)
+    for i in range(0, 256, 32):
+        cka.update([x[i:i + 32], const[i:i + 32], zeros[i:i + 32]], [x[i:i + 32] * 2, const[i:i + 32]])
+    est = cka.compute()
+    assert torch.isfinite(est).all()
+    assert est[0, 0].item() == pytest.approx(1.0, abs=1e-9)
+    assert est[1:].abs().max().item() == 0.0 and est[:, 1].abs().max().item() == 0.0
+    self_cka = MinibatchCKA(2)
+    self_cka.update([x[:32], const[:32]])
+    assert self_cka.compute().tolist() == [[1.0, 0.0], [0.0, 0.0]]
+
+
+def test_wrong_layer_counts_and_mismatched_batches_are_user_errors():
+    x = _features(n=16, d=4)
+    cka = MinibatchCKA(2, 1)
+    with pytest.raises(UserError, match="expected 2 layer"):
+        cka.update([x], [x])
+    with pytest.raises(UserError, match="different numbers of examples"):
+        cka.update([x, x], [x[:8]])
+    with pytest.raises(UserError, match="needs feats_b"):
+        cka.update([x, x])
+    with pytest.raises(UserError, match="same examples"):
+        linear_cka(x, x[:8])

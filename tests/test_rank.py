@@ -1,0 +1,108 @@
+"""RankMe and alpha-ReQ on embeddings whose spectra are known exactly."""
+
+import math
+
+import pytest
+import torch
+
+from mokd.errors import UserError
+from mokd_analysis.rank import alpha_req, covariance_spectrum, rank_scores, rankme
+
+
+def _with_spectrum(eigenvalues: torch.Tensor, n: int = 2000, seed: int = 0) -> torch.Tensor:
+    """[n, D] centred features whose covariance has exactly these eigenvalues, in a random basis."""
+    g = torch.Generator().manual_seed(seed)
+    d = eigenvalues.numel()
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    z = z - z.mean(0)
+    evals, evecs = torch.linalg.eigh(z.T @ z / (n - 1))
+    white = z @ evecs @ torch.diag(evals.rsqrt()) @ evecs.T  # sample covariance exactly I
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return white @ torch.diag(eigenvalues.double().sqrt()) @ q
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_a_power_law_spectrum_gives_its_exponent(alpha):
+    k = torch.arange(1, 65, dtype=torch.float64)
+    x = _with_spectrum(k ** -alpha)
+    assert torch.allclose(covariance_spectrum(x), k ** -alpha, rtol=1e-8)
+    assert alpha_req(x) == pytest.approx(alpha, abs=1e-6)
+    assert alpha_req(5.0 * x + 3.0) == pytest.approx(alpha, abs=1e-6)  # scale and offset do not matter
+
+
+def test_fewer_examples_than_dimensions_fit_only_the_non_zero_eigenvalues():
+    k = torch.arange(1, 201, dtype=torch.float64)
+    x = _with_spectrum(k ** -1.0, n=2000)[:50]  # 50 examples of 200 dims: rank 49 after centring
+    assert covariance_spectrum(x)[49:].max() < 1e-10 * covariance_spectrum(x)[0]
+    assert math.isfinite(alpha_req(x)) and alpha_req(x) > 0
+
+
+def test_isotropic_features_have_rankme_d_and_alpha_0():
+    x = _with_spectrum(torch.ones(32, dtype=torch.float64))
+    assert rankme(x) == pytest.approx(32.0, rel=1e-4)  # all singular values equal (eps moves it by ~1e-5)
+    assert alpha_req(x) == pytest.approx(0.0, abs=1e-8)
+    g = torch.Generator().manual_seed(1)
+    gaussian = torch.randn(20000, 16, generator=g)  # not whitened: singular values within ~3% of each other
+    assert rankme(gaussian) == pytest.approx(16.0, rel=0.01)
+
+
+def test_a_rank_1_embedding_scores_rankme_1():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(500, 1, generator=g) @ torch.randn(1, 64, generator=g)
+    assert rankme(x) == pytest.approx(1.0, abs=1e-3)
+    assert math.isnan(alpha_req(x))
+    scores = rank_scores(x)
+    assert scores["alpha_req"] is None and scores["n"] == 500 and scores["dim"] == 64
+    assert rankme(torch.zeros(10, 4)) == 1.0
+
+
+def test_rankme_of_known_singular_values():
+    # singular values 3, 1, 0, 0: p = (0.75, 0.25) -> exp(H) = 0.75^-0.75 * 0.25^-0.25
+    x = torch.zeros(6, 4)
+    x[0, 0], x[1, 1] = 3.0, 1.0
+    assert rankme(x, eps=0.0) == pytest.approx(0.75 ** -0.75 * 0.25 ** -0.25, rel=1e-12)
+    assert rankme(x) == pytest.approx(0.75 ** -0.75 * 0.25 ** -0.25, rel=1e-5)
+
+
+def test_bad_input_is_a_user_error():
+    with pytest.raises(UserError, match=r"\[N, D\]"):
+        rankme(torch.zeros(3))
+    with pytest.raises(UserError, match="NaN"):
+        rank_scores(torch.full((4, 2), float("nan")))
+    with pytest.raises(UserError, match="at least 2"):
+        alpha_req(torch.ones(1, 3))
+
+
+@pytest.mark.slow
+def test_the_online_monitor_logs_rank_scores_in_its_knn_record(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from mokd.cli import cli
+    from tests.tiny import TINY_OVERRIDES
+
+    out = tmp_path / "r"
+    args = ["train", "--out", str(out)]
+    for o in TINY_OVERRIDES + ["train.knn_every=1", "train.monitor_rank=true", "optim.epochs=1",
+                                "train.knn_max_train=64"]:
+        args += ["--set", o]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert res.output.count("online rank at") == 2 and "RankMe" in res.output
+    records = [json.loads(ln) for ln in open(out / "log.jsonl") if '"type": "knn"' in ln]
+    assert [r["epoch"] for r in records] == [0, 1]
+    for r in records:
+        for n in ("net1", "net2"):
+            assert 1.0 <= r[f"rankme_{n}"] and "knn_top1_" + n in r
+            assert r[f"alpha_req_{n}"] is None or math.isfinite(r[f"alpha_req_{n}"])
+
+
+def test_monitor_rank_without_the_monitor_is_a_config_error(tmp_path):
+    from click.testing import CliRunner
+
+    from mokd.cli import cli
+
+    res = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "r"), "--set", "train.knn_every=0",
+                                   "--set", "train.monitor_rank=true"])
+    assert res.exit_code != 0 and "train.knn_every > 0" in res.output
