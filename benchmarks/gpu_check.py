@@ -12,6 +12,11 @@
           order may differ only where fp32 rounding cannot tell two apart); FAISS: identical lists on at
           least 99.9% of the queries (its own summation order may swap near-ties).
   features  R50 and ViT-S/16 extraction at 224 px in fp32 and bf16. Pass: finite, bf16 within cosine 0.99.
+  loader  benchmarks/loader.py on this machine's cores (--loader-images a measurement; 1, 2 and all-cores
+          workers; DINO's PIL chain, ours, and ours shipping uint8 for data.gpu_augment, whose device part is
+          timed on the GPU). Pass: it ran; the figures are ours / DINO per worker.
+  torchrun  `torchrun --nproc_per_node=1 -m mokd train` for one epoch on the embedded digits with NCCL, once with
+          the workers augmenting and once with data.gpu_augment. Pass: exit status 0 and a last.pth.
 
 On a machine without CUDA it says so and exits with status 0, doing nothing.
 """
@@ -19,8 +24,11 @@ On a machine without CUDA it says so and exits with status 0, doing nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -49,6 +57,7 @@ def init_one_process_group() -> None:
 def check_train(name: str, config: str | None, precision: str, args) -> tuple[bool, float, str]:
     from mokd import distributed
     from mokd.config import load_config
+    from mokd.fast_augment import to_device
     from mokd.trainer import build_loader, build_state, train_step
 
     class OneProcessDDP(distributed.DistInfo):
@@ -66,7 +75,7 @@ def check_train(name: str, config: str | None, precision: str, args) -> tuple[bo
     device = torch.device("cuda", 0)
     torch.manual_seed(0)
     loader, _ = build_loader(cfg, distributed.DistInfo())
-    crops = [c.to(device, non_blocking=True) for c in next(iter(loader))[0]]
+    crops = to_device(next(iter(loader))[0], device)
     state = build_state(cfg, device, 1000, OneProcessDDP())
     model = state.model
     model.train()
@@ -173,6 +182,48 @@ def check_features(args) -> list[tuple[str, bool, float, str]]:
     return rows
 
 
+def check_loader(args) -> list[tuple[str, bool, float, str]]:
+    """benchmarks/loader.py in a process of its own; one row per crop setting at the largest worker count."""
+    cores = os.cpu_count() or 1
+    workers = sorted({1, 2, cores})
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = Path(tmp) / "loader.json"
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "loader.py"), "--images", str(args.loader_images),
+               "--workers", ",".join(map(str, workers)), "--gpu-augment", "--json", str(figures)]
+        print("$ " + " ".join(cmd), flush=True)
+        rc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
+        if rc != 0:
+            return [("loader benchmark", False, 0.0, f"exit status {rc}")]
+        table = json.loads(figures.read_text())
+    rows = []
+    for r in table["table"]:
+        if r["workers"] == workers[-1]:
+            finish = table["device_finish"].get(r["crops"])
+            rows.append((f"loader {r['crops']} x{r['workers']} workers", True, r["fast"],
+                         f"ours/DINO {r['ratio']:.2f}x per worker; uint8 shipping {r['fast-uint8']:.1f}/worker"
+                         + (f"; GPU finish {finish:.0f} img/s" if finish else "")))
+    return rows
+
+
+def check_torchrun(args) -> list[tuple[str, bool, float, str]]:
+    """One epoch of `mokd train` under torchrun, one process, NCCL: with and without data.gpu_augment."""
+    rows = []
+    for name, extra in (("workers augment", []), ("gpu_augment", ["--set", "data.gpu_augment=true"])):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "mokd",
+                   "train", "--data", "digits", "--epochs", "1", "--device", "cuda", "--out", str(Path(tmp) / "run"),
+                   "--set", "train.progress=false", "--set", "data.subset=512", "--set", "optim.batch_size=64",
+                   "--set", "train.compile=false", *extra]
+            print("$ " + " ".join(cmd), flush=True)
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+            ok = done.returncode == 0 and (Path(tmp) / "run" / "last.pth").is_file()
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] if not ok else []
+            rows.append((f"torchrun 1 GPU NCCL, {name}", ok, 512 / (time.perf_counter() - t0),
+                         f"exit status {done.returncode}" + (f": {tail[0][:120]}" if tail else "")))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5)
@@ -182,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bank", type=int, default=100_000)
     p.add_argument("--queries", type=int, default=10_000)
     p.add_argument("--images", type=int, default=512)
+    p.add_argument("--loader-images", type=int, default=256, help="images a measurement of the loader benchmark")
+    p.add_argument("--skip", default="", help="comma-separated checks to leave out: train, knn, features, loader, "
+                   "torchrun")
     args = p.parse_args(argv)
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
     missing = cuda_missing_message()
     if missing:
         print(missing)
@@ -201,11 +256,19 @@ def main(argv: list[str] | None = None) -> int:
     for pair, config in PAIRS.items():
         for precision in ("bf16", "fp16"):
             name = f"train {pair} {precision}"
-            rows += guarded(name, lambda: [(name, *check_train(pair, config, precision, args))])
+            if "train" not in skip:
+                rows += guarded(name, lambda: [(name, *check_train(pair, config, precision, args))])
             torch.cuda.empty_cache()
-    rows += guarded("knn", lambda: check_knn(args))
-    rows += guarded("features", lambda: check_features(args))
-    print(f"\n{'path':<38} {'result':<6} {'per s':>9}  notes (train, features: images/s; knn: queries/s)")
+    if "knn" not in skip:
+        rows += guarded("knn", lambda: check_knn(args))
+    if "features" not in skip:
+        rows += guarded("features", lambda: check_features(args))
+    if "loader" not in skip:
+        rows += guarded("loader", lambda: check_loader(args))
+    if "torchrun" not in skip:
+        rows += guarded("torchrun", lambda: check_torchrun(args))
+    print(f"\n{'path':<38} {'result':<6} {'per s':>9}  notes (train, features, torchrun: images/s; knn: queries/s; "
+          f"loader: ours, images/s per worker)")
     for name, ok, rate, note in rows:
         print(f"{name:<38} {'PASS' if ok else 'FAIL':<6} {rate:>9.1f}  {note}")
     import torch.distributed as dist

@@ -4,6 +4,13 @@
     python benchmarks/reproduce.py --seeds 5 --config configs/default.yaml --data digits --out runs/reproduce
     python benchmarks/reproduce.py --ablation no_ct:loss.ct=false --ablation no_st:loss.st=false
     python benchmarks/reproduce.py --set optim.epochs=8             # applies to every run alike
+    python benchmarks/reproduce.py --device cuda --config configs/photos.yaml --seeds 5 --budget-minutes 10
+
+On CUDA (--device cuda) every training runs at once on the one GPU, one process each (bf16, data.gpu_augment:
+the loader workers only crop, the colour/blur/solarise of each batch runs on the GPU), with the embedded data
+sets. --budget-minutes picks the epochs: a 2-epoch calibration of all runs at once (OUT/calibrate) measures a
+steady epoch and the fixed costs, and the epochs are what fits 80% of the budget (the rest: evaluation). On a
+machine without CUDA, --device cuda refuses with one line and exit status 2.
 
 For every seed and mode it runs `mokd train` (`--jobs` at once, each in its own process; same config, same seed, same epochs: the only difference is
 loss.mode or the ablation's settings; with one seed both modes start from the same weights), with the online
@@ -21,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -71,7 +79,8 @@ def finished(run_dir: Path, epochs: int) -> bool:
         (run_dir / "last.pth").is_file()
 
 
-def train_run(run_dir: Path, base: list[str], extra: list[str], seed: int, epochs: int, threads: int) -> float:
+def train_run(run_dir: Path, base: list[str], extra: list[str], seed: int, epochs: int, threads: int,
+              device_sets: tuple[str, ...] = ()) -> float:
     """Train one run unless it already finished, in a process of its own with `threads` intra-op threads;
     returns the training time in seconds (0 when skipped). Its console output goes to RUN/train.out."""
     if finished(run_dir, epochs):
@@ -81,7 +90,7 @@ def train_run(run_dir: Path, base: list[str], extra: list[str], seed: int, epoch
     extra_flags = ["--resume"] if run_dir.exists() else []
     # The online k-NN curve: every epoch, or ten points over a long schedule (each costs two extractions).
     args = ["train", *base, "--out", str(run_dir), "--seed", str(seed), "--set", f"train.knn_every={max(1, epochs // 10)}",
-            "--set", "train.progress=false", *[a for s in extra for a in ("--set", s)], *extra_flags]
+            "--set", "train.progress=false", *[a for s in (*device_sets, *extra) for a in ("--set", s)], *extra_flags]
     print(f"[reproduce] mokd {' '.join(args)}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
@@ -97,6 +106,48 @@ def train_run(run_dir: Path, base: list[str], extra: list[str], seed: int, epoch
     elapsed = time.perf_counter() - t0
     print(f"[reproduce] {run_dir} trained in {elapsed / 60:.1f} min", flush=True)
     return elapsed
+
+
+def cuda_refusal(device: str | None) -> str | None:
+    """The one-line reason --device cuda cannot run here, or None."""
+    if device != "cuda":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return ("reproduce.py: --device cuda was asked for, but CUDA is not available on this machine "
+                "(torch.cuda.is_available() is False); run without --device for the CPU reproduction")
+    return None
+
+
+def device_settings(device: str | None, jobs: int) -> tuple[str, ...]:
+    """Config overrides every training gets on `device`: on CUDA the one GPU, bf16, the photometric augmentation
+    on the GPU and the loader workers the cores allow (the data sets are the embedded ones, in memory);
+    torch.compile off, as its start-up in every one of the concurrent processes would take a short budget."""
+    if device != "cuda":
+        return () if device is None else (f"train.device={device}",)
+    workers = max(1, (os.cpu_count() or 1) // jobs - 1)
+    return ("train.device=cuda", "optim.precision=bf16", "data.gpu_augment=true", f"data.num_workers={workers}",
+            "train.compile=false")
+
+
+EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+: .*\((\d+(?:\.\d+)?)s\)$")
+
+
+def epoch_seconds(out_file: Path) -> list[float]:
+    """The epoch times a training printed to its console file (`epoch E/N: ... (12.3s)` lines)."""
+    if not out_file.is_file():
+        return []
+    return [float(m.group(2)) for ln in out_file.read_text().splitlines() if (m := EPOCH_LINE.match(ln.strip()))]
+
+
+def pick_epochs(budget_s: float, spent_s: float, runs: list[tuple[float, list[float]]]) -> int:
+    """Epochs that fit: `runs` are the calibration runs' (wall seconds, epoch seconds); a run then costs
+    fixed + E x epoch, fixed being its wall time beyond its epochs (start-up, k-NN, checkpoints), epoch the
+    slowest steady (last) epoch. 80% of the budget is for training, the rest for evaluation."""
+    epoch = max(e[-1] for _, e in runs)
+    fixed = max(wall - sum(e) for wall, e in runs)
+    return max(1, int((0.8 * budget_s - spent_s - fixed) // epoch))
 
 
 def evaluate(run_dir: Path, records: Path, data: str, linear: bool) -> dict:
@@ -329,15 +380,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mad", action="store_true",
                     help="also the mean attention distance of both teachers of every MOKD and independent run "
                          "(mokd analyze mad), compared per layer over seeds, with OUT/mad_seeds.png")
-    ap.add_argument("--jobs", type=int, default=2,
-                    help="trainings run at once, each in its own process (default: 2, one per core of a 2-core "
-                         "machine, which beats one process with two threads there)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="trainings run at once, each in its own process (default: 2 on the CPU, one per core of "
+                         "a 2-core machine, which beats one process with two threads there; every run on CUDA)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="where the trainings run (default: the config's train.device); cuda: all at once on one "
+                         "GPU in bf16, see above")
+    ap.add_argument("--budget-minutes", type=float, default=None,
+                    help="pick the epochs so that the whole reproduction fits this many minutes (overrides --epochs)")
     ap.add_argument("--threads", type=int, default=None,
                     help="intra-op threads per training (default: cores / jobs)")
     args = ap.parse_args(argv)
-    if args.seeds < 1 or args.jobs < 1:
+    refusal = cuda_refusal(args.device)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
+    if args.seeds < 1 or (args.jobs is not None and args.jobs < 1):
         raise SystemExit("--seeds and --jobs must be >= 1")
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    if args.budget_minutes is not None and args.budget_minutes <= 0:
+        raise SystemExit(f"--budget-minutes must be > 0, got {args.budget_minutes}")
     sys.path.insert(0, str(ROOT))
     from mokd.config import load_config
 
@@ -364,8 +425,29 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {v: {} for v in variants}
     # Seed-major order: an interrupted harness has complete pairs for the seeds it finished.
     plan = [(seed, name, sets, out / name / f"seed{seed}") for seed in seeds for name, sets in variants.items()]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        times = list(pool.map(lambda job: train_run(job[3], base, job[2], job[0], cfg.optim.epochs, threads), plan))
+    jobs = args.jobs or (len(plan) if args.device == "cuda" else 2)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    on_device = device_settings(args.device, jobs)
+    if args.budget_minutes is not None:
+        calibrate = [(seed, name, sets + ["optim.epochs=2"], out / "calibrate" / name / f"seed{seed}")
+                     for seed, name, sets, _ in plan]
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            walls = list(pool.map(lambda job: train_run(job[3], base, job[2], job[0], 2, threads, on_device),
+                                  calibrate))
+        timed = [(w, epoch_seconds(job[3].parent / f"{job[3].name}.train.out")) for w, job in zip(walls, calibrate)]
+        timed = [(w, e) for w, e in timed if w > 0 and e]
+        if not timed:
+            raise SystemExit(f"--budget-minutes: no calibration run in {out / 'calibrate'} printed its epoch times "
+                             f"(delete that folder to calibrate again)")
+        epochs = pick_epochs(60 * args.budget_minutes, time.perf_counter() - t_start, timed)
+        print(f"[reproduce] budget {args.budget_minutes:g} min: {len(plan)} runs at once take "
+              f"{max(e[-1] for _, e in timed):.1f}s a steady epoch; {epochs} epochs each", flush=True)
+        args.overrides.append(f"optim.epochs={epochs}")
+        cfg = load_config(args.config, args.overrides)
+        base += ["--set", f"optim.epochs={epochs}"]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        times = list(pool.map(lambda job: train_run(job[3], base, job[2], job[0], cfg.optim.epochs, threads,
+                                                     on_device), plan))
     for (seed, name, sets, run_dir), train_s in zip(plan, times):
         log = read_log(run_dir)
         knn = [r for r in log if r.get("type") == "knn"]
@@ -382,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     protocols = ["knn"] + ([] if args.no_linear else ["linear"])
 
     rows, summary = [], {"config": args.config or "configs/default.yaml", "data": args.data, "seeds": seeds,
-                         "overrides": args.overrides, "epochs": cfg.optim.epochs, "raw_pixel_knn": floor,
+                         "overrides": args.overrides, "device_settings": list(on_device),
+                         "epochs": cfg.optim.epochs, "raw_pixel_knn": floor,
                          "arch": arch, "runs": results, "table": []}
     for n in NETS:
         for name in variants:

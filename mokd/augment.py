@@ -67,6 +67,11 @@ class MultiCrop:
         return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.local_crops)]
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of every random draw for sample `index` in `epoch` of a run seeded by `seed` (both pipelines)."""
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+
+
 class SeededCrops(torch.utils.data.Dataset):
     """Wraps a data set of PIL images; item i of epoch e -> (list of crops, label), seeded by (seed, e, i)."""
 
@@ -81,11 +86,11 @@ class SeededCrops(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         img, label = self.dataset[i]
-        sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
+        seed = sample_seed(self.seed, self.epoch, i)
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed % (2**63))
-            random.seed(sample_seed)
+            torch.manual_seed(seed % (2**63))
+            random.seed(seed)
             try:
                 crops = self.multicrop(img)
             finally:

@@ -103,7 +103,7 @@ def train(config_file, overrides, resume, overwrite, print_config, skip_bad_imag
     """
     from pathlib import Path
 
-    from mokd.config import apply_cli_flags, config_yaml, load_config
+    from mokd.config import apply_cli_flags, config_yaml, load_config, read_yaml
     from mokd.preemption import StoppedBySignal
     from mokd.trainer import train as run_training
 
@@ -112,6 +112,8 @@ def train(config_file, overrides, resume, overwrite, print_config, skip_bad_imag
         run_dir = Path(out) if out else Path(load_config(None).train.output_dir)
         if (run_dir / "config.yaml").is_file():
             config_file = run_dir / "config.yaml"
+            if "pipeline" not in (read_yaml(config_file).get("augment") or {}):
+                overrides = ("augment.pipeline=pil", *overrides)  # a run from before the fast pipeline: keep its crops
     cfg = load_config(config_file, overrides)
     cfg = apply_cli_flags(cfg, data=data, class_list=class_list, out=out, epochs=epochs, batch_size=batch_size,
                           device=device if device != "auto" else None, seed=seed)

@@ -18,6 +18,7 @@ import yaml
 from mokd.errors import UserError
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+PIPELINES = ("fast", "pil")  # augment.pipeline
 
 
 @dataclass
@@ -27,6 +28,8 @@ class DataConfig:
     num_workers: int = 8
     subset: int = 0  # train on this many images only (a seeded pick; 0 = all): for smoke tests and dry runs
     skip_bad_images: bool = False  # leave out files that do not decode (counted in the log) instead of stopping
+    gpu_augment: bool = False  # augment.pipeline=fast: workers ship uint8 crops, colour/blur/solarise run on the
+    # training device for the whole batch (docs/loader.md)
 
 
 @dataclass
@@ -37,6 +40,8 @@ class AugmentConfig:
     local_scale: tuple[float, float] = (0.05, 0.25)
     local_crops: int = 8
     blur_kernel_frac: float = 0.1  # Gaussian blur kernel ~ 10% of the crop side, as DINO's radius 0.1-2 at 224
+    pipeline: str = "fast"  # fast (mokd.fast_augment: one decode, tensor ops) | pil (DINO's PIL chain per crop,
+    # mokd.augment, which every result recorded before docs/loader.md was trained with); same distributions
     blur_scale: str = "global"  # Gaussian-blur radius 0.1-2 px x S/224 for every crop, S: global (the global crop
     # size: DINO and the release blur 96 px local crops by 0.1-2 px too) | crop (each crop's own size)
 
@@ -320,6 +325,10 @@ def validate(cfg: Config) -> None:
     need(cfg.loss.ct_views in ("local", "global"), f"loss.ct_views must be 'local' or 'global', got {cfg.loss.ct_views!r}")
     need(cfg.augment.blur_scale in ("global", "crop"), f"augment.blur_scale must be global or crop, got "
          f"{cfg.augment.blur_scale!r}")
+    need(cfg.augment.pipeline in PIPELINES, f"augment.pipeline must be one of {', '.join(PIPELINES)}, got "
+         f"{cfg.augment.pipeline!r}")
+    need(not cfg.data.gpu_augment or cfg.augment.pipeline == "fast",
+         "data.gpu_augment needs augment.pipeline=fast (the pil pipeline augments in the workers only)")
     need(cfg.loss.sm, "loss.sm cannot be switched off: it is the self-distillation every model trains with")
     need(cfg.loss.mode != "mokd" or cfg.loss.ct_views == "global" or cfg.augment.local_crops > 0 or not cfg.loss.ct,
          "loss.ct_views=local needs augment.local_crops > 0 (or set loss.ct_views=global)")

@@ -19,6 +19,7 @@ from torch import nn
 
 from mokd import distributed, rundir
 from mokd.augment import MultiCrop, SeededCrops
+from mokd.fast_augment import FastMultiCrop, FastSeededCrops, to_device
 from mokd.checkpoint import FORMAT, VERSION, load_file, no_space_message, non_finite, out_of_space, rng_state, \
     save_atomic, seed_everything, set_rng_state, write_atomic
 from mokd.config import Config, save_yaml, to_dict
@@ -62,14 +63,18 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.skip
 
 
-def build_loader(cfg: Config, dist_info: distributed.DistInfo) -> tuple[torch.utils.data.DataLoader, SeededCrops]:
+def build_loader(cfg: Config, dist_info: distributed.DistInfo
+                 ) -> tuple[torch.utils.data.DataLoader, SeededCrops | FastSeededCrops]:
     spec = parse_data_spec(cfg.data.spec, cfg.data.class_list)
     images = build_dataset(spec, "train", skip_unreadable=cfg.data.skip_bad_images)
     skipped = images.skipped
     if 0 < cfg.data.subset < len(images):
         pick = np.random.default_rng(cfg.train.seed).choice(len(images), cfg.data.subset, replace=False)
         images = images.subset(sorted(pick.tolist()))
-    dataset = SeededCrops(images, MultiCrop(cfg.augment), cfg.train.seed)
+    if cfg.augment.pipeline == "pil":
+        dataset = SeededCrops(images, MultiCrop(cfg.augment), cfg.train.seed)
+    else:
+        dataset = FastSeededCrops(images, FastMultiCrop(cfg.augment, ship_uint8=cfg.data.gpu_augment), cfg.train.seed)
     dataset.skipped = skipped  # unreadable files left out (data.skip_bad_images), reported by train()
     if cfg.optim.batch_size % dist_info.world_size:
         raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {dist_info.world_size} "
@@ -195,7 +200,7 @@ def train_one_epoch(state: TrainState, loader, epoch: int, cfg: Config, log: Run
     epoch_start, total_steps = time.perf_counter(), cfg.optim.epochs * state.steps_per_epoch
     for it, (crops, _) in enumerate(progress, start=start):
         step = epoch * state.steps_per_epoch + it
-        crops = [c.to(device, non_blocking=True) for c in crops]
+        crops = to_device(crops, device)  # data.gpu_augment: colour, blur and solarise happen here
         losses = train_step(state, crops, step, freeze_last_layer=epoch < cfg.optim.freeze_last_layer, cfg=cfg)
         values = {k: v.detach().float() for k, v in {**losses, **model.health}.items()}
         stacked = distributed.all_reduce_mean(torch.stack(list(values.values())))

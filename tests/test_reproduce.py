@@ -94,3 +94,27 @@ def test_attention_distance_gap_is_paired_and_flagged_inside_or_outside_the_seed
     assert not rows[0]["inside_noise"]
     assert rows[1]["gap"][0] == pytest.approx(0.0) and rows[1]["inside_noise"]
     assert rows[0]["mokd"][0] == pytest.approx(12.0) and rows[0]["independent"][0] == pytest.approx(11.0)
+
+
+def test_device_cuda_refuses_in_one_line_without_cuda(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    rp = load_harness()
+    assert rp.main(["--device", "cuda", "--seeds", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--device cuda" in err and "CUDA is not available" in err
+
+
+def test_budget_picks_the_epochs_that_fit_from_the_calibration(tmp_path):
+    rp = load_harness()
+    out = tmp_path / "seed0.train.out"
+    out.write_text("epoch 1/2: sm1=1.0000 (20.5s)\n  teacher health ...\nepoch 2/2: sm1=0.9000 (12.0s)\n")
+    assert rp.epoch_seconds(out) == [20.5, 12.0]
+    # 600 s budget: 480 for training, 60 already spent, fixed cost 50 - 32.5 = 17.5 s, 12 s an epoch -> 33
+    assert rp.pick_epochs(600, 60, [(50.0, [20.5, 12.0]), (40.0, [18.0, 11.0])]) == 33
+    assert rp.pick_epochs(60, 59, [(50.0, [20.5, 12.0])]) == 1  # never fewer than one
+    cuda = rp.device_settings("cuda", jobs=10)
+    assert {"train.device=cuda", "optim.precision=bf16", "data.gpu_augment=true"} <= set(cuda)
+    assert rp.device_settings(None, jobs=2) == ()
