@@ -22,7 +22,7 @@ from mokd.errors import UserError
 from mokd.naming import data_name
 from mokd_eval.common import _cifar_stem_flag, _pos_resample_flag, echo, load_eval_data, loader_options, \
     pos_resample_option, precision_for, setup_run
-from mokd_eval.features import eval_transform, features_for, fit_input_size
+from mokd_eval.features import eval_transform, features_for, fit_input_size, resolve_image_size
 from mokd_eval.knn import knn_predict
 from mokd_eval.records import write_record
 from mokd_eval.report import markdown_table
@@ -92,9 +92,6 @@ figure_width_option = click.option(
                             "auto: a column for one panel, the page for more.")
 
 
-def _image_size(m, image_size: int | None) -> int:
-    """--image-size, else the checkpoint's training resolution, else 224 (third-party models)."""
-    return int(image_size or m.image_size or 224)
 
 
 def _subset(n: int, max_images: int | None, seed: int) -> list[int]:
@@ -115,7 +112,9 @@ def analyze_cli():
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per forward pass.")
 @click.option("--image-size", type=click.IntRange(min=8), default=None,
-              help="Input resolution (default: the checkpoint's training resolution, else 224).")
+              help="Input resolution (default: the data's own size for small images, else the checkpoint's "
+                   "training resolution, else 224, as every other command; a ViT-S/16 on 32 px digits then sees a "
+                   "2x2 grid: give --image-size 224 for a meaningful distance).")
 @click.option("--max-images", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images of the validation split averaged over (a seeded pick).")
 @figure_width_option
@@ -144,7 +143,7 @@ def mad_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
     pick = _subset(len(val), max_images, seed)
     results = []
     for m in models:
-        size = _image_size(m, image_size)
+        size = resolve_image_size(spec, image_size, m.image_size)
         fit_input_size(m.backbone, size)
         ds = val.subset(pick)
         ds.transform = eval_transform(size, spec.native_size is not None)

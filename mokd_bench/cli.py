@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from mokd.cli_common import batch_size_option, data_options, debug_option, out_option, skip_bad_images_option
+from mokd.cli_common import data_options, debug_option, out_option, skip_bad_images_option
 from mokd.errors import UserError
 from mokd_eval.common import echo, feature_options, loader_options
 
@@ -37,7 +37,8 @@ def _given(ctx: click.Context, name: str, value):
 @out_option(default="bench")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (CUDA when available).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
-@batch_size_option
+@click.option("--batch-size", "batch_size", type=click.IntRange(min=1), default=None, show_default="256",
+              help="Images per forward pass when extracting features (the bench runs in one process).")
 @feature_options
 @debug_option
 def bench_cmd(sources, protocols, labels, protocol_settings, model, branch, arch, arch_kwargs, key, allow_partial,

@@ -117,6 +117,17 @@ def test_self_similarity_has_a_diagonal_of_1_and_is_symmetric():
     assert (est - _full(a, a)).abs().max().item() < 0.05
 
 
+def test_the_estimator_itself_gives_1_for_a_layer_against_itself():
+    """The self-similarity diagonal is set to 1; computed as two models, the estimate must reach it by itself."""
+    a = _layers(n=512, seed=1)
+    cka = MinibatchCKA(len(a), len(a))
+    for i in range(0, 512, 64):
+        batch = [f[i:i + 64] for f in a]
+        cka.update(batch, batch)
+    est = cka.compute()
+    assert (est.diagonal() - 1).abs().max().item() < 1e-9
+
+
 def test_small_batches_are_skipped_and_never_give_nan():
     a = _layers(n=64, seed=2)
     cka = MinibatchCKA(len(a))
