@@ -1,4 +1,4 @@
-"""The fast multi-crop pipeline (augment.pipeline=fast): DINO's distribution, each image decoded once, on tensors.
+"""The fast multi-crop pipeline (augment.pipeline=fast): DINO's distribution, one decode per image, no PIL chain.
 
 It replaces mokd.augment's PIL chain (one torchvision PIL Compose per crop: RandomResizedCrop, flip,
 ColorJitter, RandomGrayscale, PIL GaussianBlur, RandomSolarize, ToTensor, Normalize), which stays selectable as
