@@ -40,7 +40,7 @@ class AugmentConfig:
     local_scale: tuple[float, float] = (0.05, 0.25)
     local_crops: int = 8
     blur_kernel_frac: float = 0.1  # Gaussian blur kernel ~ 10% of the crop side, as DINO's radius 0.1-2 at 224
-    pipeline: str = "fast"  # fast (mokd.fast_augment: one decode, tensor ops) | pil (DINO's PIL chain per crop,
+    pipeline: str = "fast"  # fast (mokd.fast_augment: one decode, torch + OpenCV ops) | pil (DINO's PIL chain per crop,
     # mokd.augment, which every result recorded before docs/loader.md was trained with); same distributions
     blur_scale: str = "global"  # Gaussian-blur radius 0.1-2 px x S/224 for every crop, S: global (the global crop
     # size: DINO and the release blur 96 px local crops by 0.1-2 px too) | crop (each crop's own size)

@@ -123,6 +123,56 @@ def test_batched_ops_equal_torchvisions_per_crop_ops():
     assert torch.equal(fa.solarize(x.clone(), [True, False, True, False, True]), ref)
 
 
+def test_the_workers_opencv_ops_equal_torchvisions_ops():
+    """The loader worker's OpenCV ops (photometric_cv2's parts, on float32 [H, W, 3]) equal torchvision v2's
+    functional ops within 1e-5 on [0, 1] values (float32 rounding; OpenCV's own HSV conversion and Gaussian
+    kernel): brightness, contrast, saturation (factors below and above 1, so with and without the clamp), hue
+    (shifts of both signs, grey pixels and ties for the maximum), grayscale with torchvision's 0.2989 red weight,
+    blur with the +-ceil(3 sigma) kernel and reflect border, and the whole chain against `photometric`."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, 20, 24), generator=g).float() / 255
+    x[:, :4, :4] = 0.5  # grey pixels: no hue
+    x[0, 4:6], x[1, 4:6] = 0.7, 0.7  # ties for the maximum channel
+
+    def cv(fn, *args):
+        out = fn(np.ascontiguousarray(x.permute(1, 2, 0).numpy()), *args)
+        return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1)
+
+    tv = {fa.BRIGHTNESS: F.adjust_brightness, fa.CONTRAST: F.adjust_contrast, fa.SATURATION: F.adjust_saturation,
+          fa.HUE: F.adjust_hue}
+    for op, factors in ((fa.BRIGHTNESS, (0.6, 1.0, 1.4)), (fa.CONTRAST, (0.6, 1.4)), (fa.SATURATION, (0.8, 1.2)),
+                        (fa.HUE, (-0.1, -0.02, 0.0, 0.05, 0.1, 0.5, -0.5))):
+        for f in factors:
+            assert (cv(fa.jitter_cv2, op, f) - tv[op](x, f)).abs().max() < 1e-5, (op, f)
+    p = {"jitter": True, "order": [2, 3, 0, 1], "factors": [1.3, 0.7, 1.2, -0.08], "gray": True}
+    ref = F.rgb_to_grayscale(F.adjust_contrast(F.adjust_brightness(F.adjust_hue(F.adjust_saturation(
+        x, 1.2), -0.08), 1.3), 0.7), 3)
+    assert (cv(fa.colour_cv2, p) - ref).abs().max() < 1e-5
+    for s in (0.1, 0.5, 1.0, 2.0, 4.0):
+        k = 2 * math.ceil(3 * s) + 1
+        assert (cv(fa.blur_cv2, s) - F.gaussian_blur(x, [k, k], [s, s])).abs().max() < 1e-5, s
+    assert torch.equal(cv(fa.blur_cv2, 0.0), x)
+
+
+def test_the_workers_opencv_path_equals_the_batched_torch_path():
+    """photometric_cv2 (loader workers) against photometric (data.gpu_augment's batched torch code) on 200 random
+    crops with sample_params' parameters, normalised outputs: within 1e-4 everywhere except values the two put on
+    either side of solarise's 128/255 threshold (float32 rounding apart), which differ by that step, 1/255 at most
+    in [0, 1] (under 0.0175 normalised); fewer than 1 in 10,000 values are such."""
+    kinds = fa.crop_kinds(AugmentConfig(global_size=32, local_size=16, local_crops=2))
+    rng = np.random.default_rng(0)
+    diffs = []
+    for i in range(50):
+        params = fa.sample_params(torch.Generator().manual_seed(i), kinds, W, H)
+        crops = [torch.from_numpy(rng.integers(0, 256, (3, k.size, k.size), dtype=np.uint8)) for k in kinds]
+        for c, p in zip(crops, params):
+            ref = fa.photometric(c[None], fa.stack_params([p]))[0]
+            diffs.append((fa.photometric_cv2(c, p) - ref).abs().flatten())
+    d = torch.cat(diffs)
+    assert d.max() < (1 / 255 + 1e-4) / min(fa.IMAGENET_STD)
+    assert (d > 1e-4).float().mean() < 1e-4
+
+
 def test_jitter_applies_the_ops_in_each_crops_own_order():
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     p = {"jitter": [True, True], "order": [[0, 3, 1, 2], [2, 1, 3, 0]], "factors": [[1.3, 0.7, 1.2, 0.08]] * 2,
@@ -214,7 +264,8 @@ def test_crops_do_not_depend_on_worker_count_and_leave_the_global_rng_alone(tmp_
 
 def test_shipped_uint8_crops_finished_on_the_device_equal_the_workers_crops(tmp_path):
     """data.gpu_augment: the batch's photometric part, done by finish_batch (on CPU tensors here; the same code
-    runs on CUDA), gives the crops the worker gives without it."""
+    runs on CUDA), gives the crops the worker gives without it (with OpenCV): within 1e-4, normalised, but for
+    values solarised by one and not the other (at most the 1/255 step, see the test above)."""
     images = jpeg_folder(tmp_path)
     worker = fa.FastSeededCrops(images, fa.FastMultiCrop(SMALL), seed=0)
     shipped = fa.FastSeededCrops(images, fa.FastMultiCrop(SMALL, ship_uint8=True), seed=0)
@@ -223,7 +274,9 @@ def test_shipped_uint8_crops_finished_on_the_device_equal_the_workers_crops(tmp_
     finished = fa.to_device(batch, torch.device("cpu"))
     expected = next(iter(torch.utils.data.DataLoader(worker, batch_size=6)))[0]
     for a, b in zip(finished, expected):
-        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+        assert a.shape == b.shape
+        d = (a - b).abs()
+        assert d.max() < (1 / 255 + 1e-4) / min(fa.IMAGENET_STD) and (d > 1e-4).float().mean() < 1e-3
 
 
 def test_in_memory_sets_take_the_fast_pipeline_too():
