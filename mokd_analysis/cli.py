@@ -20,7 +20,7 @@ from mokd.cli_common import data_options, debug_option, device_option, out_optio
 from mokd.data import build_dataset
 from mokd.errors import UserError
 from mokd.naming import data_name
-from mokd_eval.common import _cifar_stem_flag, _pos_resample_flag, echo, load_eval_data, loader_options, \
+from mokd_eval.common import _cifar_stem_flag, _pos_resample_flag, echo, echo_load_report, load_eval_data, loader_options, \
     pos_resample_option, precision_for, setup_run
 from mokd_eval.features import eval_transform, features_for, fit_input_size, resolve_image_size
 from mokd_eval.knn import knn_predict
@@ -57,12 +57,7 @@ def _load_spec_cli(spec: CheckpointSpec) -> list:
     """load_spec, printing one load report per model; each model keeps the label its spec gave (`given_label`)."""
     models = load_spec(spec)
     for m in models:
-        c = m.checkpoint
-        echo(f"loaded {m.label}: {c['name']} from {spec.path} [{c['format']}"
-             f"{', ' + c['branch'] if c.get('branch') else ''}]")
-        echo(f"  {m.report.summary()}")
-        for note in m.report.notes:
-            echo(f"  note: {note}")
+        echo_load_report(m, spec.path)
         m.given_label = spec.label
     return models
 
@@ -84,6 +79,13 @@ def _load_each(args: list[str], labels, opts: dict) -> list[list]:
 def _load(args: list[str], labels, opts: dict) -> list:
     """Every model of every checkpoint (see _load_each)."""
     return [m for models in _load_each(args, labels, opts) for m in models]
+
+
+def image_size_option(more: str = ""):
+    """--image-size, sized as every command sizes its input (mokd_eval.features.resolve_image_size)."""
+    return click.option("--image-size", type=click.IntRange(min=8), default=None,
+                        help="Input resolution (default: the data's own size for small images, else the "
+                             f"checkpoint's training resolution, else 224{more}).")
 
 
 figure_width_option = click.option(
@@ -111,10 +113,8 @@ def analyze_cli():
 @analysis_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per forward pass.")
-@click.option("--image-size", type=click.IntRange(min=8), default=None,
-              help="Input resolution (default: the data's own size for small images, else the checkpoint's "
-                   "training resolution, else 224, as every other command; a ViT-S/16 on 32 px digits then sees a "
-                   "2x2 grid: give --image-size 224 for a meaningful distance).")
+@image_size_option("; a ViT-S/16 on 32 px digits then sees a 2x2 grid: give --image-size 224 for a meaningful "
+                   "distance")
 @click.option("--max-images", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images of the validation split averaged over (a seeded pick).")
 @figure_width_option
@@ -223,9 +223,7 @@ def _models_for_pair(specs: list[CheckpointSpec], models_ab: tuple[str | None, s
 @seed_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images per forward pass.")
-@click.option("--image-size", type=click.IntRange(min=8), default=None,
-              help="Input resolution (default: the data's own size for small images, else the checkpoint's "
-                   "training resolution, else 224).")
+@image_size_option()
 @debug_option
 def consistency_cmd(ckpt_a, ckpt_b, replacement, replace, model_a, model_b, model_c, branch, arch, allow_partial,
                     labels, k, temperature, data, class_list, out, device, seed, batch_size, image_size):
@@ -294,9 +292,7 @@ def consistency_cmd(ckpt_a, ckpt_b, replacement, replace, model_a, model_b, mode
 @click.option("--perplexity", type=float, default=30.0, show_default=True, help="t-SNE perplexity (openTSNE).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images per forward pass.")
-@click.option("--image-size", type=click.IntRange(min=8), default=None,
-              help="Input resolution (default: the data's own size for small images, else the checkpoint's "
-                   "training resolution, else 224).")
+@image_size_option()
 @click.option("--side-by-side", "side_by_side", is_flag=True,
               help="Two checkpoints in two panels of one joint embedding (Fig. 4): independent left, MOKD right.")
 @figure_width_option
@@ -415,9 +411,7 @@ def _views(ds, transforms):
               help="Split of --data (an unlabelled folder of images is used whole).")
 @click.option("--batch-size", type=click.IntRange(min=4), default=64, show_default=True,
               help="Images per CKA minibatch (unbiased HSIC needs 4 or more; a smaller last batch is skipped).")
-@click.option("--image-size", type=click.IntRange(min=8), default=None,
-              help="Input resolution (default: the data's own size for small images, else the checkpoint's "
-                   "training resolution, else 224).")
+@image_size_option()
 @click.option("--max-images", type=click.IntRange(min=4), default=2048, show_default=True,
               help="Images used (a seeded pick); memory does not grow with it, time does.")
 @figure_width_option
@@ -518,9 +512,7 @@ def _best_matches(matrix: torch.Tensor) -> list[tuple[int, int]]:
                    "split (a seeded pick).")
 @click.option("--num-images", type=click.IntRange(min=1), default=4, show_default=True,
               help="Images taken from --data when --images is not given.")
-@click.option("--image-size", type=click.IntRange(min=8), default=None,
-              help="Input resolution (default: the data's own size for small images, else the checkpoint's "
-                   "training resolution, else 224).")
+@image_size_option()
 @debug_option
 def attention_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_partial, data, class_list, out,
                   device, seed, images, num_images, image_size):
@@ -621,9 +613,7 @@ def _display_transform(size: int, native: bool):
               help="Score a seeded pick of this many images (uncached) instead of the whole split (cached).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images per forward pass of feature extraction.")
-@click.option("--image-size", type=click.IntRange(min=8), default=None,
-              help="Input resolution (default: the data's own size for small images, else the checkpoint's "
-                   "training resolution, else 224).")
+@image_size_option()
 @click.option("--cache-dir", "cache_dir", type=click.Path(file_okay=False), default=None,
               help="Feature cache folder (default: $MOKD_CACHE or ~/.cache/mokd/features).")
 @click.option("--no-cache", "no_cache", is_flag=True, help="Neither read nor write the feature cache.")

@@ -190,10 +190,14 @@ def load_models_cli(checkpoint: str, model: str | None, branch: str | None, arch
     models = load_models(checkpoint, model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs, key=key,
                          allow_partial=allow_partial, cifar_stem=_cifar_stem_flag(), pos_resample=_pos_resample_flag())
     for m in models:
-        c = m.checkpoint
-        echo(f"loaded {m.label}: {c['name']} from {checkpoint} [{c['format']}"
-             f"{', ' + c['branch'] if c.get('branch') else ''}]")
-        echo(f"  {m.report.summary()}")
-        for note in m.report.notes:
-            echo(f"  note: {note}")
+        echo_load_report(m, checkpoint)
     return models
+
+
+def echo_load_report(m: LoadedModel, source: str) -> None:
+    """What was loaded from `source`, the match report and its notes (rank 0)."""
+    c = m.checkpoint
+    echo(f"loaded {m.label}: {c['name']} from {source} [{c['format']}{', ' + c['branch'] if c.get('branch') else ''}]")
+    echo(f"  {m.report.summary()}")
+    for note in m.report.notes:
+        echo(f"  note: {note}")
