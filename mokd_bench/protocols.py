@@ -180,7 +180,7 @@ class Protocol:
 
 PROTOCOLS: dict[str, Protocol] = {
     "knn": Protocol(run_knn, {"ks": [10, 20, 100, 200], "temperature": 0.07, "backend": "auto"}, needs_labels=True,
-                    headline="k-NN top-1 (%)"),
+                    headline="k-NN top-1, k=20 (%)"),
     "linear": Protocol(run_linear, {"epochs": 100, "batch_size": 2048, "warmup_epochs": 10, "momentum": 0.9,
                                     "weight_decay": 0.0, "n_last_blocks": 4, "avgpool": False, "lr_grid": None,
                                     "holdout": 0.1}, needs_labels=True, check=_check_linear,

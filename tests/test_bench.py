@@ -345,3 +345,20 @@ def test_vit_features_extracted_once_and_equal_to_mokd_eval(tmp_path):
     by_task = lambda folder: {r["task"]: r["metrics"] for r in map(json.loads, map(Path.read_text,  # noqa: E731
                                                                                    folder.glob("*.json")))}
     assert by_task(tmp_path / "bench" / "records") == by_task(tmp_path / "eval")
+
+
+def test_summary_reports_k_20_not_the_best_k_on_val():
+    """Picking k on the evaluation split would tune on it: the summary gives DINO's k = 20, and names the k when
+    no k = 20 result exists."""
+    from mokd_bench.render import summary_table
+
+    def rec(label, top1):
+        best_k = max(top1, key=top1.get)
+        return {"task": "knn", "checkpoint": {"label": label, "name": "resnet18", "format": "dino"},
+                "metrics": {"top1": top1, "top5": {k: 99.0 for k in top1}, "best_top1": top1[best_k],
+                            "best_k": int(best_k)}}
+
+    headers, rows = summary_table([rec("A", {"10": 71.0, "20": 70.0}), rec("B", {"10": 60.0, "200": 62.5})])
+    assert headers[3] == "k-NN top-1, k=20 (%)"
+    assert rows[0][3] == 70.0
+    assert rows[1][3] == "62.50 (best k=200)"
