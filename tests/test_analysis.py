@@ -18,6 +18,7 @@ from mokd_analysis.mad import cnn_mad
 from mokd_analysis.tsne import joint_tsne, save_embedding
 from mokd_analysis.plots import plot_tsne
 from tests.ckpt_factory import RESNET, VIT32_P4, isolated_cache, make_mokd_checkpoint  # noqa: F401
+from tests.attention_reference import timm_attention_weights
 
 GRID, PATCH = (14, 14), 16
 
@@ -55,14 +56,7 @@ def test_capture_equals_timms_own_attention_weights(fused):
     torch.manual_seed(0)
     vit = create_backbone("test_vit", {"img_size": 32, "patch_size": 4}).eval()
     x = torch.randn(2, 3, 32, 32)
-    reference = {}  # timm's non-fused path hands its weights to attn_drop: read them there
-    set_fused_attention(vit, False)
-    hooks = [blk.attn.attn_drop.register_forward_hook(lambda m, a, o, i=i: reference.__setitem__(i, o.clone()))
-             for i, blk in enumerate(vit.blocks)]
-    with torch.no_grad():
-        vit(x)
-    for h in hooks:
-        h.remove()
+    reference = timm_attention_weights(vit, x)
     set_fused_attention(vit, fused)
     captured = {}
     with torch.no_grad(), capture_vit_attention(vit, lambda layer, a: captured.__setitem__(layer, a)):

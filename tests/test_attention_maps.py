@@ -8,6 +8,7 @@ from mokd.models.backbones import create_backbone, set_fused_attention
 from mokd_analysis.attention import (attention_rollout, cls_patch_attention, feature_norm_map, rollout_cls_map,
                                      vit_attention_maps)
 from mokd_analysis.layers import capture_layers, model_cka, representation_layers
+from tests.attention_reference import timm_attention_weights
 
 REG_VIT = {"img_size": 32, "patch_size": 8, "reg_tokens": 4}  # 1 CLS + 4 registers + 4x4 patches
 
@@ -60,14 +61,7 @@ def test_register_vit_maps_equal_timms_own_attention(fused):
     vit = create_backbone("test_vit", REG_VIT).eval()
     assert vit.num_prefix_tokens == 5
     x = torch.randn(2, 3, 32, 32)
-    reference = {}
-    set_fused_attention(vit, False)
-    hooks = [blk.attn.attn_drop.register_forward_hook(lambda m, a, o, i=i: reference.__setitem__(i, o.clone()))
-             for i, blk in enumerate(vit.blocks)]
-    with torch.no_grad():
-        vit(x)
-    for h in hooks:
-        h.remove()
+    reference = timm_attention_weights(vit, x)
     set_fused_attention(vit, fused)
     maps = vit_attention_maps(vit, x)
     last = reference[len(vit.blocks) - 1]
