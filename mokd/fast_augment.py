@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from mokd.augment import IMAGENET_MEAN, IMAGENET_STD, sample_seed
+from mokd.augment import IMAGENET_MEAN, IMAGENET_STD, SeededCrops, sample_seed
 from mokd.config import AugmentConfig
 from mokd.data import read_image, to_rgb8
 
@@ -442,20 +442,14 @@ def finish_batch(batch, device: torch.device) -> list[torch.Tensor]:
     return out
 
 
-class FastSeededCrops(torch.utils.data.Dataset):
+class FastSeededCrops(SeededCrops):
     """SeededCrops for the fast pipeline: item i of epoch e -> (crops, label), every draw from a generator seeded
     by (seed, e, i). Folder data are decoded here from their files (reduced-scale JPEG decode); in-memory sets
     arrive as PIL images."""
 
     def __init__(self, dataset, multicrop: FastMultiCrop, seed: int):
-        self.dataset, self.multicrop, self.seed, self.epoch = dataset, multicrop, seed, 0
+        super().__init__(dataset, multicrop, seed)
         self.from_files = getattr(dataset, "paths", None) is not None and dataset.transform is None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, i: int):
         gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i) % (2**63))

@@ -22,6 +22,7 @@ from mokd.errors import UserError
 from mokd.naming import data_name
 from mokd_eval.common import _cifar_stem_flag, _pos_resample_flag, echo, echo_load_report, load_eval_data, loader_options, \
     pos_resample_option, precision_for, setup_run
+from mokd_analysis.images import seeded_subset
 from mokd_eval.features import eval_transform, features_for, fit_input_size, resolve_image_size
 from mokd_eval.knn import knn_predict
 from mokd_eval.records import write_record
@@ -96,12 +97,6 @@ figure_width_option = click.option(
 
 
 
-def _subset(n: int, max_images: int | None, seed: int) -> list[int]:
-    if not max_images or n <= max_images:
-        return list(range(n))
-    return sorted(np.random.default_rng(seed).choice(n, max_images, replace=False).tolist())
-
-
 @click.group("analyze")
 def analyze_cli():
     """Analyse checkpoints: mean attention distance, prediction consistency, t-SNE (paper Sec. 4.6), layer-by-layer
@@ -140,7 +135,7 @@ def mad_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
     models = _load(list(checkpoints), labels, dict(model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs,
                                                    key=key, allow_partial=allow_partial))
     val = build_dataset(spec, "val")
-    pick = _subset(len(val), max_images, seed)
+    pick = seeded_subset(len(val), max_images, seed)
     results = []
     for m in models:
         size = resolve_image_size(spec, image_size, m.image_size)
@@ -452,7 +447,7 @@ def cka_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
     else:
         models = per_file[0]
     ds = analysis_dataset(spec, split)
-    pick = _subset(len(ds), max_images, seed)
+    pick = seeded_subset(len(ds), max_images, seed)
     ds = ds.subset(pick)
     transforms = []
     for m in models:
@@ -543,7 +538,7 @@ def attention_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, al
         from mokd_analysis.images import analysis_dataset
 
         full = analysis_dataset(spec, "val")
-        pick = _subset(len(full), num_images, seed)
+        pick = seeded_subset(len(full), num_images, seed)
         ds = full.subset(pick)
         names = [f"{full.classes[full.targets[i]]} #{i}" if full.classes != ["unlabelled"] else Path(full.paths[i]).name
                  for i in pick]
@@ -641,7 +636,7 @@ def rank_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_p
     ds = analysis_dataset(spec, split)
     subset = max_images is not None and len(ds) > max_images
     if subset:
-        ds = ds.subset(_subset(len(ds), max_images, seed))
+        ds = ds.subset(seeded_subset(len(ds), max_images, seed))
     rows, results, spectra = [], [], []
     for m in models:
         fs = features_for(m, spec, split, dataset=ds, device=dev, batch_size=batch_size, precision=prec,

@@ -5,10 +5,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from mokd.data import IMAGE_EXTENSIONS, DataSpec, ImageDataset, build_dataset, read_image
 from mokd.errors import UserError
 
 UNLABELLED = "unlabelled"
+
+
+def seeded_subset(n: int, max_images: int | None, seed: int) -> list[int]:
+    """Sorted indices of a seeded pick of `max_images` of n items (all of them when max_images is None or >= n),
+    so that every analysis and the bench average over the same images for the same seed."""
+    if not max_images or n <= max_images:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, max_images, replace=False).tolist())
 
 
 def files_dataset(paths: list[str | Path]) -> ImageDataset:

@@ -109,22 +109,17 @@ def run_rank(inp: Inputs, s: dict) -> list[dict]:
     return out
 
 
-def _subset(n: int, max_images: int | None, seed: int) -> list[int]:
-    if not max_images or n <= max_images:
-        return list(range(n))
-    return sorted(np.random.default_rng(seed).choice(n, max_images, replace=False).tolist())
-
-
 def run_mad(inp: Inputs, s: dict) -> list[dict]:
     """Mean attention distance per layer and head (ViT) or residual block (CNN), mokd_analysis.mad, on a seeded
     pick of the label-free split's images at the features' size."""
+    from mokd_analysis.images import seeded_subset
     from mokd_analysis.mad import model_mad
     from mokd_eval.features import eval_transform, fit_input_size, resolve_image_size
 
     out = []
     split = inp.data.free_split
     full = inp.data.splits[split]
-    pick = _subset(len(full), s["max_images"], inp.seed)
+    pick = seeded_subset(len(full), s["max_images"], inp.seed)
     for m in inp.models:
         size = resolve_image_size(inp.data.spec, inp.image_size, m.loaded.image_size)
         fit_input_size(m.loaded.backbone, size)
