@@ -293,7 +293,7 @@ def worker_env(**extra: str) -> dict:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
-def run_worker(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_worker(args: list[str], nproc: int = 1, timeout: int = 900) -> subprocess.CompletedProcess:
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
               if nproc > 1 else [sys.executable])
     return subprocess.run([*launch, "-m", "tests.dist_features_worker", *args], cwd=ROOT, env=worker_env(),
