@@ -28,7 +28,7 @@ def check_cmd(spec, class_list, decode, seed):
     SPEC is any --data value: digits, photos, an ImageFolder root, cifar10:PATH, dtd:PATH, voc2007:PATH, ...
     """
     from mokd.data import build_dataset, check_same_classes, holdout_split, parse_data_spec
-    from mokd.transfer_data import TRANSFER_SETS
+    from mokd.transfer_data import HOLDOUT_FRACTION, TRANSFER_SETS
 
     data = parse_data_spec(spec, class_list)
     train = build_dataset(data, "train", skip_unreadable=decode)
@@ -37,7 +37,7 @@ def check_cmd(spec, class_list, decode, seed):
     fit, val = holdout_split(data, train, seed)
     title = TRANSFER_SETS[data.kind].title if data.transfer else data.kind
     shown = ", ".join(train.classes[:5]) + (", ..." if len(train.classes) > 5 else "")
-    rule = "official" if data.official_val else f"seeded {len(val) / len(train):.0%} of the pool, seed {seed}"
+    rule = "official" if data.official_val else f"seeded {HOLDOUT_FRACTION:.0%} of the pool, seed {seed}"
     lines = [f"data set: {title} ({data})",
              f"root: {data.root if data.root is not None else '(embedded)'}",
              f"metric: {data.metric}",

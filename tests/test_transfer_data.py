@@ -254,6 +254,8 @@ def test_unreadable_image(tmp_path):
     assert str(bad) in _one_line(e)
     kept = build_dataset(spec, "train", skip_unreadable=True)
     assert len(kept) == len(ds) - 1 and kept.skipped == [str(bad)]
+    r = CliRunner().invoke(cli, ["data", "check", f"pets:{root}", "--decode"])
+    assert r.exit_code == 1 and f"unreadable images: 1 ({bad})" in r.output and "train pool: 11" in r.output
 
 
 def test_fingerprint_follows_the_files(tmp_path):
@@ -287,6 +289,9 @@ def test_data_check_command(layouts, tmp_path):
 
     r = runner.invoke(cli, ["data", "check", f"voc2007:{layouts['voc2007']}"])
     assert r.exit_code == 0 and "map11" in r.output and "multi-label" in r.output
+
+    r = runner.invoke(cli, ["data", "check", f"sun397:{layouts['sun397']}", "--seed", "3"])
+    assert r.exit_code == 0 and "val: 2 (seeded 20% of the pool, seed 3)" in r.output  # floor(0.2 * 12)
 
     r = runner.invoke(cli, ["data", "check", "digits"])
     assert r.exit_code == 0 and "train pool: 1437" in r.output and "test: 360" in r.output
