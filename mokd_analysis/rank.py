@@ -40,6 +40,12 @@ EIG_FLOOR = 1e-10
 ALPHA_FIRST, ALPHA_LAST = 6, 100  # 1-based eigenvalue indices of the authors' fit range
 MIN_FIT_POINTS = 5
 COLLAPSE_TOL = 1e-4
+# what every rank record's settings say about how its numbers were computed (analyze rank and the bench alike)
+RANK_SETTINGS = {"rankme_eps": 1e-7, "alpha_fit": "weighted (1/k) least squares of log eigenvalue on log k, "
+                 "k = 6..100 of the centred covariance (Agrawal et al. 2022, reptrix get_alpha)",
+                 "collapse_tol": COLLAPSE_TOL}
+RANK_KEYS = ("rankme", "rankme_centered", "alpha_req", "alpha_fit", "spread_to_offset", "collapsed",
+             "collapse_reason", "n", "dim")  # rank_scores' output, as records carry it
 
 
 def _matrix64(features: Tensor, need: int) -> Tensor:
