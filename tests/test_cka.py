@@ -297,3 +297,13 @@ def test_analyze_cka_final_embeddings_go_through_feature_cka(tmp_path, monkeypat
     assert abs(final) < 0.02 and final == feature_cka(made[0], made[1], DEFAULT_BATCH_SIZE, 0)
     assert record["settings"]["estimator"] == "unbiased minibatch HSIC (Nguyen et al. 2021)"
     assert "final embeddings: CKA" in res.output
+
+
+def test_no_command_reports_the_biased_full_batch_cka():
+    """linear_cka is the tests' reference only: every command's CKA goes through feature_cka or MinibatchCKA."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    callers = [str(p.relative_to(root)) for pkg in ("mokd", "mokd_eval", "mokd_analysis", "mokd_bench")
+               for p in (root / pkg).rglob("*.py") if "linear_cka(" in p.read_text() and p.name != "cka.py"]
+    assert callers == []
