@@ -491,13 +491,13 @@ def data_fingerprint(spec: DataSpec, dataset: ImageDataset) -> str | None:
     CONTENT_HASH_MAX_FILES files and CONTENT_HASH_MAX_BYTES). The ctime is what catches, in a set too large to
     read, a file replaced by another of the same size with its mtime put back (cp -p, rsync -t, tar): no user
     can set it, and any write or utime moves it. Its cost: a chmod, chown or copy of the set re-extracts it.
-    CIFAR: the batch files alike. The embedded digits: None (fixed). The embedded photos: a digest of the
-    built set, which a new recipe or another scikit-image's photographs change.
+    CIFAR, STL-10: the binary files alike. The embedded digits: None (fixed). The embedded photos: a digest of
+    the built set, which a new recipe or another scikit-image's photographs change.
     """
     if spec.kind == "photos":
         return photos_fingerprint()
     paths = getattr(dataset, "paths", None)
-    if not paths and spec.kind in ("cifar10", "cifar100") and spec.root is not None:
+    if not paths and spec.kind in ("cifar10", "cifar100", "stl10") and spec.root is not None:
         paths = sorted(str(p) for p in Path(spec.root).rglob("*") if p.is_file())
     if not paths:
         return None
