@@ -23,7 +23,7 @@ from mokd.naming import data_name
 from mokd_eval.common import _cifar_stem_flag, _pos_resample_flag, echo, echo_load_report, load_eval_data, loader_options, \
     pos_resample_option, precision_for, setup_run
 from mokd_analysis.images import seeded_subset
-from mokd_eval.features import eval_transform, features_for, fit_input_size, resolve_image_size
+from mokd_eval.features import eval_transform, features_for, fit_input_size, resolve_image_size, spec_transform
 from mokd_eval.knn import knn_predict
 from mokd_eval.records import write_record
 from mokd_eval.report import markdown_table
@@ -141,7 +141,7 @@ def mad_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
         size = resolve_image_size(spec, image_size, m.image_size)
         fit_input_size(m.backbone, size)
         ds = val.subset(pick)
-        ds.transform = eval_transform(size, spec.native_size is not None)
+        ds.transform = spec_transform(spec, size)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
         r = model_mad(m.backbone, loader, dev, label=m.label, arch=m.checkpoint["name"])
         r.run, r.mode = m.given_label or m.checkpoint["run"], m.checkpoint.get("mode")
@@ -458,7 +458,7 @@ def cka_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
     for m in models:
         size = int(image_size or spec.native_size or m.image_size or 224)
         fit_input_size(m.backbone, size)
-        transforms.append(eval_transform(size, spec.native_size is not None))
+        transforms.append(spec_transform(spec, size))
     # batches of (about) equal size over a seeded shuffle, the same as feature_cka's, so no batch is short
     batches = [b.tolist() for b in cka_batches(len(ds), batch_size, seed)]
     loader = torch.utils.data.DataLoader(_views(ds, transforms), batch_sampler=batches)
@@ -565,7 +565,8 @@ def attention_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, al
     for mi, (m, size) in enumerate(zip(models, sizes)):
         fit_input_size(m.backbone, size)
         backbone = m.backbone.to(dev).eval()
-        x = torch.stack([eval_transform(size, native)(_pil(ds, i)) for i in range(len(ds))]).to(dev)
+        tf = spec_transform(spec, size) if spec is not None else eval_transform(size, native)
+        x = torch.stack([tf(_pil(ds, i)) for i in range(len(ds))]).to(dev)
         if is_vit(backbone):
             maps = vit_attention_maps(backbone, x)
             panels.append((m.label, "rollout", maps["rollout"].numpy()))

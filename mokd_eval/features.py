@@ -85,6 +85,12 @@ def spec_resize_ratio(spec: DataSpec) -> float:
     return float(getattr(spec, "resize_ratio", RESIZE_RATIO))
 
 
+def spec_transform(spec: DataSpec, image_size: int) -> Callable:
+    """The evaluation transform of `spec`'s images at `image_size`: every command that feeds a frozen backbone
+    uses this one, so a data set's images are prepared alike whichever command reads them."""
+    return eval_transform(image_size, spec.native_size is not None, spec_resize_ratio(spec))
+
+
 def spec_multilabel(spec: DataSpec) -> bool:
     """Whether `spec`'s labels are multi-hot vectors [C] uint8 (VOC2007) rather than class indices."""
     return bool(getattr(spec, "multilabel", False))
@@ -732,7 +738,7 @@ def features_for(loaded, spec: DataSpec, split: str, *, device: torch.device | s
     ratio = spec_resize_ratio(spec)
     mode = effective_mode(loaded.backbone, mode)
     ds = copy.copy(dataset) if dataset is not None else build_dataset(spec, split)
-    ds.transform = eval_transform(size, native, ratio)
+    ds.transform = spec_transform(spec, size)
     device = torch.device(device)
     root = entry = None
     if use_cache:

@@ -32,7 +32,7 @@ from mokd.errors import UserError
 from mokd.models.backbones import global_dim
 from mokd_eval.common import (checkpoint_options, data_record, echo, load_eval_data, load_models_cli,
                               precision_for, setup_run)
-from mokd_eval.features import eval_transform, fit_input_size, resolve_image_size
+from mokd_eval.features import fit_input_size, resolve_image_size, spec_transform
 from mokd_eval.linear import new_linear
 from mokd_eval.records import write_record
 from mokd_eval.report import markdown_table
@@ -224,7 +224,6 @@ def run_finetune(task: str, checkpoint: str, load_args: dict, spec, train_ds, va
     """Fine-tune every model of `checkpoint` on `train_ds` (at `size_for(model)` px), evaluate on `val_ds`,
     write one record each and print a table. Returns the metrics, one dict per model."""
     models = load_models_cli(checkpoint, *(load_args[k] for k in LOAD_OPTIONS))
-    native = spec.native_size is not None
     rows, results = [], []
     for m in models:
         t0 = time.time()
@@ -233,7 +232,7 @@ def run_finetune(task: str, checkpoint: str, load_args: dict, spec, train_ds, va
              f"lr {scaled_lr(s.lr, s.batch_size):g} (head x{s.head_lr_mult:g}), {s.image_size} px, {precision}")
         fit_input_size(m.backbone, s.image_size)
         tr, va = copy.copy(train_ds), copy.copy(val_ds)
-        tr.transform, va.transform = train_transform(s.image_size), eval_transform(s.image_size, native)
+        tr.transform, va.transform = train_transform(s.image_size), spec_transform(spec, s.image_size)
         metrics = finetune(m.backbone, tr, va, len(val_ds.classes), settings=s, device=device, precision=precision,
                            seed=seed, log=echo)
         record_settings = {**asdict(s), "precision": precision, "seed": seed, "world_size": dist.world_size()}

@@ -33,8 +33,8 @@ from mokd.errors import UserError
 from mokd.models.backbones import global_dim, is_vit
 from mokd_eval.common import (checkpoint_options, data_record, echo, feature_options, load_eval_data,
                               load_models_cli, precision_for, setup_run)
-from mokd_eval.features import ShardedFeatures, eval_transform, features_for, fit_input_size, \
-    resolve_image_size, take_rows
+from mokd_eval.features import ShardedFeatures, features_for, fit_input_size, resolve_image_size, \
+    spec_transform, take_rows
 from mokd_eval.records import write_record
 from mokd_eval.report import markdown_table
 from mokd_eval.supervised import (default_workers, eval_loader, evaluate, fit, scaled_lr, topk_correct,
@@ -429,7 +429,7 @@ def linear_cmd(checkpoint, model, branch, arch, arch_kwargs, key, allow_partial,
             fit_input_size(m.backbone, size)
             tr_set, va_set = copy.copy(train_ds), copy.copy(val_ds)
             tr_set.transform = train_transform(size)
-            va_set.transform = eval_transform(size, spec.native_size is not None)
+            va_set.transform = spec_transform(spec, size)
             metrics = train_linear_probe(m.backbone, tr_set, va_set, num_classes, settings=s, device=dev,
                                          precision=prec, seed=seed, log=echo)
             dim = probe_dim(m.backbone, n_last_blocks, avgpool)
