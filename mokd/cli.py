@@ -1,4 +1,4 @@
-"""The `mokd` command line: train, eval, analyze, bench, export, report.
+"""The `mokd` command line: train, eval, analyze, bench, export, report, data.
 
 `eval`, `analyze`, `bench`, `export` and `report` live in the evaluation, analysis and bench packages and are
 imported only when invoked, so `mokd train` does not pay for them and the dependency arrows keep pointing one way.
@@ -28,6 +28,7 @@ LAZY_COMMANDS = {
     "report": ("mokd_eval.cli", "report_cmd"),
     "analyze": ("mokd_analysis.cli", "analyze_cli"),
     "bench": ("mokd_bench.cli", "bench_cmd"),
+    "data": ("mokd.data_cli", "data_cli"),
     "plot-log": ("mokd_analysis.training_curves", "plot_log_cmd"),
 }
 

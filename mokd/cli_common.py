@@ -25,7 +25,9 @@ def data_options(f):
     f = click.option("--data", "data", default=None, metavar="SPEC",
                      help="Data set: an ImageFolder root (ROOT/train, ROOT/val), 'digits' (embedded, default), "
                           "'photos' (embedded, 12 classes of photograph patches), 'cifar10:PATH' or "
-                          "'cifar100:PATH' (python archive folders).")(f)
+                          "'cifar100:PATH' (python archive folders), or a transfer set in its own layout: 'stl10:', "
+                          "'food101:', 'sun397:', 'cars:', 'aircraft:', 'voc2007:', 'dtd:', 'pets:', 'caltech101:', "
+                          "'flowers102:', 'eurosat:' + PATH (docs/datasets.md).")(f)
     return f
 
 

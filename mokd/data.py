@@ -8,6 +8,12 @@ A data spec is a string:
   ``folder:PATH``       the same, spelled out (so a folder named digits or photos is read as a folder)
   ``cifar10:PATH``      CIFAR-10 python archive folder (``cifar-10-batches-py``, or a folder that contains it)
   ``cifar100:PATH``     CIFAR-100 python archive folder (``cifar-100-python``, or a folder that contains it)
+  ``stl10:PATH``, ``food101:PATH``, ``sun397:PATH``, ``cars:PATH``, ``aircraft:PATH``, ``voc2007:PATH``,
+  ``dtd:PATH``, ``pets:PATH``, ``caltech101:PATH``, ``flowers102:PATH``, ``eurosat:PATH``
+                        the transfer suite's sets in their own layouts (`mokd.transfer_data`, docs/datasets.md)
+Split names: "train" is the training pool (official train + val where a set has an official val split), "val"
+the evaluation split (CIFAR's test batch, a transfer set's official test split); `holdout_split` picks the
+validation rows of the pool (a transfer set's official val, else a seeded 20%).
 An optional class-list file (one class folder name per line, e.g. ImageNet-100) selects a subset of classes.
 
 Images are read as 8-bit RGB: 16-bit and 32-bit modes are scaled to 0-255 (not clipped). A file that does not
@@ -30,6 +36,7 @@ import torch
 from PIL import Image
 
 from mokd.errors import UserError
+from mokd.transfer_data import TRANSFER_SETS, image_of, official_val_paths, read_split, seeded_holdout
 
 SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -39,7 +46,7 @@ PHOTOS_SIZE = 32
 
 @dataclass(frozen=True)
 class DataSpec:
-    kind: str  # "digits" | "photos" | "folder" | "cifar10" | "cifar100"
+    kind: str  # "digits" | "photos" | "folder" | "cifar10" | "cifar100" | a key of TRANSFER_SETS
     root: Path | None = None
     class_list: Path | None = None
 
@@ -51,6 +58,33 @@ class DataSpec:
     def native_size(self) -> int | None:
         """Image side of small-image data sets (digits, photos, CIFAR); None for folders of arbitrary images."""
         return {"digits": DIGITS_SIZE, "photos": PHOTOS_SIZE, "cifar10": 32, "cifar100": 32}.get(self.kind)
+
+    @property
+    def transfer(self) -> bool:
+        """One of the transfer suite's sets (`TRANSFER_SETS`), read from its own layout."""
+        return self.kind in TRANSFER_SETS
+
+    @property
+    def metric(self) -> str:
+        """The protocol's headline metric: "top1", "mean_per_class" (Aircraft, Pets, Caltech-101, Flowers) or
+        "map11" (VOC 2007's 11-point mAP)."""
+        return TRANSFER_SETS[self.kind].metric if self.transfer else "top1"
+
+    @property
+    def multilabel(self) -> bool:
+        """Targets are multi-hot uint8 tensors [C] (VOC 2007), not class indices."""
+        return self.transfer and TRANSFER_SETS[self.kind].multilabel
+
+    @property
+    def official_val(self) -> bool:
+        """The training pool holds an official validation split (`holdout_split` returns it)."""
+        return self.transfer and TRANSFER_SETS[self.kind].official_val
+
+    @property
+    def resize_ratio(self) -> float:
+        """Short side before the centre crop, as a multiple of the crop: 1.0 for the transfer sets (the protocol's
+        Resize(224, bicubic) + CenterCrop(224)), 256/224 otherwise (ImageNet's). Unused for native-size sets."""
+        return 1.0 if self.transfer else 256 / 224
 
     @property
     def embedded(self) -> bool:
@@ -68,13 +102,13 @@ def parse_data_spec(spec: str | None, class_list: str | Path | None = None) -> D
             raise UserError(f"a class list only applies to ImageFolder data, not to the embedded {spec or 'digits'}")
         return DataSpec(spec or "digits")
     kind, sep, rest = str(spec).partition(":")
-    if sep and kind in ("cifar10", "cifar100", "folder", "imagefolder"):
+    if sep and (kind in ("cifar10", "cifar100", "folder", "imagefolder") or kind in TRANSFER_SETS):
         kind = "folder" if kind == "imagefolder" else kind
         path = Path(rest).expanduser()
     else:
         kind, path = "folder", Path(str(spec)).expanduser()
     if kind != "folder" and cl is not None:
-        raise UserError("a class list only applies to ImageFolder data, not to CIFAR")
+        raise UserError(f"a class list only applies to ImageFolder data, not to {kind}")
     if not path.exists():
         raise UserError(f"data path {path} does not exist. {_layout_help(kind)}")
     if not path.is_dir():
@@ -83,6 +117,8 @@ def parse_data_spec(spec: str | None, class_list: str | Path | None = None) -> D
 
 
 def _layout_help(kind: str) -> str:
+    if kind in TRANSFER_SETS:
+        return f"Expected {TRANSFER_SETS[kind].layout} (docs/datasets.md)."
     if kind == "cifar10":
         return "Expected the CIFAR-10 python archive folder 'cifar-10-batches-py' (data_batch_1..5, test_batch)."
     if kind == "cifar100":
@@ -99,6 +135,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.classes, self.targets, self._load, self.transform = classes, targets, load, transform
         self.paths = paths  # file paths for folder data (used by split files); None for in-memory sets
         self.skipped: list[str] = []  # unreadable files left out (build_dataset(..., skip_unreadable=True))
+        self.multilabel = False  # targets are multi-hot uint8 tensors [C] (VOC 2007) instead of class indices
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -111,6 +148,7 @@ class ImageDataset(torch.utils.data.Dataset):
         indices = list(indices)
         sub = ImageDataset(self.classes, [self.targets[i] for i in indices], lambda j: self._load(indices[j]),
                            self.transform, None if self.paths is None else [self.paths[i] for i in indices])
+        sub.multilabel = self.multilabel
         return sub
 
 
@@ -126,7 +164,41 @@ def build_dataset(spec: DataSpec, split: str = "train", transform: Callable | No
         return EMBEDDED[spec.kind](split, transform)
     if spec.kind in ("cifar10", "cifar100"):
         return _cifar(spec.kind, spec.root, split, transform)
+    if spec.transfer:
+        return _transfer(spec, split, transform, skip_unreadable)
     return _folder(spec.root, split, spec.class_list, transform, skip_unreadable)
+
+
+def _transfer(spec: DataSpec, split: str, transform, skip_unreadable: bool) -> ImageDataset:
+    listing = read_split(spec.kind, spec.root, split)
+    if listing.paths is None:  # in memory (STL-10)
+        ds = ImageDataset(listing.classes, listing.targets, image_of(listing), transform)
+        return ds
+    paths, targets, skipped = listing.paths, listing.targets, []
+    if skip_unreadable:
+        paths, targets, skipped = _drop_unreadable(paths, targets, f"{spec}")
+    ds = ImageDataset(listing.classes, targets, lambda i: read_image(paths[i]), transform, paths)
+    ds.multilabel, ds.skipped = spec.multilabel, skipped
+    return ds
+
+
+def holdout_split(spec: DataSpec, train: ImageDataset, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(fit rows, validation rows), indices into the training pool `train` (`build_dataset(spec, "train")`).
+
+    Aircraft, DTD, Flowers-102 and VOC 2007: the official validation split (its files, found in the pool by path;
+    `seed` is unused). Every other set: ssl-transfer's draw, a seeded 20% of the pool, not class-stratified.
+    """
+    if spec.official_val:
+        val = set(official_val_paths(spec.kind, spec.root))
+        if train.paths is None:
+            raise ValueError(f"{spec}: the training pool has no file paths to find the validation split in")
+        fit = [i for i, p in enumerate(train.paths) if p not in val]
+        held = [i for i, p in enumerate(train.paths) if p in val]
+        if not fit or not held:
+            raise UserError(f"{spec}: the official validation split leaves {len(fit)} images to fit and {len(held)} "
+                            f"to validate; expected both non-empty")
+        return fit, held
+    return seeded_holdout(len(train), seed)
 
 
 def _digits(split: str, transform) -> ImageDataset:
@@ -340,17 +412,21 @@ def _folder(root: Path, split: str, class_list: Path | None, transform, skip_unr
 
     skipped = []
     if skip_unreadable:
-        with ThreadPoolExecutor(8) as pool:  # PIL decodes without the GIL
-            ok = list(pool.map(_readable, paths))
-        skipped = [p for p, good in zip(paths, ok) if not good]
-        paths = [p for p, good in zip(paths, ok) if good]
-        targets = [t for t, good in zip(targets, ok) if good]
-        if not paths:
-            raise UserError(f"none of the images in {split_root} could be read")
+        paths, targets, skipped = _drop_unreadable(paths, targets, str(split_root))
 
     ds = ImageDataset(classes, targets, lambda i: read_image(paths[i]), transform, paths)
     ds.skipped = skipped
     return ds
+
+
+def _drop_unreadable(paths: list[str], targets: list, where: str) -> tuple[list[str], list, list[str]]:
+    """Decode every file once; (readable paths, their targets, the unreadable paths)."""
+    with ThreadPoolExecutor(8) as pool:  # PIL decodes without the GIL
+        ok = list(pool.map(_readable, paths))
+    if not any(ok):
+        raise UserError(f"none of the images in {where} could be read")
+    return ([p for p, good in zip(paths, ok) if good], [t for t, good in zip(targets, ok) if good],
+            [p for p, good in zip(paths, ok) if not good])
 
 
 def read_image(path: str | Path) -> Image.Image:

@@ -380,13 +380,13 @@ def data_fingerprint(spec: DataSpec, dataset: ImageDataset) -> str | None:
     """A digest of the image files behind `dataset`, so that files replaced in place are re-extracted.
 
     Folder data: every file's path, size and mtime, plus its bytes for small sets (a copy that keeps the
-    mtime is still seen). CIFAR: the batch files' size and mtime. The embedded digits: None (fixed). The
+    mtime is still seen). CIFAR, STL-10: the binary files' size and mtime. The embedded digits: None (fixed). The
     embedded photos: a digest of the built set, which a new recipe or another scikit-image's photographs change.
     """
     if spec.kind == "photos":
         return photos_fingerprint()
     paths = getattr(dataset, "paths", None)
-    if not paths and spec.kind in ("cifar10", "cifar100") and spec.root is not None:
+    if not paths and spec.kind in ("cifar10", "cifar100", "stl10") and spec.root is not None:
         paths = sorted(str(p) for p in Path(spec.root).rglob("*") if p.is_file())
     if not paths:
         return None
