@@ -1,9 +1,17 @@
 """Capturing attention maps from timm ViTs and residual-block maps from timm CNNs, by forward hooks.
 
-timm's `Attention` computes its weights inside `F.scaled_dot_product_attention` when `fused_attn` is on, so
-they are never materialised. The hook here recomputes them from the module's input instead:
-softmax(q_norm(q) · k_norm(k)ᵀ · scale) with q, k from the module's own `qkv` projection, exactly as timm's
-non-fused path does, so it gives the same weights whichever path the model runs.
+timm's attention modules compute their weights inside `F.scaled_dot_product_attention` when `fused_attn` is on,
+so they are never materialised. The hooks here recompute them from the module's input instead, exactly as the
+module's non-fused path does, so they give the same weights whichever path the model runs. Each attention class
+has its own recomputation (`RECOMPUTE`, keyed by the exact class: a subclass may change the forward), tested
+against timm's own weights:
+- `timm.layers.Attention` (ViT, DeiT, DINO(v2), registers): softmax(q_norm(q) k_norm(k)^T scale), q and k from the
+  fused `qkv` projection.
+- `timm.models.eva.EvaAttention` (EVA-02 and timm's ROPE ViTs built on Eva): q, k from the fused `qkv` with its
+  separate q/k/v biases, or from separate q/k projections; q_norm/k_norm; the rotary embedding the block passes in
+  (`rope`), applied to the patch tokens only; then the same softmax.
+Any other attention class (BEiT's relative position bias, AttentionRope, ...) is refused by name rather than
+drawn wrong.
 """
 
 from __future__ import annotations
@@ -22,35 +30,90 @@ AttentionCallback = Callable[[int, torch.Tensor], None]  # (layer index, attenti
 MapCallback = Callable[[int, torch.Tensor], None]  # (block index, feature map [B, C, H, W])
 
 
+def _softmax_weights(attn_module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    scale = getattr(attn_module, "scale", q.shape[-1] ** -0.5)
+    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def _timm_attention(attn_module: nn.Module, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    """timm.layers.Attention: q, k from the fused qkv projection (bias included), then q_norm / k_norm."""
+    b, n, _ = x.shape
+    heads = attn_module.num_heads
+    head_dim = getattr(attn_module, "head_dim", None) or attn_module.qkv.out_features // (3 * heads)
+    w, bias = attn_module.qkv.weight.float(), attn_module.qkv.bias
+    qkv = F.linear(x, w, None if bias is None else bias.float())
+    qkv = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn_module.q_norm(qkv[0]), attn_module.k_norm(qkv[1])
+    return _softmax_weights(attn_module, q, k)
+
+
+def _eva_attention(attn_module: nn.Module, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    """timm EvaAttention: fused qkv with separate q/k/v biases (k's is zero) or separate projections; q_norm /
+    k_norm; the rotary embedding on the tokens after the prefix."""
+    from timm.layers import apply_rot_embed_cat
+
+    b, n, _ = x.shape
+    heads = attn_module.num_heads
+    if attn_module.qkv is not None:
+        bias = None
+        if attn_module.q_bias is not None:
+            bias = torch.cat((attn_module.q_bias, attn_module.k_bias, attn_module.v_bias)).float()
+        qkv = F.linear(x, attn_module.qkv.weight.float(), bias)
+        qkv = qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0], qkv[1]
+    else:
+        def project(lin: nn.Linear) -> torch.Tensor:
+            out = F.linear(x, lin.weight.float(), None if lin.bias is None else lin.bias.float())
+            return out.reshape(b, n, heads, -1).transpose(1, 2)
+        q, k = project(attn_module.q_proj), project(attn_module.k_proj)
+    q, k = attn_module.q_norm(q), attn_module.k_norm(k)
+    if rope is not None:
+        p, half = attn_module.num_prefix_tokens, getattr(attn_module, "rotate_half", False)
+        rope = rope.float()
+        q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, half=half)], dim=2)
+        k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, half=half)], dim=2)
+    return _softmax_weights(attn_module, q, k)
+
+
+def _recompute_registry() -> dict[type, Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]]:
+    from timm.layers import Attention
+    from timm.models.eva import EvaAttention
+
+    return {Attention: _timm_attention, EvaAttention: _eva_attention}
+
+
+RECOMPUTE = _recompute_registry()  # attention class -> (module, input [B, N, C] float32, rope) -> [B, H, N, N]
+
+
 def vit_attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The attention module of each transformer block, in depth order (timm VisionTransformer layout)."""
+    """The attention module of each transformer block, in depth order (timm VisionTransformer layout); a class
+    without a recomputation in RECOMPUTE is refused, naming it."""
     blocks = getattr(model, "blocks", None)
     if not is_vit(model) or blocks is None:
         raise UserError(f"{type(model).__name__} is not a timm ViT with .blocks; attention capture needs one")
     mods = [getattr(b, "attn", None) for b in blocks]
-    bad = [i for i, m in enumerate(mods) if m is None or not isinstance(getattr(m, "qkv", None), nn.Linear)]
-    if bad:
-        raise UserError(f"{type(model).__name__}: block(s) {bad} have no attention module with a fused qkv "
-                        "projection (timm Attention); this attention type is not supported")
+    if any(m is None for m in mods):
+        raise UserError(f"{type(model).__name__}: block(s) {[i for i, m in enumerate(mods) if m is None]} have no "
+                        ".attn module; attention maps need one per block")
+    for m in mods:
+        if type(m) not in RECOMPUTE:
+            raise UserError(f"{type(model).__name__}: attention class {type(m).__module__}.{type(m).__name__} is not "
+                            f"supported for attention maps (reproduced exactly: "
+                            f"{', '.join(c.__name__ for c in RECOMPUTE)})")
     return mods
 
 
-def recompute_attention(attn_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Attention weights of a timm `Attention` for its input x [B, N, C] -> [B, heads, N, N] (float32).
+def recompute_attention(attn_module: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention weights of a supported timm attention module for its input x [B, N, C] (and the rotary embedding
+    its block passed, if any) -> [B, heads, N, N] (float32).
 
     Computed in float32 outside autocast, as timm's non-fused path computes them in full precision.
     """
-    b, n, _ = x.shape
-    heads = attn_module.num_heads
-    head_dim = getattr(attn_module, "head_dim", None) or attn_module.qkv.out_features // (3 * heads)
+    fn = RECOMPUTE.get(type(attn_module))
+    if fn is None:
+        raise UserError(f"attention class {type(attn_module).__name__} is not supported for attention maps")
     with torch.autocast(device_type=x.device.type, enabled=False):
-        w, bias = attn_module.qkv.weight.float(), attn_module.qkv.bias
-        qkv = F.linear(x.float(), w, None if bias is None else bias.float())
-        qkv = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k = qkv[0], qkv[1]
-        q, k = attn_module.q_norm(q), attn_module.k_norm(k)
-        scale = getattr(attn_module, "scale", head_dim ** -0.5)
-        return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return fn(attn_module, x.float(), rope)
 
 
 @contextmanager
@@ -62,7 +125,8 @@ def capture_vit_attention(model: nn.Module, callback: AttentionCallback) -> Iter
             if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
                 raise UserError("attention capture does not support masked attention")
             x = args[0] if args else kwargs["x"]
-            callback(layer, recompute_attention(module, x))
+            rope = kwargs.get("rope", args[1] if len(args) > 1 else None)
+            callback(layer, recompute_attention(module, x, rope))
         handles.append(mod.register_forward_hook(hook, with_kwargs=True))
     try:
         yield

@@ -404,8 +404,9 @@ def _views(ds, transforms):
 @click.option("--model-b", default=None, help="net1|net2 of the second checkpoint (default: --model).")
 @click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True,
               help="Split of --data (an unlabelled folder of images is used whole).")
-@click.option("--batch-size", type=click.IntRange(min=4), default=64, show_default=True,
-              help="Images per CKA minibatch (unbiased HSIC needs 4 or more; a smaller last batch is skipped).")
+@click.option("--batch-size", type=click.IntRange(min=4), default=256, show_default=True,
+              help="Images per CKA minibatch (unbiased HSIC needs 4 or more; a smaller last batch is dropped, so "
+                   "that every batch weighs the same; all images in one batch when there are fewer).")
 @image_size_option()
 @click.option("--max-images", type=click.IntRange(min=4), default=2048, show_default=True,
               help="Images used (a seeded pick); memory does not grow with it, time does.")
@@ -417,11 +418,14 @@ def cka_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
 
     ViT layers: each block's patch tokens mean-pooled (blockN.mean) and its CLS token (blockN.cls); CNN
     layers: each stage's output, spatially pooled. Estimated over minibatches with unbiased HSIC (Nguyen et
-    al. 2021), one forward pass of each model per batch. One file of one model: its self-similarity; a MOKD
+    al. 2021), one forward pass of each model per batch; for two models also the CKA of their final embeddings
+    (the features every protocol uses), by the same estimator and function as `mokd bench`'s cka. Every batch
+    holds --batch-size images: a shorter last batch is dropped. One file of one model: its self-similarity; a MOKD
     file alone: its two models against each other (--model net1 for one's self-similarity); two files: one
     model of each (--model, or --model-a/--model-b). Each CHECKPOINT may be PATH::TIMM_ARCH; --label names
     them. Writes cka.json, cka.png, cka.pdf, cka.svg and a record into --out.
     """
+    from mokd_analysis.cka import ESTIMATOR, cka_settings, feature_cka
     from mokd_analysis.images import analysis_dataset
     from mokd_analysis.layers import model_cka
     from mokd_analysis.plots import plot_cka
@@ -447,6 +451,7 @@ def cka_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
     else:
         models = per_file[0]
     ds = analysis_dataset(spec, split)
+    subset = len(ds) > max_images
     pick = seeded_subset(len(ds), max_images, seed)
     ds = ds.subset(pick)
     transforms = []
@@ -454,10 +459,18 @@ def cka_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
         size = int(image_size or spec.native_size or m.image_size or 224)
         fit_input_size(m.backbone, size)
         transforms.append(eval_transform(size, spec.native_size is not None))
-    loader = torch.utils.data.DataLoader(_views(ds, transforms), batch_size=batch_size, shuffle=False)
+    batch = min(batch_size, len(ds))  # the tail rule: full batches only, one batch of every image when fewer
+    loader = torch.utils.data.DataLoader(_views(ds, transforms), batch_size=batch, shuffle=False, drop_last=True)
     cka, names_a, names_b = model_cka(models[0].backbone, models[1].backbone if len(models) == 2 else None, loader,
                                       dev)
     matrix = cka.compute()
+    skipped = len(ds) - cka.examples
+    final = None
+    if len(models) == 2:  # the final embeddings, as the bench compares them: cached features and feature_cka
+        prec = precision_for("fp32", dev)
+        fs = [features_for(m, spec, split, dataset=ds, device=dev, batch_size=batch_size, precision=prec,
+                           image_size=image_size, use_cache=not subset, progress=False, log=echo) for m in models]
+        final = feature_cka(fs[0].features, fs[1].features, batch_size, seed)
     label_a, label_b = models[0].label, models[-1].label
     out_dir = Path(out)
     what = f"{data_name(spec)} {split}" if ds.classes != ["unlabelled"] else spec.root.name
@@ -466,17 +479,20 @@ def cka_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
                        width=figure_width)
     numbers = {"model_a": label_a, "model_b": label_b, "layers_a": names_a, "layers_b": names_b,
                "matrix": matrix.tolist(), "self_similarity": len(models) == 1, "num_images": cka.examples,
-               "batch_size": batch_size, "batches": cka.batches, "skipped_batches": cka.skipped_batches,
-               "estimator": "minibatch linear CKA, unbiased HSIC (Nguyen et al. 2021; Song et al. 2012)",
-               "data": str(spec), "split": split}
+               "batch_size": batch, "batches": cka.batches, "skipped_batches": cka.skipped_batches + int(skipped > 0),
+               "skipped_images": skipped, "final_cka": final,
+               **cka_settings(batch_size, seed), "data": str(spec), "split": split}
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "cka.json"
     json_path.write_text(json.dumps(numbers, indent=2) + "\n")
-    echo(f"\nlinear CKA on {what} ({cka.examples} images in {cka.batches} batches"
-         + (f", {cka.skipped_batches} batch(es) under 4 images skipped" if cka.skipped_batches else "") + ")")
+    echo(f"\nlinear CKA on {what} ({cka.examples} images in {cka.batches} batches of {batch}"
+         + (f"; the last {skipped} image(s), short of a batch, dropped" if skipped else "") + ")")
     diag = [float(matrix[i, j]) for i, j in _best_matches(matrix)]
     echo(markdown_table([f"layer of {label_a}", f"most similar layer of {label_b}", "CKA"],
                         [[names_a[i], names_b[j], v] for (i, j), v in zip(_best_matches(matrix), diag)]))
+    if final is not None:
+        echo(f"final embeddings: CKA {final:.4f} ({ESTIMATOR}, batches of {min(batch_size, len(ds))}, "
+             f"{len(ds)} images; the bench's cka protocol computes the same)")
     path = write_record(out_dir, task="cka",
                         checkpoint={**models[0].checkpoint,
                                     "compared_with": [m.checkpoint for m in models[1:]]},
@@ -484,10 +500,11 @@ def cka_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
                         # which model of each file, and B's file, name the record too (two runs' net1 and net2
                         # under the same --labels write two records)
                         settings={"batch_size": batch_size, "max_images": max_images, "image_size": image_size,
-                                  "seed": seed, "estimator": "minibatch_unbiased_hsic",
+                                  "seed": seed, **cka_settings(batch_size, seed),
                                   "models": [m.checkpoint.get("model") for m in models],
                                   "b_sha256": models[-1].checkpoint.get("sha256")},
                         metrics={"headline": "mean_best_match", "mean_best_match": float(np.mean(diag)),
+                                 "final_cka": final,
                                  "layers_a": names_a, "layers_b": names_b, "matrix": matrix.tolist(),
                                  "figures": {k: str(v) for k, v in figures.items()}, "numbers": str(json_path)},
                         wall_time_s=time.time() - t0, device=dev)
@@ -619,13 +636,14 @@ def rank_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_p
     """Label-free quality of each model's embedding: RankMe (Garrido et al. 2023; effective rank, 1 for a
     collapsed embedding, at most the width) and alpha-ReQ (Agrawal et al. 2022; power-law decay of the
     eigenspectrum); also RankMe of the centred features, which a large offset shared by every embedding does not
-    pull towards 1. Any --data works, an unlabelled folder of images too; features come from the cache that the
+    pull towards 1, and whether the embedding has collapsed (its spread around the mean negligible next to its
+    offset, where the centred scores only measure noise). Any --data works, an unlabelled folder of images too; features come from the cache that the
     other protocols share. Each CHECKPOINT may be PATH::TIMM_ARCH; --label names them. Writes rank.json,
     rank.png, rank.pdf, rank.svg (the eigenspectra) and a record per model into --out.
     """
     from mokd_analysis.images import analysis_dataset
     from mokd_analysis.plots import plot_rank
-    from mokd_analysis.rank import covariance_spectrum, rank_scores
+    from mokd_analysis.rank import RANK_KEYS, RANK_SETTINGS, covariance_spectrum, rank_scores
 
     t0 = time.time()
     dev = setup_run(device, seed)
@@ -648,8 +666,12 @@ def rank_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_p
         spectra.append(spectrum.numpy())
         results.append({"label": m.label, "name": m.checkpoint["name"], **scores, "image_size": fs.image_size,
                         "spectrum": spectrum.tolist()})
+        fit = scores["alpha_fit"]
         rows.append([m.label, m.checkpoint["name"], scores["rankme"], scores["rankme_centered"],
-                     "n/a" if scores["alpha_req"] is None else scores["alpha_req"], scores["dim"], scores["n"]])
+                     "n/a" if scores["alpha_req"] is None else scores["alpha_req"],
+                     f"{fit['first']}-{fit['last']}" + ("" if fit["r2"] is None else f", R² {fit['r2']:.3f}"),
+                     "n/a" if scores["spread_to_offset"] is None else f"{scores['spread_to_offset']:.2g}",
+                     "YES" if scores["collapsed"] else "no", scores["dim"], scores["n"]])
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "rank.json"
@@ -658,15 +680,18 @@ def rank_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_p
     figures = plot_rank(spectra, [r["label"] for r in results], results, out_dir / "rank",
                         title=f"Covariance eigenspectra on {what} ({len(ds)} images)", width=figure_width)
     echo(f"\nRankMe and alpha-ReQ on {what} ({len(ds)} images):")
-    echo(markdown_table(["model", "architecture", "RankMe", "RankMe centred", "alpha-ReQ", "dim", "images"], rows))
+    echo(markdown_table(["model", "architecture", "RankMe", "RankMe centred", "alpha-ReQ", "alpha fit (k, R²)",
+                         "spread/offset", "collapsed", "dim", "images"], rows))
+    for r in results:
+        if r["collapsed"]:
+            echo(f"warning: {r['label']} has collapsed: {r['collapse_reason']}")
     for m, r in zip(models, results):
         write_record(out_dir, task="rank", checkpoint=m.checkpoint,
                      data={"spec": str(spec), "split": split, "num_images": r["n"],
                            "labelled": ds.classes != ["unlabelled"]},
                      settings={"image_size": r["image_size"], "max_images": max_images, "seed": seed,
-                               "rankme_eps": 1e-7, "alpha_fit": "least squares, log-log, k = 1..numerical rank"},
-                     metrics={"headline": "rankme", "rankme": r["rankme"], "alpha_req": r["alpha_req"],
-                              "rankme_centered": r["rankme_centered"], "dim": r["dim"],
+                               **RANK_SETTINGS},
+                     metrics={"headline": "rankme", **{k: r[k] for k in RANK_KEYS},
                               "figures": {k: str(v) for k, v in figures.items()},
                               "numbers": str(json_path)},
                      wall_time_s=time.time() - t0, device=dev)

@@ -411,24 +411,30 @@ def plot_attention(images: np.ndarray, panels: list[tuple[str, str, np.ndarray]]
 def rank_figure(spectra: list[np.ndarray], labels: list[str], scores: list[dict], title: str | None = None,
                 width: str = "auto") -> Figure:
     """Each model's covariance eigenspectrum (normalised by its largest eigenvalue) against the index, log-log,
-    with the fitted power law k^-alpha dotted over the range it was fitted on; the legend gives RankMe and
-    alpha-ReQ (and RankMe of the centred features where given). A collapsed embedding drops off at once; a
-    steeper line is a larger alpha."""
+    with the fitted power law k^-alpha dotted over the range it was fitted on (scores' `alpha_fit` first..last);
+    the legend gives RankMe, RankMe of the centred features and alpha-ReQ, and says COLLAPSED where rank_scores
+    flagged it. A collapsed embedding drops off at once; a steeper line is a larger alpha."""
     fig, ax = plt.subplots(figsize=(figure_width(width, 1), 2.3 + 0.14 * len(labels)), layout="constrained")
     for i, (lam, label, s) in enumerate(zip(spectra, labels, scores)):
         lam = np.asarray(lam, dtype=float)
-        lam = lam[lam > EIG_FLOOR * lam.max()] if lam.size and lam.max() > 0 else lam[:0]  # the range alpha fits
+        lam = lam[lam > EIG_FLOOR * lam.max()] if lam.size and lam.max() > 0 else lam[:0]  # the non-zero ones
         colour = RUN_COLOURS[i % len(RUN_COLOURS)]
         alpha = s.get("alpha_req")
         centred = f" (centred {s['rankme_centered']:.1f})" if s.get("rankme_centered") is not None else ""
         text = f"{label}: RankMe {s['rankme']:.1f}{centred}, α " + ("n/a" if alpha is None else f"{alpha:.2f}")
+        if s.get("collapsed"):
+            text += ", COLLAPSED"
         if lam.size == 0:
             continue
         k = np.arange(1, lam.size + 1)
         ax.loglog(k, lam / lam[0], color=colour, lw=1.1, label=text)
-        if alpha is not None:  # the least-squares line passes through the means of log k and log lambda
-            c = float(np.mean(np.log(lam / lam[0]) + alpha * np.log(k)))
-            ax.loglog(k, np.exp(c) * k ** -alpha, **{**REFERENCE, "color": colour, "lw": 0.8})
+        fit = s.get("alpha_fit") or {}
+        if alpha is not None and fit.get("last"):
+            # the weighted least-squares intercept: the 1/k-weighted mean of log lambda + alpha log k over the range
+            kk = np.arange(fit["first"], fit["last"] + 1)
+            w = 1.0 / kk
+            c = float(np.sum(w * (np.log(lam[kk - 1] / lam[0]) + alpha * np.log(kk))) / w.sum())
+            ax.loglog(kk, np.exp(c) * kk ** -alpha, **{**REFERENCE, "color": colour, "lw": 0.8})
     ax.set_xlabel("eigenvalue index k")
     ax.set_ylabel("eigenvalue / largest")
     ax.grid(alpha=0.35, which="both")

@@ -168,8 +168,9 @@ def run_fewshot(inp: Inputs, s: dict) -> list[dict]:
 
 
 def run_rank(inp: Inputs, s: dict) -> list[dict]:
-    """RankMe and alpha-ReQ of the final embedding (mokd_analysis.rank.rank_scores): no labels needed."""
-    from mokd_analysis.rank import rank_scores
+    """RankMe (plain and centred), alpha-ReQ with its fit range and R^2, and the collapse flag of the final embedding:
+    mokd_analysis.rank.rank_scores, the function `mokd analyze rank` calls, its output recorded as it is."""
+    from mokd_analysis.rank import RANK_SETTINGS, rank_scores
 
     out = []
     split = inp.data.free_split
@@ -177,7 +178,7 @@ def run_rank(inp: Inputs, s: dict) -> list[dict]:
         f = m.features(split)
         scores = rank_scores(f.features)
         settings = {"split": split, "feature_mode": f.mode, "image_size": f.image_size, "precision": inp.precision,
-                    "seed": inp.seed}
+                    "seed": inp.seed, **RANK_SETTINGS}
         out.append(_body(m, {**scores, "headline": "rankme"}, settings, inp.data.record(split)))
     return out
 
@@ -211,27 +212,28 @@ def run_mad(inp: Inputs, s: dict) -> list[dict]:
 
 
 def run_cka(inp: Inputs, s: dict) -> list[dict]:
-    """Linear CKA (mokd_analysis.cka.linear_cka) between every pair of models' final embeddings of the label-free
-    split, from the cached features; one record per model with its row of the matrix."""
-    from mokd_analysis.cka import linear_cka
+    """Linear CKA between every pair of models' final embeddings of the label-free split, from the cached features:
+    mokd_analysis.cka.feature_cka (unbiased minibatch HSIC), the function `mokd analyze cka` calls on final
+    embeddings, its value recorded as it is; one record per model with its row of the matrix."""
+    from mokd_analysis.cka import DEFAULT_BATCH_SIZE, cka_settings, feature_cka
 
     if len(inp.models) < 2:
         raise UserError(f"cka compares models: {len(inp.models)} loaded, two or more needed")
     split = inp.data.free_split
+    batch = s.get("batch_size", DEFAULT_BATCH_SIZE)
     feats = [m.features(split) for m in inp.models]
     labels = [m.loaded.label for m in inp.models]
-    x = [f.features.double() for f in feats]
-    matrix = [[1.0 if i == j else None for j in range(len(x))] for i in range(len(x))]
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            matrix[i][j] = matrix[j][i] = float(linear_cka(x[i], x[j]))
+    matrix = [[1.0 if i == j else None for j in range(len(feats))] for i in range(len(feats))]
+    for i in range(len(feats)):
+        for j in range(i + 1, len(feats)):
+            matrix[i][j] = matrix[j][i] = feature_cka(feats[i].features, feats[j].features, batch, inp.seed)
     out = []
     for i, m in enumerate(inp.models):
-        others = [matrix[i][j] for j in range(len(x)) if j != i]
+        others = [matrix[i][j] for j in range(len(feats)) if j != i]
         metrics = {"headline": "mean_cka_others", "mean_cka_others": float(np.mean(others)),
                    "cka": dict(zip(labels, matrix[i])), "labels": labels}
         settings = {"split": split, "feature_mode": feats[i].mode, "image_size": feats[i].image_size,
-                    "precision": inp.precision, "seed": inp.seed, "compared": labels}
+                    "precision": inp.precision, "seed": inp.seed, "compared": labels, **cka_settings(batch, inp.seed)}
         out.append(_body(m, metrics, settings, inp.data.record(split)))
     return out
 

@@ -1,12 +1,14 @@
 """Attention maps and layer capture on hand-made attention with known answers, and on a timm ViT with register
-tokens and fused attention against timm's own weights."""
+tokens and fused attention, and on an EVA-02-like ViT with rotary embeddings, against timm's own weights; an
+attention class with no recomputation is refused."""
 
 import pytest
 import torch
 
+from mokd.errors import UserError
 from mokd.models.backbones import create_backbone, set_fused_attention
-from mokd_analysis.attention import (attention_rollout, cls_patch_attention, feature_norm_map, rollout_cls_map,
-                                     vit_attention_maps)
+from mokd_analysis.attention import (attention_rollout, capture_vit_attention, cls_patch_attention, feature_norm_map,
+                                     rollout_cls_map, vit_attention_maps)
 from mokd_analysis.layers import capture_layers, model_cka, representation_layers
 from tests.attention_reference import timm_attention_weights
 
@@ -97,3 +99,48 @@ def test_model_cka_self_similarity_and_cross_model_in_one_pass():
     cka, names_a, names_b = model_cka(vit, cnn, [(x, x) for x in batches], torch.device("cpu"))
     m = cka.compute()
     assert m.shape == (len(names_a), 4) and torch.isfinite(m).all() and cka.examples == 24
+
+
+def _tiny_eva(**kw):
+    """A 2-block EVA-02-like ViT at 32 px (rotary embeddings, separate q/v biases), random weights; the biases
+    made non-zero (timm initialises them to zero, which would hide a recomputation that left them out)."""
+    from timm.models.eva import Eva
+
+    torch.manual_seed(0)
+    eva = Eva(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0, use_rot_pos_emb=True,
+              ref_feat_shape=(4, 4), **kw).eval()
+    with torch.no_grad():
+        for blk in eva.blocks:
+            for p in (blk.attn.q_bias, blk.attn.v_bias, getattr(blk.attn.q_proj, "bias", None)):
+                if p is not None:
+                    p.normal_()
+    return eva
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("qkv_fused", [True, False])
+def test_eva_attention_with_rope_and_separate_biases_equals_timms_own(fused, qkv_fused):
+    eva = _tiny_eva(qkv_fused=qkv_fused)
+    assert eva.rope is not None
+    x = torch.randn(2, 3, 32, 32)
+    reference = timm_attention_weights(eva, x)
+    set_fused_attention(eva, fused)
+    got = {}
+    with capture_vit_attention(eva, lambda layer, a: got.__setitem__(layer, a)), torch.no_grad():
+        eva(x)
+    assert sorted(got) == sorted(reference)
+    for i in reference:
+        assert torch.allclose(got[i], reference[i], atol=1e-5), i
+    maps = vit_attention_maps(eva, x)
+    assert torch.allclose(maps["heads"], reference[1][:, :, 0, 1:].reshape(2, -1, 4, 4), atol=1e-5)
+
+
+def test_an_attention_class_without_a_recomputation_is_refused_by_name():
+    """BEiT's attention has a qkv Linear too, but adds q/v biases and a relative position bias: it is refused
+    rather than drawn from qkv alone."""
+    from timm.models.beit import Beit
+
+    beit = Beit(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=0,
+                use_rel_pos_bias=True).eval()
+    with pytest.raises(UserError, match=r"attention class timm\.models\.beit\.Attention is not supported"):
+        vit_attention_maps(beit, torch.randn(1, 3, 32, 32))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mokd.errors import UserError
-from mokd_analysis.cka import MinibatchCKA, _gram_stats, _unbiased_hsic, linear_cka
+from mokd_analysis.cka import DEFAULT_BATCH_SIZE, MinibatchCKA, _gram_stats, _unbiased_hsic, feature_cka, linear_cka
 
 
 def _features(n=512, d=24, seed=0):
@@ -168,3 +168,111 @@ def test_wrong_layer_counts_and_mismatched_batches_are_user_errors():
         cka.update([x, x])
     with pytest.raises(UserError, match="same examples"):
         linear_cka(x, x[:8])
+
+
+# ---- feature_cka: the one CKA of final embeddings (analyze cka and the bench) ---------------------------------
+
+
+def _independent(n=360, d=384, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+
+
+def test_independent_random_embeddings_score_near_0_where_biased_cka_scores_half():
+    x, y = _independent()
+    assert linear_cka(x, y) > 0.4  # the biased full-batch estimator: 0.52 for two unrelated embeddings
+    for seed in range(3):
+        assert abs(feature_cka(x, y, seed=seed)) < 0.02
+    assert feature_cka(x, x) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_feature_cka_drops_a_short_tail_and_batches_a_seeded_shuffle():
+    """1,029 rows at batch 256: four full batches count, the 5 left over do not. The tail here is built to be
+    loud (unrelated and 100x larger), so that an estimator that counted it would be pulled far from 1."""
+    x = _features(n=1029, d=24, seed=11)
+    y = 2.0 * x @ _orthogonal(24, seed=12)
+    order = torch.randperm(1029, generator=torch.Generator().manual_seed(5))
+    tail = order[1024:]
+    x[tail] = 100.0 * torch.randn(5, 24, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    assert feature_cka(x, y, batch_size=256, seed=5) == pytest.approx(1.0, abs=1e-9)
+    small = feature_cka(x[:40], y[:40], batch_size=256)  # fewer rows than a batch: one batch of all 40
+    assert -1.0 <= small <= 1.0
+    with pytest.raises(UserError, match="at least 4"):
+        feature_cka(x[:3], y[:3])
+    with pytest.raises(UserError, match="same examples"):
+        feature_cka(x, y[:8])
+
+
+def test_minibatch_cka_drops_a_short_last_batch_and_refuses_a_larger_one():
+    a = _features(n=1029, d=16, seed=14)
+    b = a @ _orthogonal(16, seed=15)
+    loud = 100.0 * torch.randn(5, 16, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    cka = MinibatchCKA(1, 1)
+    for i in range(0, 1024, 256):
+        cka.update([a[i:i + 256]], [b[i:i + 256]])
+    cka.update([loud], [b[1024:]])  # the tail: unrelated and loud; it must not move the estimate
+    assert cka.compute()[0, 0].item() == pytest.approx(1.0, abs=1e-9)
+    assert (cka.batches, cka.skipped_batches, cka.skipped_examples, cka.examples) == (4, 1, 5, 1024)
+    with pytest.raises(UserError, match="same number"):
+        cka.update([a[:300]], [b[:300]])
+
+
+def _fake_bench_inputs(features: list[torch.Tensor]):
+    from types import SimpleNamespace
+
+    from mokd_bench.protocols import Inputs, ModelInputs
+
+    def model(i, f):
+        fs = SimpleNamespace(features=f, mode="cls", image_size=32)
+        return ModelInputs(loaded=SimpleNamespace(label=f"m{i}"), features=lambda split, *a, **k: fs)
+
+    data = SimpleNamespace(free_split="val", record=lambda split=None: {"split": split})
+    return Inputs(models=[model(i, f) for i, f in enumerate(features)], data=data, device=torch.device("cpu"),
+                  precision="fp32", image_size=None, batch_size=64, seed=0, log=lambda s: None)
+
+
+def test_the_bench_cka_protocol_is_feature_cka_and_records_its_estimator():
+    from mokd_bench.protocols import PROTOCOLS
+
+    x, y = _independent()
+    bodies = PROTOCOLS["cka"].run(_fake_bench_inputs([x, y]), {})
+    value = bodies[0]["metrics"]["cka"]["m1"]
+    assert abs(value) < 0.02 and value == feature_cka(x, y, DEFAULT_BATCH_SIZE, 0)
+    settings = bodies[0]["settings"]
+    assert settings["estimator"] == "unbiased minibatch HSIC (Nguyen et al. 2021)"
+    assert settings["cka_batch_size"] == DEFAULT_BATCH_SIZE and "dropped" in settings["tail"]
+
+
+@pytest.mark.slow
+def test_analyze_cka_final_embeddings_go_through_feature_cka(tmp_path, monkeypatch):
+    """`mokd analyze cka` on a MOKD pair, its features replaced by two independent random embeddings of the digits
+    validation images: the final-embedding CKA it prints and records is feature_cka's, near 0."""
+    import json
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    import mokd_analysis.cli as analysis_cli
+    from mokd.cli import cli
+    from tests.ckpt_factory import RESNET, VIT32_P4, make_mokd_checkpoint  # noqa: F401
+
+    made = []
+
+    def random_features(loaded, spec, split, *, dataset, **kw):
+        g = torch.Generator().manual_seed(100 + len(made))
+        made.append(torch.randn(len(dataset), 384, generator=g))
+        return SimpleNamespace(features=made[-1])
+
+    monkeypatch.setattr(analysis_cli, "features_for", random_features)
+    pair = tmp_path / "run" / "last.pth"
+    pair.parent.mkdir()
+    make_mokd_checkpoint(pair, net1=RESNET, net2=VIT32_P4)
+    out = tmp_path / "cka"
+    res = CliRunner().invoke(cli, ["analyze", "cka", str(pair), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert len(made) == 2 and made[0].shape[0] == 360
+    record = json.loads(next(out.glob("cka__*.json")).read_text())
+    final = record["metrics"]["final_cka"]
+    assert abs(final) < 0.02 and final == feature_cka(made[0], made[1], DEFAULT_BATCH_SIZE, 0)
+    assert record["settings"]["estimator"] == "unbiased minibatch HSIC (Nguyen et al. 2021)"
+    assert "final embeddings: CKA" in res.output

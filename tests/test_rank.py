@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mokd.errors import UserError
-from mokd_analysis.rank import alpha_req, covariance_spectrum, rank_scores, rankme
+from mokd_analysis.rank import alpha_fit, alpha_req, covariance_spectrum, rank_scores, rankme
 
 
 def _with_spectrum(eigenvalues: torch.Tensor, n: int = 2000, seed: int = 0) -> torch.Tensor:
@@ -28,13 +28,60 @@ def test_a_power_law_spectrum_gives_its_exponent(alpha):
     assert torch.allclose(covariance_spectrum(x), k ** -alpha, rtol=1e-8)
     assert alpha_req(x) == pytest.approx(alpha, abs=1e-6)
     assert alpha_req(5.0 * x + 3.0) == pytest.approx(alpha, abs=1e-6)  # scale and offset do not matter
+    # 64 eigenvalues: the fit runs over 6 .. 64 (fewer than the authors' 100 exist), and says so
+    assert alpha_fit(x) == {"alpha": pytest.approx(alpha, abs=1e-6), "first": 6, "last": 64,
+                            "r2": pytest.approx(1.0, abs=1e-9), "points": 59}
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_alpha_is_fitted_over_eigenvalues_6_to_100_as_the_authors_do(alpha):
+    """Sampled Gaussian features whose covariance follows k^-alpha over k = 6..100, with a head 20x too large and
+    a tail beyond 100 that falls off as k^-6: the authors' fit range sees the power law alone."""
+    d, n = 256, 8000
+    k = torch.arange(1, d + 1, dtype=torch.float64)
+    lam = k ** -alpha
+    lam[:5] *= 20.0
+    lam[100:] = lam[99] * (k[100:] / 100.0) ** -6.0
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    x = (torch.randn(n, d, generator=g, dtype=torch.float64) * lam.sqrt()) @ q
+    fit = alpha_fit(x)
+    assert fit["alpha"] == pytest.approx(alpha, abs=0.05)
+    assert (fit["first"], fit["last"], fit["points"]) == (6, 100, 95) and fit["r2"] > 0.99
+    assert rank_scores(x)["alpha_req"] == fit["alpha"] and rank_scores(x)["alpha_fit"]["last"] == 100
 
 
 def test_fewer_examples_than_dimensions_fit_only_the_non_zero_eigenvalues():
     k = torch.arange(1, 201, dtype=torch.float64)
     x = _with_spectrum(k ** -1.0, n=2000)[:50]  # 50 examples of 200 dims: rank 49 after centring
     assert covariance_spectrum(x)[49:].max() < 1e-10 * covariance_spectrum(x)[0]
-    assert math.isfinite(alpha_req(x)) and alpha_req(x) > 0
+    fit = alpha_fit(x)
+    assert fit["last"] == 49 and fit["points"] == 44 and math.isfinite(alpha_req(x)) and alpha_req(x) > 0
+    few = _with_spectrum(k[:9] ** -1.0)  # 9 eigenvalues: 6..9 is 4 points, too few for a fit
+    assert alpha_fit(few)["alpha"] is None and alpha_fit(few)["last"] == 9 and math.isnan(alpha_req(few))
+    assert rank_scores(few)["alpha_req"] is None
+
+
+def test_jittered_collapse_is_flagged_although_the_centred_scores_look_healthy():
+    g = torch.Generator().manual_seed(3)
+    point = torch.randn(1, 64, generator=g, dtype=torch.float64)
+    x = point.repeat(500, 1) + 1e-12 * torch.randn(500, 64, generator=g, dtype=torch.float64)
+    s = rank_scores(x)
+    assert s["rankme_centered"] > 60  # centring leaves only the noise, which is isotropic
+    assert s["collapsed"] is True and "same point" in s["collapse_reason"]
+    assert s["spread_to_offset"] < 1e-11
+    assert set(s) >= {"rankme", "rankme_centered", "alpha_req", "alpha_fit", "spread_to_offset", "collapsed", "n",
+                      "dim"}
+    assert set(s["alpha_fit"]) >= {"first", "last", "r2"}
+    assert rank_scores(torch.zeros(8, 4))["collapsed"] is True
+    assert rank_scores(torch.zeros(8, 4))["spread_to_offset"] is None
+
+
+def test_spread_to_offset_is_the_rms_distance_to_the_mean_over_the_norm_of_the_mean():
+    x = torch.tensor([[3.0, 1.0], [3.0, -1.0], [5.0, 1.0], [5.0, -1.0]], dtype=torch.float64)  # mean (4, 0)
+    s = rank_scores(x)
+    assert s["spread_to_offset"] == pytest.approx(2.0 ** 0.5 / 4.0, rel=1e-12)
+    assert s["collapsed"] is False and s["collapse_reason"] is None
 
 
 def test_isotropic_features_have_rankme_d_and_alpha_0():
