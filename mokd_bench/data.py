@@ -35,7 +35,8 @@ class BenchData:
     name: str = ""  # the data set's column in the report's tables (unique within a bench)
 
     def __post_init__(self):
-        self.name = self.name or data_name(self.spec)
+        # a transfer set by its own name (dtd, voc2007), whatever its folder is called
+        self.name = self.name or (self.spec.kind if getattr(self.spec, "transfer", False) else data_name(self.spec))
 
     @property
     def metric(self) -> str:

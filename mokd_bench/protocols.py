@@ -281,7 +281,9 @@ PROTOCOLS: dict[str, Protocol] = {
     "fewshot": Protocol(run_fewshot, {"ways": 5, "shots": [1, 5, 20], "queries": 15, "episodes": 600},
                         needs_labels=True, check=_check_fewshot, headline="few-shot accuracy (%)",
                         needs=_embedding("val"), single_label=True),
-    "rank": Protocol(run_rank, {}, headline="RankMe", needs=_free_embedding),
+    # rank 2: alpha-ReQ on eigenvalues 6..100 with a 1/k-weighted fit (issue 32); cka 2: unbiased minibatch CKA
+    "rank": Protocol(run_rank, {}, headline="RankMe", needs=_free_embedding, version=2),
     "mad": Protocol(run_mad, {"max_images": 256, "batch_size": 32}, headline="MAD (px)"),
-    "cka": Protocol(run_cka, {}, across_models=True, headline="mean CKA to others", needs=_free_embedding),
+    "cka": Protocol(run_cka, {}, across_models=True, headline="mean CKA to others", needs=_free_embedding,
+                    version=2),
 }
