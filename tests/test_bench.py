@@ -95,7 +95,7 @@ def manifest_run(tmp_path_factory):
         {"path": "vit-s-300ep.pth.tar", "label": "MoCo v3 ViT"},
         {"path": str(files["solo"]), "label": "solo-learn R", "arch": "test_resnet"},
         {"path": "broken.pth", "label": "broken"},
-    ])
+    ], protocols=["knn", "linear", "rank", "mad", "cka"])
     out = root / "out"
     # the cache named on the command line: each test's own $MOKD_CACHE (isolated_cache) would start empty
     cache = ("--cache-dir", str(root / "cache"))
@@ -134,11 +134,11 @@ def test_manifest_end_to_end_report_figures_provenance(manifest_run):
         assert md.count(f"| {label} ") >= 5  # summary, per-protocol tables, provenance rows
     html = (out / "report.html").read_text()
     pngs = sorted((out / "figures").glob("*.png"))
-    assert {p.stem for p in pngs} == {"mad", "cka"}
+    assert {p.stem for p in pngs} == {"mad", "cka", "ranks_knn", "ranks_linear", "ranks_rankme", "ranks_rankme-centred"}
     for png in pngs:  # every figure embedded, nothing fetched from outside
         assert base64.b64encode(png.read_bytes()).decode() in html
     assert html.count("<img") == len(pngs) and "http://" not in html and "https://" not in html
-    rows = list(csv.DictReader(io.StringIO((out / "report.csv").read_text())))
+    rows = list(csv.DictReader(io.StringIO((out / "records.csv").read_text())))  # report.csv is long form
     assert len(rows) == len(recs)
     for row in rows:
         for col in ("seed", "device", "sha256", "format", "load", "version", "versions", "wall_s", "deviations"):
