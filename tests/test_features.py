@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from mokd.data import build_dataset, parse_data_spec
+from mokd.data import DataSpec, ImageDataset, build_dataset, parse_data_spec
 from mokd.models.backbones import create_backbone
-from mokd_eval.features import cache_dir, eval_transform, extract_features, features_for, forward_features
+from mokd_eval.features import IMAGENET_MEAN, IMAGENET_STD, cache_dir, eval_transform, extract_features, \
+    features_for, forward_features, load_sharded
 from mokd_eval.loader import load_models
 from tests.ckpt_factory import VIT32, isolated_cache, make_mokd_checkpoint  # noqa: F401
 from tests.dist_worker import MeanNet, Numbers, sharded_worker
@@ -190,3 +196,168 @@ def test_the_photos_fingerprint_follows_the_recipe(monkeypatch):
         assert features.data_fingerprint(spec, ds) != before
     finally:
         data.photos_fingerprint.cache_clear()  # no fingerprint of the patched recipe outlives the test
+
+
+# --------------------------------------------------------------------------------------------------------------
+# transfer sets: the resize ratio and multi-hot labels (issue 31 item 1)
+
+
+@dataclass(frozen=True)
+class TransferSpec(DataSpec):
+    """A folder spec with the transfer sets' fields (as mokd.data's readers give them)."""
+    resize_ratio: float = 1.0
+    multilabel: bool = False
+
+
+def test_transfer_sets_keep_the_whole_short_side():
+    img = Image.new("RGB", (448, 300), (128, 128, 128))
+    img.paste((255, 0, 0), (0, 0, 448, 10))  # a red band along the top edge
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None], torch.tensor(IMAGENET_STD)[:, None]
+    red = lambda x: (x[:, 0] * std + mean)[0].mean().item()  # noqa: E731  (the red of the top row)
+    whole = eval_transform(224, native=False, resize_ratio=1.0)(img)  # short side 224, then the centre 224
+    cropped = eval_transform(224, native=False)(img)  # short side 256: the top 16 rows fall outside the crop
+    assert whole.shape == cropped.shape == (3, 224, 224)
+    assert red(whole) > 0.9 and red(cropped) < 0.6
+
+
+def _folder_set(root: Path, n: int = 6, size: tuple[int, int] = (48, 32)) -> None:
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n // 2):
+                img = Image.new("RGB", size, (40 * i, 200 if c == "a" else 20, 90))
+                img.paste((255, 255, 255), (0, 0, size[0], 3))
+                img.save(root / split / c / f"{i}.png")
+
+
+def test_features_for_takes_the_specs_resize_ratio(tmp_path):
+    _folder_set(tmp_path / "imgs")
+    make_mokd_checkpoint(tmp_path / "ours.pth")
+    (m,) = load_models(tmp_path / "ours.pth", model="net1")
+    plain = parse_data_spec(str(tmp_path / "imgs"))
+    transfer = TransferSpec("folder", plain.root)
+    ds = build_dataset(plain, "val")
+    a = features_for(m, plain, "val", dataset=ds, device="cpu", image_size=32)
+    b = features_for(m, transfer, "val", dataset=ds, device="cpu", image_size=32)
+    assert not b.from_cache and b.cache_path != a.cache_path  # the ratio names its own entry
+    want, _ = extract_features(m.backbone, build_dataset(plain, "val", eval_transform(32, False, 1.0)), device="cpu")
+    assert torch.equal(b.features, want) and not torch.allclose(a.features, want)
+    assert features_for(m, transfer, "val", dataset=ds, device="cpu", image_size=32).from_cache
+    assert load_sharded(b.cache_path)[2]["resize_ratio"] == 1.0
+
+
+def _multi_hot(targets: list[int], classes: int) -> list[torch.Tensor]:
+    out = []
+    for t in targets:
+        y = torch.zeros(classes, dtype=torch.uint8)
+        y[t] = y[(t + 1) % classes] = 1
+        out.append(y)
+    return out
+
+
+def test_multi_hot_labels_go_through_memory_shards_and_the_cache(tmp_path):
+    make_mokd_checkpoint(tmp_path / "ours.pth")
+    (m,) = load_models(tmp_path / "ours.pth", model="net1")
+    spec = TransferSpec("digits", multilabel=True)
+    ds = build_dataset(parse_data_spec("digits"), "val").subset(range(7))
+    ds.targets = _multi_hot(ds.targets, 10)
+    want = torch.stack(ds.targets)
+    kw = dict(dataset=ds, device="cpu", batch_size=3, shard_rows=2)
+    mem = features_for(m, spec, "val", use_cache=False, **kw)
+    assert mem.labels.dtype == torch.uint8 and torch.equal(mem.labels, want)
+    a = features_for(m, spec, "val", **kw)
+    assert not a.from_cache and a.bank.rows == (2, 2, 2, 1)
+    assert a.labels.dtype == torch.uint8 and torch.equal(a.labels, want) and torch.equal(a.features, mem.features)
+    b = features_for(m, spec, "val", **kw)
+    assert b.from_cache and torch.equal(b.labels, want) and torch.equal(b.features, mem.features)
+    index = load_sharded(a.cache_path)[2]
+    assert index["label_shape"] == [10] and index["label_dtype"] == "uint8" and index["multilabel"]
+    ds.targets = _multi_hot([(t + 3) % 10 for t in range(7)], 10)  # relabelled (a changed annotation file)
+    c = features_for(m, spec, "val", **kw)
+    assert not c.from_cache and c.cache_path != a.cache_path and torch.equal(c.labels, torch.stack(ds.targets))
+    # class indices stay int64 [N] (the earlier layout reads the same)
+    d = features_for(m, parse_data_spec("digits"), "val", dataset=build_dataset(parse_data_spec("digits"), "val")
+                     .subset(range(7)), device="cpu", shard_rows=2)
+    assert d.labels.dtype == torch.int64 and d.labels.shape == (7,)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# under torchrun (issue 31 item 2)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker_env(**extra: str) -> dict:
+    """The environment of a spawned features worker: this checkout first, one thread (bit-identical runs)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_worker(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+              if nproc > 1 else [sys.executable])
+    return subprocess.run([*launch, "-m", "tests.dist_features_worker", *args], cwd=ROOT, env=worker_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_one_process_features_bit_for_bit(tmp_path):
+    """In memory (gathered), in the sharded cache (class indices and multi-hot labels): 2 gloo ranks = 1 process."""
+    make_mokd_checkpoint(tmp_path / "ours.pth")
+    ckpt = str(tmp_path / "ours.pth")
+    one = run_worker([ckpt, str(tmp_path / "one"), "--cache", str(tmp_path / "c1")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_worker([ckpt, str(tmp_path / "two"), "--cache", str(tmp_path / "c2")], nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    ref = torch.load(tmp_path / "one.0", weights_only=True)
+    assert ref["multilabel"]["labels"].shape == (20, 10) and ref["multilabel"]["labels"].dtype == torch.uint8
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"two.{rank}", weights_only=True)
+        for what in ("memory", "cache", "multilabel"):
+            assert torch.equal(got[what]["features"], ref[what]["features"]), (rank, what)
+            assert torch.equal(got[what]["labels"], ref[what]["labels"]), (rank, what)
+            assert got[what]["labels"].dtype == ref[what]["labels"].dtype
+            assert not got[what]["from_cache"]
+    entry = Path(torch.load(tmp_path / "two.1", weights_only=True)["cache"]["cache_path"])
+    assert entry.parent == tmp_path / "c2"
+    # each rank cut its own slice (rows 0-9, 10-19) into shards of 3 rows
+    assert load_sharded(entry)[2]["rows"] == [3, 3, 3, 1, 3, 3, 3, 1]
+    assert sorted(p.name for p in (tmp_path / "c2").iterdir() if not p.name.startswith(".")) == sorted(
+        Path(ref[w]["cache_path"]).name for w in ("cache", "multilabel"))  # nothing but the two entries
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bounded memory on the write path (issue 31 item 2)
+
+
+def test_cached_extraction_writes_each_shard_before_reading_on(tmp_path, monkeypatch):
+    """With 2-row shards, each shard is saved before more than a batch beyond it was read: the write path holds
+    one shard and one batch, never the whole bank (a gather or a full-size buffer would fail this)."""
+    from mokd import distributed
+    from mokd_eval import features
+
+    make_mokd_checkpoint(tmp_path / "ours.pth")
+    (m,) = load_models(tmp_path / "ours.pth", model="net1")
+    spec = parse_data_spec("digits")
+    ds = build_dataset(spec, "val").subset(range(12))
+    loaded = []
+    load = ds._load
+    ds._load = lambda i: (loaded.append(i), load(i))[1]
+    saved = []  # (rows in the shard, rows saved so far, images read so far)
+    save = features._save_shard
+
+    def counting(blob, path):
+        saved.append((len(blob["features"]), sum(r for r, _, _ in saved) + len(blob["features"]), len(loaded)))
+        save(blob, path)
+
+    def never(*a, **k):
+        raise AssertionError("the cached path gathered or held the whole bank")
+
+    monkeypatch.setattr(features, "_save_shard", counting)
+    monkeypatch.setattr(features, "extract_features", never)
+    monkeypatch.setattr(distributed, "all_gather_cat", never)
+    monkeypatch.setenv("MOKD_SHARD_ROWS", "2")
+    fs = features_for(m, spec, "val", dataset=ds, device="cpu", batch_size=3)
+    assert len(saved) == 6 and all(rows == 2 for rows, _, _ in saved)
+    assert all(read <= done + 3 for _, done, read in saved), saved
+    assert len(fs) == 12 and fs.bank.rows == (2,) * 6
