@@ -170,9 +170,8 @@ def test_multilabel_voc_plans_out_single_label_protocols_and_scores_map11(tmp_pa
     voc = write_layout("voc2007", tmp_path / "voc")
     ckpt = third_party(tmp_path / "c" / "r.pth", RESNET, 1)
     out = tmp_path / "out"
-    # --no-cache: features in memory; the cache's multi-hot labels come with mokd_eval.features (branch i31-cache)
     r = bench(f"{ckpt}::test_resnet", "--data", f"voc2007:{voc}", "--protocols", "knn,linear,fewshot,logreg",
-              "--set", "logreg.lambdas=[1.0]", "--image-size", "32", "--out", str(out), "--no-cache")
+              "--set", "logreg.lambdas=[1.0]", "--image-size", "32", "--out", str(out))
     assert r.exit_code == 0, r.output
     for p in ("knn", "linear", "fewshot"):
         assert f"not run: {p} on voc2007 ({p} needs one class per image; voc2007 has multi-label images" in r.output
@@ -181,6 +180,9 @@ def test_multilabel_voc_plans_out_single_label_protocols_and_scores_map11(tmp_pa
     assert (rec["settings"]["fit_size"], rec["settings"]["val_size"], rec["settings"]["test_size"]) == (7, 3, 3)
     assert 0 <= rec["metrics"]["map11"] <= 100 and rec["data"]["multilabel"] is True
     assert "## Not run" in (out / "report.md").read_text()
+    assert rec["settings"]["features_cached"] is False and "0 record(s) written" in bench(
+        f"{ckpt}::test_resnet", "--data", f"voc2007:{voc}", "--protocols", "logreg", "--set", "logreg.lambdas=[1.0]",
+        "--image-size", "32", "--out", str(out)).output
 
 
 def test_bad_data_fails_alone_with_one_line(tmp_path):
