@@ -22,6 +22,7 @@ import csv
 import html
 import io
 import json
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -108,14 +109,19 @@ def summary_table(records: list[dict]) -> Table:
             row = [label, data, c.get("name") or c.get("arch"), c.get("format")]
             for t in tasks:
                 r = by.get((label, data, t))
-                row.append((knn_headline(r) if t == "knn" else headline(r)[1]) if r else None)
+                if r is None:
+                    row.append(None)
+                else:
+                    row.append(knn_headline(r) if t == "knn" else fewshot_headline(r) if t == "fewshot"
+                               else headline(r)[1])
                 if t == "rank":
                     row.append(r["metrics"].get("alpha_req") if r else None)
             rows.append(row)
     return headers, rows
 
 
-SUMMARY_HEADERS = {"linear": "linear top-1 (%), fast probe", "logreg": "logreg (data set's metric)"}
+SUMMARY_HEADERS = {"linear": "linear top-1 (%), fast probe", "logreg": "logreg (data set's metric)",
+                   "fewshot": "few-shot (%), 5-shot or the first"}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -142,22 +148,25 @@ def knn_k20(r: dict) -> float | None:
     return _num((r["metrics"].get("top1") or {}).get("20"))
 
 
+FEWSHOT_KEY = re.compile(r"^(?:\d+way_)?(\d+)_?shot$")  # "5way_1shot" (mokd_eval.fewshot), "1shot"
+
+
 def fewshot_shots(metrics: dict) -> dict[int, tuple[float | None, float | None]]:
-    """{shot: (mean %, 95% half-width)} from a few-shot record's metrics (`shots` {K: {mean, ci95}})."""
+    """{shot: (mean %, 95% half-width)} from a few-shot record's metrics ("{ways}way_{K}shot": {mean, ci95})."""
     out = {}
-    shots = metrics.get("shots")
-    if isinstance(shots, dict):
-        for k, v in shots.items():
-            if str(k).isdigit() and isinstance(v, dict):
-                out[int(k)] = (_num(v.get("mean")), _num(v.get("ci95")))
-    for key, v in metrics.items():  # flat layouts: "5shot": {...} or "5shot": 71.2, "5shot_ci95": 0.8
-        head = str(key).replace("_shot", "shot").removesuffix("shot")
-        if head.isdigit() and int(head) not in out:
-            if isinstance(v, dict):
-                out[int(head)] = (_num(v.get("mean")), _num(v.get("ci95")))
-            elif _num(v) is not None:
-                out[int(head)] = (_num(v), _num(metrics.get(f"{key}_ci95")))
+    for key, v in metrics.items():
+        hit = FEWSHOT_KEY.match(str(key))
+        if hit and isinstance(v, dict):
+            out[int(hit[1])] = (_num(v.get("mean")), _num(v.get("ci95")))
     return dict(sorted(out.items()))
+
+
+def fewshot_headline(r: dict) -> float | None:
+    """The mean accuracy of the setting the record names as its headline (5-shot when run), else its first."""
+    shots = fewshot_shots(r["metrics"])
+    hit = FEWSHOT_KEY.match(str(r["metrics"].get("headline", "")))
+    k = int(hit[1]) if hit and int(hit[1]) in shots else next(iter(shots), None)
+    return shots[k][0] if k is not None else None
 
 
 def measures(records: list[dict]) -> list[Measure]:

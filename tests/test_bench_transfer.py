@@ -62,7 +62,7 @@ def _fake_logreg_probe(train_x, train_y, val_x, val_y, test_x, test_y, *, metric
 
 
 def _fake_fewshot_episodes(x, y, *, ways=5, shots=(1, 5, 20), queries=15, episodes=600, seed=0):
-    """Prototype classifier over seeded episodes, in the fewshot_episodes contract (shots: {K: {mean, ci95}})."""
+    """Prototype classifier over seeded episodes, in the fewshot_episodes contract ("{W}way_{K}shot": {mean, ci95})."""
     g = torch.Generator().manual_seed(seed)
     classes = [c for c in y.unique().tolist() if int((y == c).sum()) >= max(shots) + queries]
     out = {}
@@ -79,8 +79,10 @@ def _fake_fewshot_episodes(x, y, *, ways=5, shots=(1, 5, 20), queries=15, episod
                 qy += [j] * queries
             pred = torch.cdist(torch.cat(qx), torch.stack(protos)).argmin(1)
             accs.append(100.0 * float((pred == torch.tensor(qy)).float().mean()))
-        out[str(k)] = {"mean": float(np.mean(accs)), "ci95": float(1.96 * np.std(accs) / np.sqrt(len(accs)))}
-    return {"headline": f"{shots[0]}shot", "ways": ways, "queries": queries, "episodes": episodes, "shots": out}
+        out[f"{ways}way_{k}shot"] = {"mean": float(np.mean(accs)),
+                                     "ci95": float(1.96 * np.std(accs) / np.sqrt(len(accs)))}
+    return {"headline": f"{ways}way_{shots[0]}shot", **out, "ways": ways, "queries": queries, "episodes": episodes,
+            "shots": list(shots)}
 
 
 @pytest.fixture
@@ -135,7 +137,7 @@ def test_transfer_suite_bench_end_to_end(tmp_path, transfer_protocols):
     assert (lr["settings"]["fit_size"], lr["settings"]["val_size"], lr["settings"]["test_size"]) == (9, 6, 6)
     assert lr["metrics"]["lambda"] in (0.01, 1.0, 100.0) and "iterations" in lr["metrics"]
     fs = by[("V", "digits", "fewshot")]
-    assert fs["settings"]["episodes"] == 4 and 0 <= fs["metrics"]["shots"]["1"]["mean"] <= 100
+    assert fs["settings"]["episodes"] == 4 and 0 <= fs["metrics"]["3way_1shot"]["mean"] <= 100
     assert all(r["provenance"]["mokd_version"] and r["bench"]["code"].startswith("0.") for r in recs)
 
     md = (out / "report.md").read_text()
@@ -378,3 +380,22 @@ def _close(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, (int, float)):
         return abs(a - b) <= 1e-4 * max(1.0, abs(a))
     return a == b
+
+
+def test_fewshot_tables_read_each_shot():
+    from mokd_bench.render import fewshot_table, measures, summary_table
+
+    def rec(label, means):
+        metrics = {"headline": "5way_5shot", "ways": 5, "shots": [1, 5], "episodes": 600,
+                   **{f"5way_{k}shot": {"mean": m, "ci95": 0.5, "episodes": 600} for k, m in means.items()}}
+        return {"task": "fewshot", "checkpoint": {"label": label}, "data": {"name": "d"}, "metrics": metrics,
+                "settings": {"ways": 5, "episodes": 600}, "bench": {"dataset": "d"}}
+
+    records = [rec("A", {1: 40.0, 5: 60.0}), rec("B", {1: 45.0, 5: 55.0})]
+    ms = measures(records)
+    assert [m.key for m in ms] == ["fewshot-1", "fewshot-5"] and ms[1].title.startswith("Few-shot 5-way 5-shot")
+    assert [ms[1].value(r) for r in records] == [60.0, 55.0]
+    headers, rows = fewshot_table(records)
+    assert headers[2:4] == ["5-way 1-shot (%, ± 95%)", "5-way 5-shot (%, ± 95%)"] and rows[0][2] == "40.00 ± 0.50"
+    headers, rows = summary_table(records)
+    assert rows[0][-1] == 60.0  # the record's headline, 5-shot
