@@ -136,6 +136,7 @@ def test_transfer_suite_bench_end_to_end(tmp_path, transfer_protocols):
     assert lr["settings"]["lambdas"] == [0.01, 1.0, 100.0]
     assert (lr["settings"]["fit_size"], lr["settings"]["val_size"], lr["settings"]["test_size"]) == (9, 6, 6)
     assert lr["metrics"]["lambda"] in (0.01, 1.0, 100.0) and "iterations" in lr["metrics"]
+    assert lr["provenance"]["deviations"][0].startswith("lambda from 3 value(s)")
     fs = by[("V", "digits", "fewshot")]
     assert fs["settings"]["episodes"] == 4 and 0 <= fs["metrics"]["3way_1shot"]["mean"] <= 100
     assert all(r["provenance"]["mokd_version"] and r["bench"]["code"].startswith("0.") for r in recs)
@@ -414,3 +415,17 @@ def test_fewshot_tables_read_each_shot():
     assert headers[2:4] == ["5-way 1-shot (%, ± 95%)", "5-way 5-shot (%, ± 95%)"] and rows[0][2] == "40.00 ± 0.50"
     headers, rows = summary_table(records)
     assert rows[0][-1] == 60.0  # the record's headline, 5-shot
+
+
+def test_transfer_deviations_name_what_differs_from_ssl_transfer():
+    from mokd_eval.records import deviations
+
+    grid = list(np.logspace(-6, 5, 45))
+    assert deviations("logreg", {"lambdas": grid, "image_size": 224, "precision": "fp32"}) == []
+    got = deviations("logreg", {"lambdas": [0.01, 1.0, 100.0], "image_size": 32, "precision": "bf16"})
+    assert got == ["lambda from 3 value(s) in [0.01, 100] (published: 45 log-spaced in [1e-06, 100000])",
+                   "images at 32 px (published: 224)", "features in bf16 (published: fp32)"]
+    published = {"ways": 5, "shots": [1, 5, 20], "queries": 15, "episodes": 600, "image_size": 224}
+    assert deviations("fewshot", published) == []
+    assert deviations("fewshot", {**published, "episodes": 4, "shots": [1]}) == [
+        "episodes 4 (published: 600)", "shots [1] (published: [1, 5, 20])"]
