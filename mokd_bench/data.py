@@ -125,7 +125,9 @@ def load_datasets(specs: list[str | None], class_list: str | None = None, skip_b
     names: set[str] = set()
     for i, text in enumerate(specs or [None]):
         try:
-            d = load_bench_data(text, class_list, skip_bad_images)
+            # a class list selects the classes of the ImageFolder data sets; the named sets keep their own
+            own = class_list if class_list and resolve_data(text, None).kind == "folder" else None
+            d = load_bench_data(text, own, skip_bad_images)
         except Exception as e:  # noqa: BLE001 - a data set that does not load fails alone, with its reason
             from mokd_bench.run import one_line
 

@@ -282,14 +282,17 @@ def run_plan(plan: Plan, out: str | Path, log: Callable[[str], None] = print, de
             continue
         per_data = {k: [ModelInputs(m, run.store(m, plan.datasets[k], lastn)) for m in models]
                     for k in plan.live_datasets}
-        for j, jid in pending:
+        last = {j.dataset: n for n, (j, _) in enumerate(pending)}
+        for n, (j, jid) in enumerate(pending):
             if run.prefetch(j, jid, per_data[j.dataset], name) and spread:
                 later.append((j, jid, per_data[j.dataset], name))
             elif not spread:
                 run.run_job(j, jid, per_data[j.dataset], name)
+                if n == last[j.dataset] and not cross_pending:  # its features are no longer needed in memory
+                    per_data[j.dataset] = []
         if cross_pending:
             loaded[i] = per_data
-        elif not spread:
+        if spread or not cross_pending:  # off the accelerator until a protocol that runs the model moves it back
             for m in models:
                 m.backbone.to("cpu")
     cross_runs = []
