@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -31,72 +30,22 @@ def bench(*args: str):
     return CliRunner().invoke(cli, ["bench", *args])
 
 
-# ------------------------------------------------------------------------------------------------ stand-ins
-# mokd_eval.logreg and mokd_eval.fewshot come from a sibling branch (issue 31); until it is merged the bench's
-# tests run against these stand-ins of the same contract, installed only where the real module is missing.
-
-
-def _fake_logreg_probe(train_x, train_y, val_x, val_y, test_x, test_y, *, metric, num_classes, lambdas, device="cpu",
-                       log=None):
-    """Nearest class mean (multi-label: cosine scores) in the logreg_probe contract."""
+def _recorded_logreg_probe(train_x, train_y, val_x, val_y, test_x, test_y, *, metric, num_classes, lambdas,
+                           device="cpu", log=None):
+    """A stand-in of mokd_eval.logreg.logreg_probe's contract (nearest class mean; multi-label: cosine scores and
+    average precision), for data the real probe rightly refuses (classes without a positive)."""
     def scores(x, centres):
         return torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(centres, dim=1).T
 
-    multi = train_y.ndim == 2
-    if multi:
-        centres = (train_y.float().T @ train_x) / train_y.float().sum(0).clamp(min=1)[:, None]
-        s = scores(test_x, centres)
-        from sklearn.metrics import average_precision_score
+    from sklearn.metrics import average_precision_score
 
-        aps = [average_precision_score(test_y[:, c].numpy(), s[:, c].numpy()) for c in range(num_classes)
-               if test_y[:, c].any()]
-        score = 100.0 * float(np.mean(aps))
-    else:
-        centres = torch.stack([train_x[train_y == c].mean(0) if (train_y == c).any() else torch.zeros(train_x.shape[1])
-                               for c in range(num_classes)])
-        score = 100.0 * float((scores(test_x, centres).argmax(1) == test_y).float().mean())
+    centres = (train_y.float().T @ train_x) / train_y.float().sum(0).clamp(min=1)[:, None]
+    s = scores(test_x, centres)
+    aps = [average_precision_score(test_y[:, c].numpy(), s[:, c].numpy()) for c in range(num_classes)
+           if test_y[:, c].any()]
     lam = float(lambdas[len(lambdas) // 2])
-    return {"headline": metric, metric: score, "lambda": lam, "C": 1.0 / lam,
-            "val_scores": {str(x): score for x in lambdas}, "iterations": 3, "grad_norm": 1e-5, "converged": True,
-            "train_size": len(train_x), "val_size": len(val_x), "test_size": len(test_x)}
-
-
-def _fake_fewshot_episodes(x, y, *, ways=5, shots=(1, 5, 20), queries=15, episodes=600, seed=0):
-    """Prototype classifier over seeded episodes, in the fewshot_episodes contract ("{W}way_{K}shot": {mean, ci95})."""
-    g = torch.Generator().manual_seed(seed)
-    classes = [c for c in y.unique().tolist() if int((y == c).sum()) >= max(shots) + queries]
-    out = {}
-    for k in shots:
-        accs = []
-        for _ in range(episodes):
-            pick = [classes[i] for i in torch.randperm(len(classes), generator=g)[:ways].tolist()]
-            protos, qx, qy = [], [], []
-            for j, c in enumerate(pick):
-                rows = torch.nonzero(y == c).flatten()
-                rows = rows[torch.randperm(len(rows), generator=g)]
-                protos.append(x[rows[:k]].mean(0))
-                qx.append(x[rows[k:k + queries]])
-                qy += [j] * queries
-            pred = torch.cdist(torch.cat(qx), torch.stack(protos)).argmin(1)
-            accs.append(100.0 * float((pred == torch.tensor(qy)).float().mean()))
-        out[f"{ways}way_{k}shot"] = {"mean": float(np.mean(accs)),
-                                     "ci95": float(1.96 * np.std(accs) / np.sqrt(len(accs)))}
-    return {"headline": f"{ways}way_{shots[0]}shot", **out, "ways": ways, "queries": queries, "episodes": episodes,
-            "shots": list(shots)}
-
-
-@pytest.fixture
-def transfer_protocols(monkeypatch):
-    for name, fn, extra in (("mokd_eval.logreg", "logreg_probe", {"LAMBDA_GRID": tuple(np.logspace(-6, 5, 45))}),
-                            ("mokd_eval.fewshot", "fewshot_episodes", {})):
-        try:
-            __import__(name)
-        except ImportError:
-            fake = types.ModuleType(name)
-            setattr(fake, fn, _fake_logreg_probe if fn == "logreg_probe" else _fake_fewshot_episodes)
-            for k, v in extra.items():
-                setattr(fake, k, v)
-            monkeypatch.setitem(sys.modules, name, fake)
+    return {"headline": metric, metric: 100.0 * float(np.mean(aps)), "lambda": lam, "C": 1.0 / lam,
+            "iterations": 0, "grad_norm": 0.0, "converged": True}
 
 
 def third_party(path: Path, arch: dict, seed: int) -> Path:
@@ -110,7 +59,7 @@ def third_party(path: Path, arch: dict, seed: int) -> Path:
 
 
 @pytest.mark.slow
-def test_transfer_suite_bench_end_to_end(tmp_path, transfer_protocols):
+def test_transfer_suite_bench_end_to_end(tmp_path):
     """Two checkpoints x (digits, DTD's layout, a missing folder) x knn, logreg, fewshot, rank, from the CLI; then
     the same command again recomputes nothing."""
     dtd = write_layout("dtd", tmp_path / "dtd")
@@ -167,20 +116,19 @@ def test_transfer_suite_bench_end_to_end(tmp_path, transfer_protocols):
     assert stamps(out) == before
 
 
-def test_multilabel_voc_plans_out_single_label_protocols_and_scores_map11(tmp_path, transfer_protocols, monkeypatch):
+def test_multilabel_voc_plans_out_single_label_protocols_and_scores_map11(tmp_path, monkeypatch):
     """VOC 2007 (multi-hot labels): knn, linear and few-shot are planned out with the reason; logreg gets the
     multi-hot labels of the official split's parts and metric map11. (The synthetic layout's 13 images leave most
     of the 20 classes without a positive, which the real probe rightly refuses to fit: the probe is a stand-in
     here that checks what the bench hands it.)"""
-    import importlib
+    from mokd_eval import logreg
 
-    logreg = importlib.import_module("mokd_eval.logreg")  # the real module, or the stand-in where it is missing
     seen = {}
 
     def probe(train_x, train_y, val_x, val_y, test_x, test_y, **kw):
         seen.update(shapes=[tuple(t.shape) for t in (train_y, val_y, test_y)], metric=kw["metric"],
                     classes=kw["num_classes"], dims={train_x.shape[1], val_x.shape[1], test_x.shape[1]})
-        return _fake_logreg_probe(train_x, train_y, val_x, val_y, test_x, test_y, **kw)
+        return _recorded_logreg_probe(train_x, train_y, val_x, val_y, test_x, test_y, **kw)
 
     monkeypatch.setattr(logreg, "logreg_probe", probe)
     voc = write_layout("voc2007", tmp_path / "voc")
