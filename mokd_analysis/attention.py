@@ -68,10 +68,11 @@ def _eva_attention(attn_module: nn.Module, x: torch.Tensor, rope: torch.Tensor |
         q, k = project(attn_module.q_proj), project(attn_module.k_proj)
     q, k = attn_module.q_norm(q), attn_module.k_norm(k)
     if rope is not None:
-        p, half = attn_module.num_prefix_tokens, getattr(attn_module, "rotate_half", False)
-        rope = rope.float()
-        q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, half=half)], dim=2)
-        k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, half=half)], dim=2)
+        p, rope = attn_module.num_prefix_tokens, rope.float()
+        # timm before the rotate-half layout has no `half` argument; pass it only when the module uses it
+        half = {"half": True} if getattr(attn_module, "rotate_half", False) else {}
+        q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, **half)], dim=2)
+        k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, **half)], dim=2)
     return _softmax_weights(attn_module, q, k)
 
 

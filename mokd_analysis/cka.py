@@ -16,12 +16,15 @@ that `mokd analyze cka` (final embeddings) and the bench's cka protocol call. `m
 layer-by-layer matrix feeds MinibatchCKA from its forward passes directly.
 
 Conventions:
-- Tail rule: every batch in the sums has the same size. Each batch's HSIC counts equally, so a short last batch
-  (5 images after 4 x 256) would weigh as much as a full one while its estimate is far noisier: with 1,029
-  images at batch 256 it raised the spread of the estimate over 40 draws from 0.005 to 0.053. The first batch
-  sets the size; a later, smaller batch is dropped (counted in `skipped_batches` and `skipped_examples`); a larger
-  one is an error. feature_cka drops the N mod B examples left after the last full batch (of a seeded shuffle),
-  and uses one batch of all N when N < B.
+- Batches weigh the same, so they hold (about) the same number of images. Each batch's HSIC counts equally in
+  the sums, so a short last batch (5 images after 4 x 256) would weigh as much as a full one while its estimate
+  is far noisier: with 1,029 images at batch 256 it raised the spread of the estimate over 40 draws from 0.005
+  to 0.053. `cka_batches` therefore splits N images (a seeded shuffle) into max(1, N // B) batches whose sizes
+  differ by at most one (1,029 at B = 256: 258, 257, 257, 257; 360: one batch of 360), so every image is used
+  and no batch is short; feature_cka and `mokd analyze cka` both batch this way. MinibatchCKA, fed by any
+  loader, keeps the rule itself: the first batch sets the size B1; a later batch of fewer than B1 - 1 examples (a
+  loader's short tail) is dropped and counted (`skipped_batches`, `skipped_examples`); one of more than B1 + 1 is
+  an error.
 - everything is computed in float64;
 - a layer whose representation has zero HSIC with itself (a constant feature, or all zeros) has CKA 0 with
   every layer, itself included: centred, it carries no signal, so it aligns with nothing. "Zero" is relative:
@@ -42,7 +45,8 @@ from mokd.errors import UserError
 MIN_BATCH = 4  # unbiased HSIC divides by n(n-3)
 DEFAULT_BATCH_SIZE = 256  # the default of `mokd analyze cka --batch-size` and of the bench
 ESTIMATOR = "unbiased minibatch HSIC (Nguyen et al. 2021)"
-TAIL_RULE = "a last batch smaller than the batch size is dropped"
+TAIL_RULE = ("max(1, N // batch_size) batches of a seeded shuffle, sizes within one of each other (no short "
+             "tail); a loader's short last batch is dropped")
 ZERO_TOL = 1e-20  # self-HSIC at or below this fraction of the features' squared scale counts as zero
 
 
@@ -142,7 +146,7 @@ class MinibatchCKA:
     def update(self, feats_a: list[Tensor], feats_b: list[Tensor] | None = None) -> None:
         """Add one minibatch: feats_a[i] is layer i of A on the batch [B, D_i]; feats_b likewise for B (the
         same B examples in the same order), or None for self-similarity. The first batch of 4 or more sets the
-        batch size; a smaller batch (a loader's tail, or B < 4) is skipped, a larger one is an error."""
+        size; a batch more than one smaller (a loader's tail, or B < 4) is skipped, more than one larger an error."""
         if self.self_similarity and feats_b is not None:
             raise UserError("MinibatchCKA was built for self-similarity (n_b=None): call update(feats_a) alone")
         if not self.self_similarity and feats_b is None:
@@ -150,15 +154,15 @@ class MinibatchCKA:
         b = self._check(feats_a, self.n_a, "A")
         if feats_b is not None and self._check(feats_b, self.n_b, "B") != b:
             raise UserError("MinibatchCKA: the two models' batches hold different numbers of examples")
-        if b < MIN_BATCH or (self.batch_size is not None and b < self.batch_size):
+        if b < MIN_BATCH or (self.batch_size is not None and b < self.batch_size - 1):
             self.skipped_batches += 1
             self.skipped_examples += b
             return
         if self.batch_size is None:
             self.batch_size = b
-        elif b > self.batch_size:
-            raise UserError(f"MinibatchCKA: a batch of {b} examples after batches of {self.batch_size}; every batch "
-                            "must hold the same number (only a smaller last batch is dropped)")
+        elif b > self.batch_size + 1:
+            raise UserError(f"MinibatchCKA: a batch of {b} examples after one of {self.batch_size}; batches weigh "
+                            "the same, so they must hold about the same number (a short last batch is dropped)")
         ka, ra, sa, scale_a = _gram_stats(feats_a)
         self_a = _self_hsic(ka, ra, sa)
         if feats_b is None:
@@ -197,26 +201,28 @@ def _self_hsic(k: Tensor, r: Tensor, s: Tensor) -> Tensor:
     return (trace + s * s / ((n - 1) * (n - 2)) - r.square().sum(-1) * (2.0 / (n - 2))) / (n * (n - 3))
 
 
-@torch.no_grad()
-def feature_cka(x: Tensor, y: Tensor, batch_size: int = 256, seed: int = 0) -> float:
-    """Linear CKA of two representations of the same N images, x [N, D1] and y [N, D2], by the unbiased minibatch
-    estimator (MinibatchCKA): rows shuffled by `seed` (the same permutation for both, so that batches do not
-    follow the data's order, e.g. sorted by class), split into batches of `batch_size`, the N mod batch_size left
-    over dropped; one batch of all N when N < batch_size. Needs N >= 4. What every command reports as CKA."""
-    if x.dim() != 2 or y.dim() != 2:
-        raise UserError(f"feature_cka compares feature matrices [N, D]: got shapes {tuple(x.shape)} and {tuple(y.shape)}")
-    n = int(x.shape[0])
-    if y.shape[0] != n:
-        raise UserError(f"CKA compares the same examples: x has {n} rows, y has {y.shape[0]}")
+def cka_batches(n: int, batch_size: int, seed: int) -> list[Tensor]:
+    """Index batches over n examples: a seeded shuffle split into max(1, n // batch_size) batches whose sizes
+    differ by at most one (module docstring), so that no batch is short and every example is used."""
     if n < MIN_BATCH:
         raise UserError(f"CKA needs at least {MIN_BATCH} examples (unbiased HSIC), got {n}")
     if batch_size < MIN_BATCH:
         raise UserError(f"CKA batch size must be at least {MIN_BATCH} (unbiased HSIC), got {batch_size}")
-    b = min(batch_size, n)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return list(torch.tensor_split(order, max(1, n // batch_size)))
+
+
+@torch.no_grad()
+def feature_cka(x: Tensor, y: Tensor, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> float:
+    """Linear CKA of two representations of the same N images, x [N, D1] and y [N, D2], by the unbiased minibatch
+    estimator (MinibatchCKA) over cka_batches(N, batch_size, seed). Needs N >= 4. What every command reports as
+    the CKA of two embeddings."""
+    if x.dim() != 2 or y.dim() != 2:
+        raise UserError(f"feature_cka compares feature matrices [N, D]: got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    if y.shape[0] != x.shape[0]:
+        raise UserError(f"CKA compares the same examples: x has {x.shape[0]} rows, y has {y.shape[0]}")
     cka = MinibatchCKA(1, 1)
-    for start in range(0, n - b + 1, b):
-        idx = order[start:start + b]
+    for idx in cka_batches(int(x.shape[0]), batch_size, seed):
         cka.update([x[idx]], [y[idx]])
     return float(cka.compute()[0, 0])
 

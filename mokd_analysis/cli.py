@@ -405,8 +405,8 @@ def _views(ds, transforms):
 @click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True,
               help="Split of --data (an unlabelled folder of images is used whole).")
 @click.option("--batch-size", type=click.IntRange(min=4), default=256, show_default=True,
-              help="Images per CKA minibatch (unbiased HSIC needs 4 or more; a smaller last batch is dropped, so "
-                   "that every batch weighs the same; all images in one batch when there are fewer).")
+              help="Images per CKA minibatch, at least: the images are split into N // BATCH_SIZE batches of equal "
+                   "size (within one), so that every batch weighs the same and none is short; unbiased HSIC needs 4.")
 @image_size_option()
 @click.option("--max-images", type=click.IntRange(min=4), default=2048, show_default=True,
               help="Images used (a seeded pick); memory does not grow with it, time does.")
@@ -420,12 +420,12 @@ def cka_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
     layers: each stage's output, spatially pooled. Estimated over minibatches with unbiased HSIC (Nguyen et
     al. 2021), one forward pass of each model per batch; for two models also the CKA of their final embeddings
     (the features every protocol uses), by the same estimator and function as `mokd bench`'s cka. Every batch
-    holds --batch-size images: a shorter last batch is dropped. One file of one model: its self-similarity; a MOKD
+    holds about --batch-size images (N // BATCH_SIZE equal batches, none short). One file of one model: its self-similarity; a MOKD
     file alone: its two models against each other (--model net1 for one's self-similarity); two files: one
     model of each (--model, or --model-a/--model-b). Each CHECKPOINT may be PATH::TIMM_ARCH; --label names
     them. Writes cka.json, cka.png, cka.pdf, cka.svg and a record into --out.
     """
-    from mokd_analysis.cka import ESTIMATOR, cka_settings, feature_cka
+    from mokd_analysis.cka import ESTIMATOR, cka_batches, cka_settings, feature_cka
     from mokd_analysis.images import analysis_dataset
     from mokd_analysis.layers import model_cka
     from mokd_analysis.plots import plot_cka
@@ -459,12 +459,12 @@ def cka_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
         size = int(image_size or spec.native_size or m.image_size or 224)
         fit_input_size(m.backbone, size)
         transforms.append(eval_transform(size, spec.native_size is not None))
-    batch = min(batch_size, len(ds))  # the tail rule: full batches only, one batch of every image when fewer
-    loader = torch.utils.data.DataLoader(_views(ds, transforms), batch_size=batch, shuffle=False, drop_last=True)
+    # batches of (about) equal size over a seeded shuffle, the same as feature_cka's, so no batch is short
+    batches = [b.tolist() for b in cka_batches(len(ds), batch_size, seed)]
+    loader = torch.utils.data.DataLoader(_views(ds, transforms), batch_sampler=batches)
     cka, names_a, names_b = model_cka(models[0].backbone, models[1].backbone if len(models) == 2 else None, loader,
                                       dev)
     matrix = cka.compute()
-    skipped = len(ds) - cka.examples
     final = None
     if len(models) == 2:  # the final embeddings, as the bench compares them: cached features and feature_cka
         prec = precision_for("fp32", dev)
@@ -479,20 +479,19 @@ def cka_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
                        width=figure_width)
     numbers = {"model_a": label_a, "model_b": label_b, "layers_a": names_a, "layers_b": names_b,
                "matrix": matrix.tolist(), "self_similarity": len(models) == 1, "num_images": cka.examples,
-               "batch_size": batch, "batches": cka.batches, "skipped_batches": cka.skipped_batches + int(skipped > 0),
-               "skipped_images": skipped, "final_cka": final,
+               "batch_sizes": sorted({len(b) for b in batches}), "batches": cka.batches, "final_cka": final,
                **cka_settings(batch_size, seed), "data": str(spec), "split": split}
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "cka.json"
     json_path.write_text(json.dumps(numbers, indent=2) + "\n")
-    echo(f"\nlinear CKA on {what} ({cka.examples} images in {cka.batches} batches of {batch}"
-         + (f"; the last {skipped} image(s), short of a batch, dropped" if skipped else "") + ")")
+    echo(f"\nlinear CKA on {what} ({cka.examples} images in {cka.batches} batch(es) of "
+         f"{'-'.join(map(str, sorted({len(b) for b in batches})))})")
     diag = [float(matrix[i, j]) for i, j in _best_matches(matrix)]
     echo(markdown_table([f"layer of {label_a}", f"most similar layer of {label_b}", "CKA"],
                         [[names_a[i], names_b[j], v] for (i, j), v in zip(_best_matches(matrix), diag)]))
     if final is not None:
-        echo(f"final embeddings: CKA {final:.4f} ({ESTIMATOR}, batches of {min(batch_size, len(ds))}, "
-             f"{len(ds)} images; the bench's cka protocol computes the same)")
+        echo(f"final embeddings: CKA {final:.4f} ({ESTIMATOR}, {len(ds)} images; the bench's cka protocol "
+             "computes the same)")
     path = write_record(out_dir, task="cka",
                         checkpoint={**models[0].checkpoint,
                                     "compared_with": [m.checkpoint for m in models[1:]]},

@@ -47,7 +47,7 @@ def test_cka_of_a_pair_and_self_similarity(files, tmp_path):
     m = np.asarray(numbers["matrix"])
     assert numbers["layers_a"] == ["layer1", "layer2", "layer3", "layer4"]
     assert numbers["layers_b"][:2] == ["block1.mean", "block1.cls"] and m.shape == (4, len(numbers["layers_b"]))
-    assert np.isfinite(m).all() and numbers["num_images"] == 32 and numbers["skipped_batches"] == 1  # 35 = 16+16+3
+    assert np.isfinite(m).all() and numbers["num_images"] == 35 and numbers["batch_sizes"] == [17, 18]  # 35 = 18+17, no short tail
     assert (out / "cka.png").stat().st_size > 0 and (out / "cka.pdf").exists()
     record = json.loads(next(out.glob("cka__*.json")).read_text())
     assert record["task"] == "cka" and record["metrics"]["matrix"] == numbers["matrix"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mokd.errors import UserError
-from mokd_analysis.cka import DEFAULT_BATCH_SIZE, MinibatchCKA, _gram_stats, _unbiased_hsic, feature_cka, linear_cka
+from mokd_analysis.cka import DEFAULT_BATCH_SIZE, MinibatchCKA, _gram_stats, _unbiased_hsic, cka_batches, feature_cka, linear_cka
 
 
 def _features(n=512, d=24, seed=0):
@@ -186,17 +186,36 @@ def test_independent_random_embeddings_score_near_0_where_biased_cka_scores_half
     assert feature_cka(x, x) == pytest.approx(1.0, abs=1e-9)
 
 
-def test_feature_cka_drops_a_short_tail_and_batches_a_seeded_shuffle():
-    """1,029 rows at batch 256: four full batches count, the 5 left over do not. The tail here is built to be
-    loud (unrelated and 100x larger), so that an estimator that counted it would be pulled far from 1."""
+def test_cka_batches_are_equal_within_one_and_use_every_example():
+    sizes = lambda n, b: sorted(len(i) for i in cka_batches(n, b, seed=0))  # noqa: E731
+    assert sizes(1029, 256) == [257, 257, 257, 258]  # no 5-image tail
+    assert sizes(360, 256) == [360] and sizes(40, 256) == [40]
+    assert sizes(35, 16) == [17, 18]
+    batches = cka_batches(1029, 256, seed=3)
+    assert sorted(torch.cat(batches).tolist()) == list(range(1029))
+    assert not torch.equal(torch.cat(batches), torch.arange(1029))  # shuffled: batches do not follow the data's order
+    assert all(torch.equal(a, b) for a, b in zip(batches, cka_batches(1029, 256, seed=3)))
+    with pytest.raises(UserError, match="at least 4"):
+        cka_batches(3, 256, 0)
+
+
+def test_feature_cka_has_no_short_tail_to_overweight():
+    """1,029 rows at batch 256, built so that the last 5 rows are unrelated and 100x louder: batching in order
+    with a 5-row tail counting as much as a full batch (the old loader's way) is pulled far from 1; feature_cka's
+    four balanced batches are not."""
     x = _features(n=1029, d=24, seed=11)
     y = 2.0 * x @ _orthogonal(24, seed=12)
-    order = torch.randperm(1029, generator=torch.Generator().manual_seed(5))
-    tail = order[1024:]
-    x[tail] = 100.0 * torch.randn(5, 24, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
-    assert feature_cka(x, y, batch_size=256, seed=5) == pytest.approx(1.0, abs=1e-9)
-    small = feature_cka(x[:40], y[:40], batch_size=256)  # fewer rows than a batch: one batch of all 40
-    assert -1.0 <= small <= 1.0
+    x[1024:] = 100.0 * torch.randn(5, 24, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    hsic = torch.zeros(3, dtype=torch.float64)  # (xy, xx, yy) summed over what a plain loader yields, tail counted
+    for i in range(0, 1029, 256):
+        ka, ra, sa, _ = _gram_stats([x[i:i + 256]])
+        kb, rb, sb, _ = _gram_stats([y[i:i + 256]])
+        hsic += torch.stack([_unbiased_hsic(ka, ra, sa, kb, rb, sb)[0, 0], _unbiased_hsic(ka, ra, sa, ka, ra, sa)[0, 0],
+                             _unbiased_hsic(kb, rb, sb, kb, rb, sb)[0, 0]])
+    counted_tail = float(hsic[0] / (hsic[1] * hsic[2]).sqrt())
+    balanced = feature_cka(x, y, batch_size=256, seed=5)
+    assert counted_tail < 0.9 and balanced > counted_tail + 0.05
+    assert feature_cka(x[:1024], y[:1024], batch_size=256) == pytest.approx(1.0, abs=1e-9)
     with pytest.raises(UserError, match="at least 4"):
         feature_cka(x[:3], y[:3])
     with pytest.raises(UserError, match="same examples"):
@@ -210,10 +229,12 @@ def test_minibatch_cka_drops_a_short_last_batch_and_refuses_a_larger_one():
     cka = MinibatchCKA(1, 1)
     for i in range(0, 1024, 256):
         cka.update([a[i:i + 256]], [b[i:i + 256]])
-    cka.update([loud], [b[1024:]])  # the tail: unrelated and loud; it must not move the estimate
+    cka.update([loud], [b[1024:]])  # a loader's tail: unrelated and loud; it must not move the estimate
     assert cka.compute()[0, 0].item() == pytest.approx(1.0, abs=1e-9)
     assert (cka.batches, cka.skipped_batches, cka.skipped_examples, cka.examples) == (4, 1, 5, 1024)
-    with pytest.raises(UserError, match="same number"):
+    cka.update([a[:255]], [b[:255]])  # one fewer: a balanced batch, counted
+    assert cka.batches == 5
+    with pytest.raises(UserError, match="about the same number"):
         cka.update([a[:300]], [b[:300]])
 
 
@@ -240,7 +261,7 @@ def test_the_bench_cka_protocol_is_feature_cka_and_records_its_estimator():
     assert abs(value) < 0.02 and value == feature_cka(x, y, DEFAULT_BATCH_SIZE, 0)
     settings = bodies[0]["settings"]
     assert settings["estimator"] == "unbiased minibatch HSIC (Nguyen et al. 2021)"
-    assert settings["cka_batch_size"] == DEFAULT_BATCH_SIZE and "dropped" in settings["tail"]
+    assert settings["cka_batch_size"] == DEFAULT_BATCH_SIZE and "no short tail" in settings["tail"]
 
 
 @pytest.mark.slow
@@ -276,3 +297,13 @@ def test_analyze_cka_final_embeddings_go_through_feature_cka(tmp_path, monkeypat
     assert abs(final) < 0.02 and final == feature_cka(made[0], made[1], DEFAULT_BATCH_SIZE, 0)
     assert record["settings"]["estimator"] == "unbiased minibatch HSIC (Nguyen et al. 2021)"
     assert "final embeddings: CKA" in res.output
+
+
+def test_no_command_reports_the_biased_full_batch_cka():
+    """linear_cka is the tests' reference only: every command's CKA goes through feature_cka or MinibatchCKA."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    callers = [str(p.relative_to(root)) for pkg in ("mokd", "mokd_eval", "mokd_analysis", "mokd_bench")
+               for p in (root / pkg).rglob("*.py") if "linear_cka(" in p.read_text() and p.name != "cka.py"]
+    assert callers == []

@@ -161,3 +161,61 @@ def test_monitor_rank_without_the_monitor_is_a_config_error(tmp_path):
     res = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "r"), "--set", "train.knn_every=0",
                                    "--set", "train.monitor_rank=true"])
     assert res.exit_code != 0 and "train.knn_every > 0" in res.output
+
+
+def test_the_bench_rank_protocol_records_rank_scores_as_they_are():
+    from types import SimpleNamespace
+
+    from mokd_bench.protocols import PROTOCOLS, Inputs, ModelInputs
+
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(1, 64, generator=g, dtype=torch.float64).repeat(300, 1) \
+        + 1e-12 * torch.randn(300, 64, generator=g, dtype=torch.float64)
+    fs = SimpleNamespace(features=feats, mode="cls", image_size=32)
+    inp = Inputs(models=[ModelInputs(loaded=SimpleNamespace(label="m"), features=lambda split, *a, **k: fs)],
+                 data=SimpleNamespace(free_split="val", record=lambda split=None: {}), device=torch.device("cpu"),
+                 precision="fp32", image_size=None, batch_size=64, seed=0, log=lambda s: None)
+    body = PROTOCOLS["rank"].run(inp, {})[0]
+    assert body["metrics"] == {**rank_scores(feats), "headline": "rankme"}
+    assert body["metrics"]["collapsed"] is True and body["settings"]["alpha_fit"].startswith("weighted (1/k)")
+
+
+@pytest.mark.slow
+def test_analyze_rank_prints_both_rankmes_and_flags_a_collapsed_model(tmp_path, monkeypatch):
+    """`mokd analyze rank` on a MOKD pair whose features are replaced: net1 a jittered single point, net2 healthy."""
+    import json
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    import mokd_analysis.cli as analysis_cli
+    from mokd.cli import cli
+    from tests.ckpt_factory import RESNET, VIT32_P4, make_mokd_checkpoint
+
+    g = torch.Generator().manual_seed(5)
+    calls = []
+
+    def features(loaded, spec, split, *, dataset, **kw):
+        n = len(dataset)
+        x = torch.randn(n, 64, generator=g, dtype=torch.float64)
+        if not calls:
+            x = torch.randn(1, 64, generator=g, dtype=torch.float64).repeat(n, 1) + 1e-12 * x
+        calls.append(loaded.label)
+        return SimpleNamespace(features=x, image_size=32)
+
+    monkeypatch.setattr(analysis_cli, "features_for", features)
+    pair = tmp_path / "run" / "last.pth"
+    pair.parent.mkdir()
+    make_mokd_checkpoint(pair, net1=RESNET, net2=VIT32_P4)
+    out = tmp_path / "rank"
+    res = CliRunner().invoke(cli, ["analyze", "rank", str(pair), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "RankMe centred" in res.output and "collapsed" in res.output and "alpha fit (k, R²)" in res.output
+    assert res.output.count("has collapsed") == 1 and "same point" in res.output
+    records = {r["checkpoint"]["model"]: r for r in (json.loads(p.read_text()) for p in out.glob("rank__*.json"))}
+    assert records["net1"]["metrics"]["collapsed"] is True and records["net2"]["metrics"]["collapsed"] is False
+    for r in records.values():
+        assert {"rankme", "rankme_centered", "alpha_req", "alpha_fit", "spread_to_offset", "collapsed", "n",
+                "dim"} <= set(r["metrics"])
+        assert r["settings"]["collapse_tol"] == 1e-4
+    assert (out / "rank.png").stat().st_size > 0

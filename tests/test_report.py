@@ -47,13 +47,59 @@ def test_report_renders_table1_grid_and_csv(tmp_path):
     assert md in result.output
     grid_line = next(line for line in md.splitlines() if line.startswith("| resnet50 ") and "vit_small" in line)
     cells = [c.strip() for c in grid_line.strip("|").split("|")]
-    assert cells[3:] == ["62.80", "69.90", "67.10", "70.80", "72.10", "73.80", "74.10", "74.40"]
+    # k-NN cells: top-1 at k=20 (value - 1), not the best k (k=10 here), which is tuned on the evaluation split
+    assert cells[3:] == ["61.80", "68.90", "66.10", "69.80", "72.10", "73.80", "74.10", "74.40"]
     assert "k-NN Independent Net1" in md and "Linear MOKD Net2" in md
     assert "10.00 / " not in md and "67.10 / 99.00" in md  # per-k k-NN table
     rows = list(csv.DictReader(io.StringIO((tmp_path / "report.csv").read_text())))
     assert len(rows) == 8 and {r["task"] for r in rows} == {"knn", "linear"}
     knn_net1 = next(r for r in rows if r["task"] == "knn" and r["model"] == "net1 (teacher)" and r["mode"] == "mokd")
-    assert float(knn_net1["value"]) == 67.1 and float(knn_net1["metrics.top1.20"]) == 66.1
+    assert float(knn_net1["value"]) == 66.1 and knn_net1["metric"] == "top1 k=20"
+    assert float(knn_net1["metrics.top1.20"]) == 66.1 and "67.10 (k=10)" in md
+    assert "best top-1 (k tuned on the evaluation split)" in md
+
+
+def _bench_knn_record(out, label, top1):
+    """A k-NN record as `mokd bench` writes it (mokd_eval.knn.knn_evaluate's metrics, a bench label)."""
+    best_k = max(top1, key=top1.get)
+    metrics = {"top1": top1, "top5": {k: 99.0 for k in top1}, "best_top1": top1[best_k], "best_k": best_k}
+    ckpt = {"path": f"/ckpts/{label}.pth", "sha256": label * 8, "format": "dino", "label": label,
+            "name": "vit_small_patch16_224"}
+    return write_record(out, task="knn", checkpoint=ckpt, data={"spec": "digits"}, settings={"seed": 0},
+                        metrics=metrics, wall_time_s=1.0)
+
+
+def test_report_headlines_the_same_knn_figure_as_the_bench_summary(tmp_path):
+    from mokd_bench.render import summary_table
+    from mokd_eval.records import scan_records
+    from mokd_eval.report import headline
+
+    _bench_knn_record(tmp_path, "A", {10: 91.0, 20: 88.5, 100: 80.0})  # best k is 10, not 20
+    _bench_knn_record(tmp_path, "B", {10: 70.0, 20: 72.25, 200: 60.0})
+    records = scan_records(tmp_path)[0]
+    headers, rows = summary_table(records)
+    bench = {row[0]: row[headers.index("k-NN top-1, k=20 (%)")] for row in rows}
+    assert bench == {"A": 88.5, "B": 72.25}
+    assert {r["checkpoint"]["label"]: headline(r)[1] for r in records} == bench
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "report.md").read_text()
+    section = md[md.index("## Checkpoints: k-NN and linear"):]
+    line = next(x for x in section.splitlines() if x.startswith("| A "))
+    assert "88.50" in line and "91.00" not in line  # k-NN at k=20
+    line = next(x for x in md[md.index("## All results"):].splitlines() if x.startswith("| knn ") and " A " in x)
+    assert "top1 k=20" in line and "88.50" in line
+
+
+def test_report_says_which_k_when_20_was_not_run(tmp_path):
+    from mokd_eval.records import scan_records
+    from mokd_eval.report import headline
+
+    _bench_knn_record(tmp_path, "C", {10: 91.0, 50: 88.0})
+    name, value = headline(scan_records(tmp_path)[0][0])
+    assert value == 91.0 and "k=10" in name and "not 20" in name and "tuned on the evaluation split" in name
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 0 and "not 20" in (tmp_path / "report.md").read_text()
 
 
 def test_report_errors(tmp_path):
