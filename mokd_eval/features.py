@@ -7,12 +7,17 @@ Modes (what one image becomes):
   lastn_avgpool  ViT: the lastn features and the mean patch token of the last block (DINO's n > 1 with avgpool)
 CNNs give their pooled output in every mode (as DINO's linear evaluation does for ResNets).
 
+Labels are class indices [N] int64, or multi-hot vectors [N, C] uint8 for multi-label sets (VOC2007), alike in
+memory, in the gather and in the cache.
+
 Under torchrun each rank extracts one contiguous slice; in memory the slices are gathered in rank order, so the
 result equals the single-process result row for row.
 
 The cache holds one folder per entry: shards `shard_00000.pt`, ... of at most `shard_rows` rows (about 1 GiB of
 fp32 each by default, `$MOKD_SHARD_ROWS` rows if set), written while the features are extracted (each rank its
-own slice's shards, no gather), and `index.json`, written last, which marks the entry complete. A cached bank is
+own slice's shards, no gather), and `index.json`, written last. The folder is written under a private name and
+renamed into place when complete (see "entries" below), so a reader sees a whole entry or none, whatever fails:
+a full disk, a crash, a killed rank, or another run writing the same entry at the same time. A cached bank is
 read lazily (`ShardedFeatures`), one memory-mapped shard at a time, so a bank larger than memory can be searched,
 and any rows of it read without the rest (`take_rows`).
 """
@@ -486,8 +491,8 @@ def data_fingerprint(spec: DataSpec, dataset: ImageDataset) -> str | None:
     CONTENT_HASH_MAX_FILES files and CONTENT_HASH_MAX_BYTES). The ctime is what catches, in a set too large to
     read, a file replaced by another of the same size with its mtime put back (cp -p, rsync -t, tar): no user
     can set it, and any write or utime moves it. Its cost: a chmod, chown or copy of the set re-extracts it.
-    CIFAR, STL-10: the binary files alike. The embedded digits: None (fixed). The embedded photos: a digest of the
-    built set, which a new recipe or another scikit-image's photographs change.
+    CIFAR, STL-10: the binary files alike. The embedded digits: None (fixed). The embedded photos: a digest of
+    the built set, which a new recipe or another scikit-image's photographs change.
     """
     if spec.kind == "photos":
         return photos_fingerprint()

@@ -1,13 +1,13 @@
 """features_for as a bench calls it, run by the feature tests alone or under torchrun (or beside another copy of
 itself sharing one cache): each rank saves what it got to OUT.{rank}.
 
-    python -m tests.dist_features_worker CKPT OUT [--cache DIR] [--what memory,cache,multilabel] [--n 20]
-        [--batch-size 5] [--shard-rows 3] [--kill-rank R --kill-at I] [--meet DIR --peers 2]
+    python -m tests.dist_features_worker CKPT OUT [--cache DIR] [--n 20] [--batch-size 5] [--shard-rows 3]
+        [--what memory,cache,multilabel-memory,multilabel] [--kill-rank R --kill-at I] [--meet DIR --peers 2]
 
-The data are the first N validation images of the embedded digits; `multilabel` gives each image the multi-hot
-label {d, (d + 1) mod 10} ([10] uint8). `--kill-at I` makes rank R SIGKILL itself when it loads image I.
-`--meet DIR` holds each process at its first image until --peers processes have reached theirs, so that two
-runs are certainly extracting the same entry at once.
+The data are the first N validation images of the embedded digits; `multilabel*` gives each image the multi-hot
+label {d, (d + 1) mod 10} ([10] uint8); the names ending in `memory` skip the cache. `--kill-at I` makes rank R
+SIGKILL itself when it loads image I. `--meet DIR` holds each process at its first image until --peers
+processes have reached theirs, so that two runs are certainly extracting the same entry at once.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("ckpt")
     p.add_argument("out")
     p.add_argument("--cache")
-    p.add_argument("--what", default="memory,cache,multilabel")
+    p.add_argument("--what", default="memory,cache,multilabel-memory,multilabel")
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=5)
     p.add_argument("--shard-rows", type=int, default=3)
@@ -72,9 +72,9 @@ def main() -> None:
     labelled.targets = multi_hot(ds.targets)
     results = {}
     for what in args.what.split(","):
-        data = labelled if what == "multilabel" else ds
+        data = labelled if what.startswith("multilabel") else ds
         fs = features_for(m, spec, "val", dataset=data, device="cpu", batch_size=args.batch_size,
-                          precision="fp32", cache=args.cache, use_cache=what != "memory",
+                          precision="fp32", cache=args.cache, use_cache=not what.endswith("memory"),
                           shard_rows=args.shard_rows)
         results[what] = {"features": fs.features.clone(), "labels": fs.labels.clone(), "from_cache": fs.from_cache,
                          "cache_path": str(fs.cache_path)}

@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from mokd.data import DataSpec, ImageDataset, build_dataset, parse_data_spec
+from mokd.data import DataSpec, build_dataset, parse_data_spec
 from mokd.models.backbones import create_backbone
 from mokd_eval.features import IMAGENET_MEAN, IMAGENET_STD, cache_dir, eval_transform, extract_features, \
     features_for, forward_features, load_sharded
@@ -293,7 +293,7 @@ def worker_env(**extra: str) -> dict:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
-def run_worker(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_worker(args: list[str], nproc: int = 1, timeout: int = 900) -> subprocess.CompletedProcess:
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
               if nproc > 1 else [sys.executable])
     return subprocess.run([*launch, "-m", "tests.dist_features_worker", *args], cwd=ROOT, env=worker_env(),
@@ -310,10 +310,11 @@ def test_torchrun_two_processes_give_one_process_features_bit_for_bit(tmp_path):
     two = run_worker([ckpt, str(tmp_path / "two"), "--cache", str(tmp_path / "c2")], nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     ref = torch.load(tmp_path / "one.0", weights_only=True)
-    assert ref["multilabel"]["labels"].shape == (20, 10) and ref["multilabel"]["labels"].dtype == torch.uint8
+    for what in ("multilabel-memory", "multilabel"):
+        assert ref[what]["labels"].shape == (20, 10) and ref[what]["labels"].dtype == torch.uint8
     for rank in (0, 1):
         got = torch.load(tmp_path / f"two.{rank}", weights_only=True)
-        for what in ("memory", "cache", "multilabel"):
+        for what in ("memory", "cache", "multilabel-memory", "multilabel"):
             assert torch.equal(got[what]["features"], ref[what]["features"]), (rank, what)
             assert torch.equal(got[what]["labels"], ref[what]["labels"]), (rank, what)
             assert got[what]["labels"].dtype == ref[what]["labels"].dtype
