@@ -97,10 +97,10 @@ def main() -> None:
 
     # the bench: one process, one manifest
     manifest = work / "bench.yaml"
+    protocols = ["knn", "linear", "rank", "mad", "cka"]  # those with a separate command to compare with
     manifest.write_text(yaml.safe_dump({"data": "digits", "device": args.device, "checkpoints": entries,
-                                        "features": {"cache_dir": str(work / "cache-bench")},
+                                        "protocols": protocols, "features": {"cache_dir": str(work / "cache-bench")},
                                         "settings": {"linear": LINEAR}}))
-    protocols = ["knn", "linear", "rank", "mad", "cka"]
     t_bench = run(["bench", str(manifest), "--out", str(work / "bench")], work / "bench.log")
 
     # the separate commands, one after another, sharing one cache of their own

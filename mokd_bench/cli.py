@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from mokd.cli_common import data_options, debug_option, out_option, skip_bad_images_option
+from mokd.cli_common import debug_option, out_option, skip_bad_images_option
 from mokd.errors import UserError
 from mokd_eval.common import echo, feature_options, loader_options
 
@@ -25,20 +25,26 @@ def _given(ctx: click.Context, name: str, value):
 @click.command("bench")
 @click.argument("sources", nargs=-1, required=True, metavar="MANIFEST | CKPT...")
 @click.option("--protocols", default=None, metavar="LIST",
-              help="Comma-separated protocols of knn, linear, rank, mad, cka [default: all, or the manifest's].")
+              help="Comma-separated protocols of knn, linear, logreg, fewshot, rank, mad, cka [default: all, or the "
+                   "manifest's].")
 @click.option("--label", "labels", multiple=True,
               help="A label per checkpoint, in the order given (default: the file's own: run and model, or stem).")
 @click.option("--set", "protocol_settings", multiple=True, metavar="PROTOCOL.KEY=VALUE",
               show_default="none: each protocol's defaults, or the manifest's settings",
               help="A protocol setting, e.g. --set knn.ks=[20] --set linear.epochs=10 (repeatable).")
 @loader_options
-@data_options
+@click.option("--data", "data", multiple=True, metavar="SPEC", show_default="digits, or the manifest's",
+              help="A data set, repeatable: every protocol runs on each. An ImageFolder root, 'digits', 'photos', "
+                   "'cifar10:PATH', 'cifar100:PATH', or a transfer set by name such as 'dtd:PATH', 'food101:PATH', "
+                   "'voc2007:PATH' (docs/bench.md).")
+@click.option("--class-list", "class_list", type=click.Path(dir_okay=False), default=None, show_default="all classes",
+              help="Text file of class folder names (one a line) selecting a subset of each ImageFolder data set.")
 @skip_bad_images_option("the result records")
 @out_option(default="bench")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (CUDA when available).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--batch-size", "batch_size", type=click.IntRange(min=1), default=None, show_default="256",
-              help="Images per forward pass when extracting features (the bench runs in one process).")
+              help="Images per forward pass when extracting features (global: split across torchrun ranks).")
 @feature_options
 @debug_option
 def bench_cmd(sources, protocols, labels, protocol_settings, model, branch, arch, arch_kwargs, key, allow_partial,
@@ -52,7 +58,7 @@ def bench_cmd(sources, protocols, labels, protocol_settings, model, branch, arch
     Run it again to resume: jobs whose records are written are not recomputed. A checkpoint that fails is
     listed with its reason while the others finish; the exit status is then 1.
     """
-    from mokd_bench.data import load_bench_data
+    from mokd_bench.data import load_datasets
     from mokd_bench.plan import BenchConfig, load_manifest, make_plan, merge_cli, parse_protocols, parse_set
     from mokd_bench.render import load_bench, render, summary_table
     from mokd_bench.run import run_plan
@@ -78,18 +84,25 @@ def bench_cmd(sources, protocols, labels, protocol_settings, model, branch, arch
             raise UserError(f"give one manifest alone, or checkpoint files; got {len(sources)} arguments with "
                             f"manifest(s) {', '.join(manifests)}")
         cfg = BenchConfig(entries=parse_checkpoint_args(list(sources), list(labels), **loader))
-    cfg = merge_cli(cfg, data=data, class_list=class_list, protocols=parse_protocols(protocols),
+    cfg = merge_cli(cfg, datasets=list(data) or None, class_list=class_list, protocols=parse_protocols(protocols),
                     settings=parse_set(protocol_settings) or None, device=_given(ctx, "device", device),
                     seed=_given(ctx, "seed", seed), batch_size=batch_size, image_size=image_size,
                     precision=_given(ctx, "precision", precision), num_workers=num_workers, cache_dir=cache_dir,
                     no_cache=no_cache or None, skip_bad_images=skip_bad_images or None)
-    bench_data = load_bench_data(cfg.data, cfg.class_list, cfg.skip_bad_images)
-    plan = make_plan(cfg, bench_data)
-    echo(f"bench: {len(cfg.entries)} checkpoint(s) x {', '.join(cfg.protocols)} on {bench_data.spec}"
-         f"{'' if bench_data.labelled else ' (no labels)'}: {len(plan.jobs)} job(s)")
+    datasets, data_failures = load_datasets(cfg.datasets, cfg.class_list, cfg.skip_bad_images)
+    for f in data_failures:
+        echo(f"data set {f['dataset']} failed: {f['reason']}")
+    plan = make_plan(cfg, datasets, data_failures)
+    shown = [f"{d.name}{'' if d.labelled else ' (no labels)'}" for d in datasets if d is not None]
+    echo(f"bench: {len(cfg.entries)} checkpoint(s) x {', '.join(cfg.protocols)} on {', '.join(shown) or 'no data'}: "
+         f"{len(plan.jobs)} job(s)")
     for p in plan.planned_out:
-        echo(f"not run: {p['protocol']} ({p['reason']})")
+        echo(f"not run: {p['protocol']} on {p['dataset']} ({p['reason']})")
     res = run_plan(plan, out, log=echo, debug=bool(ctx.meta.get("mokd.debug")))
+    from mokd import distributed as dist
+
+    if not dist.is_main():
+        return  # rank 0 writes the records and the report
     paths = render(out, res.job_ids)
     records, _ = load_bench(out, res.job_ids)
     echo("")
@@ -100,6 +113,6 @@ def bench_cmd(sources, protocols, labels, protocol_settings, model, branch, arch
     if res.failures:
         click.echo(f"{len(res.failures)} failure(s):", err=True)
         for f in res.failures:
-            click.echo(f"  {f['checkpoint']}{' / ' + f['protocol'] if f.get('protocol') else ''}: {f['reason']}",
-                       err=True)
+            where = " / ".join(x for x in (f["checkpoint"], f.get("dataset"), f.get("protocol")) if x)
+            click.echo(f"  {where}: {f['reason']}", err=True)
         sys.exit(1)

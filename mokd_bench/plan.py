@@ -1,12 +1,13 @@
-"""Step 1, plan: a manifest (or the command line) -> the jobs, each (checkpoint(s), protocol, settings), with a
-stable id that names its records, so that a bench run again skips what is written.
+"""Step 1, plan: a manifest (or the command line) -> the jobs, each (checkpoint(s), data set, protocol, settings),
+with a stable id that names its records, so that a bench run again skips what is written.
 
 Manifest (YAML; relative paths are read from the manifest's folder):
 
     data: digits                     # one data spec, as --data (ImageFolder root, cifar10:PATH, digits, photos,
                                      # or a folder of unlabelled images: rank, mad and cka only)
+    datasets: [digits, dtd:/data/dtd, voc2007:/data/voc]   # or several (not both keys)
     class_list: null
-    protocols: [knn, linear, rank, mad, cka]
+    protocols: [knn, linear, logreg, fewshot, rank, mad, cka]
     seed: 0
     device: auto
     features: {image_size: null, precision: fp32, batch_size: 256, num_workers: null, cache_dir: null,
@@ -40,9 +41,9 @@ FEATURE_KEYS = ("image_size", "precision", "batch_size", "num_workers", "cache_d
 
 @dataclass
 class BenchConfig:
-    """Everything a bench run is told: one data set, the protocols and their settings, the checkpoints."""
+    """Everything a bench run is told: the data sets, the protocols and their settings, the checkpoints."""
     entries: list[CheckpointSpec]
-    data: str | None = None
+    datasets: list[str] = field(default_factory=list)  # data specs; empty: the embedded default (digits)
     class_list: str | None = None
     protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
     settings: dict[str, dict] = field(default_factory=dict)  # protocol -> overrides of its defaults
@@ -101,7 +102,7 @@ def parse_set(items: tuple[str, ...] | list[str]) -> dict[str, dict]:
     return out
 
 
-MANIFEST_KEYS = ("data", "class_list", "protocols", "seed", "device", "features", "settings", "checkpoints")
+MANIFEST_KEYS = ("data", "datasets", "class_list", "protocols", "seed", "device", "features", "settings", "checkpoints")
 
 
 def load_manifest(path: str | Path) -> BenchConfig:
@@ -137,8 +138,15 @@ def load_manifest(path: str | Path) -> BenchConfig:
         bad = sorted(set(settings) - set(PROTOCOLS)) if isinstance(settings, dict) else [repr(settings)]
         raise UserError(f"manifest {path}: settings: unknown protocol(s) {', '.join(bad)}; choose from "
                         f"{', '.join(PROTOCOLS)}")
-    data = _relative_to(raw.get("data"), base)
-    cfg = BenchConfig(entries=entries, data=data, class_list=raw.get("class_list"),
+    if "data" in raw and "datasets" in raw:
+        raise UserError(f"manifest {path}: give `data` (one data set) or `datasets` (a list), not both")
+    listed = raw.get("datasets", [raw["data"]] if raw.get("data") is not None else [])
+    if not isinstance(listed, list) or not all(isinstance(d, str) and d for d in listed) or \
+            ("datasets" in raw and not listed):
+        raise UserError(f"manifest {path}: `datasets` must be a non-empty list of data specs (such as "
+                        f"[digits, dtd:/data/dtd]), got {listed!r}")
+    cfg = BenchConfig(entries=entries, datasets=[_relative_to(d, base) for d in listed],
+                      class_list=raw.get("class_list"),
                       protocols=parse_protocols(raw.get("protocols")) or list(PROTOCOLS),
                       settings=settings, seed=int(raw.get("seed", 0)), device=str(raw.get("device", "auto")))
     for k, v in feats.items():
@@ -151,7 +159,8 @@ def _relative_to(data: str | None, base: Path) -> str | None:
     if not isinstance(data, str) or data in ("digits", "photos"):
         return data
     kind, sep, rest = data.partition(":")
-    with_path = sep and kind in ("cifar10", "cifar100", "folder", "imagefolder")
+    # KIND:PATH for every named kind (cifar10:, dtd:, voc2007:, ...); a drive-less path has no such prefix
+    with_path = sep and kind.isidentifier() and len(kind) > 1
     prefix, path = (f"{kind}:", rest) if with_path else ("", data)
     p = Path(path).expanduser()
     return prefix + str(p if p.is_absolute() else base / p)
@@ -159,41 +168,87 @@ def _relative_to(data: str | None, base: Path) -> str | None:
 
 @dataclass(frozen=True)
 class Job:
-    """One protocol on one checkpoint entry (or, for protocols across checkpoints, on several)."""
+    """One protocol on one checkpoint entry (or, for protocols across checkpoints, on several) and one data set
+    (an index into Plan.datasets)."""
     protocol: str
     entries: tuple[int, ...]
+    dataset: int
     settings: dict = field(hash=False, compare=False)
 
 
 @dataclass
 class Plan:
     config: BenchConfig
-    data: BenchData
+    datasets: list[BenchData | None]  # per data spec of the config; None when it failed to load
     jobs: list[Job]
     entry_ids: list[str | None]  # per entry: digest of its spec and file; None when it failed at planning
-    planned_out: list[dict]  # {"checkpoint", "protocol", "reason"}: not run, and why
-    failures: list[dict]  # {"checkpoint", "protocol", "reason"}: entries that failed before running
+    planned_out: list[dict]  # {"checkpoint", "dataset", "protocol", "reason"}: not run, and why
+    failures: list[dict]  # {"checkpoint", "dataset", "protocol", "reason"}: entries or data that failed early
+    label_tags: list[LabelTag] = field(default_factory=list)  # per entry: what its default label gets
 
-    def common(self) -> dict:
-        """What every job's result depends on besides its own settings and checkpoint."""
+    def common(self, job: Job) -> dict:
+        """What a job's result depends on besides its own settings and checkpoints: the data set, the features'
+        settings, and the code that computes it (the package's version and the protocol's own, which a fix bumps),
+        so that a bench resumed after an upgrade recomputes instead of reusing numbers of the old code."""
         c = self.config
-        return {"data": str(self.data.spec), "image_size": c.image_size, "precision": c.precision, "seed": c.seed,
-                "skip_bad_images": c.skip_bad_images}
+        return {"data": str(self.datasets[job.dataset].spec), "image_size": c.image_size, "precision": c.precision,
+                "seed": c.seed, "skip_bad_images": c.skip_bad_images, "code": code_version(job.protocol)}
 
     def job_id(self, job: Job, entries: tuple[int, ...] | None = None) -> str:
-        """Names the job's records: protocol, settings, common settings and each entry's digest."""
+        """Names the job's records: protocol, settings, data set, common settings, code version and each entry's
+        digest."""
         ids = [self.entry_ids[i] for i in (job.entries if entries is None else entries)]
-        blob = json.dumps([job.protocol, job.settings, self.common(), ids], sort_keys=True, default=str)
+        blob = json.dumps([job.protocol, job.settings, self.common(job), ids], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def live_datasets(self) -> list[int]:
+        return [k for k, d in enumerate(self.datasets) if d is not None]
+
+
+def code_version(protocol: str) -> str:
+    """`mokd.__version__` and the protocol's implementation version (PROTOCOLS[...].version): "0.1.0/knn.1"."""
+    import mokd
+
+    return f"{mokd.__version__}/{protocol}.{PROTOCOLS[protocol].version}"
 
 
 def entry_name(spec: CheckpointSpec) -> str:
     return spec.label or Path(spec.path).name
 
 
-def make_plan(cfg: BenchConfig, data: BenchData) -> Plan:
-    """The jobs of `cfg` on `data`. Labelled protocols on data without labels are planned out with the reason;
-    an entry whose file cannot be read fails here, alone (the others are planned)."""
+LabelTag = tuple[str | None, str | None]  # (tag if the file is ours, tag if it is third-party)
+
+
+def label_tags(entries: list[CheckpointSpec]) -> list[LabelTag]:
+    """Per entry, what its default label gets appended so that no two entries share a label: "#N" (N its place
+    in the manifest, from 1) for an entry without a label whose default label another entry's could equal. Our
+    training files are labelled by their run (folder) and model, so they clash when the run's name recurs (one
+    file read twice, say with two `model`s); third-party files by their stem, so two `*/checkpoint.pth`, or one
+    file read with two `key`s, clash. Which of the two applies is known once the file is read, so both are given.
+    Derived from the plan alone, so a label (and the record it names) is the same in every run, resumed or not,
+    whichever entries that run loads."""
+    from mokd.naming import run_name
+
+    stems = [Path(s.path).stem for s in entries]
+    runs = [run_name(s.path) for s in entries]
+    explicit = {s.label for s in entries if s.label}
+    tags: list[LabelTag] = []
+    for i, s in enumerate(entries):
+        if s.label:
+            tags.append((None, None))
+            continue
+        ours = runs.count(runs[i]) > 1 and sum(r == runs[i] and (e.model, e.branch) == (s.model, s.branch)
+                                               for r, e in zip(runs, entries)) > 1
+        theirs = stems.count(stems[i]) > 1 or stems[i] in explicit
+        tags.append((f"#{i + 1}" if ours else None, f"#{i + 1}" if theirs else None))
+    return tags
+
+
+def make_plan(cfg: BenchConfig, datasets: list[BenchData | None], data_failures: list[dict] | None = None) -> Plan:
+    """The jobs of `cfg` on each data set that loaded (None: failed, in `data_failures`). Protocols a data set
+    cannot serve (labelled ones without labels; single-label ones on multi-label data) are planned out with the
+    reason; an entry whose file cannot be read fails here, alone (the others are planned)."""
     settings = {p: cfg.resolved_settings(p) for p in cfg.protocols}
     labels = [s.label for s in cfg.entries if s.label]
     twice = sorted({x for x in labels if labels.count(x) > 1})
@@ -201,29 +256,37 @@ def make_plan(cfg: BenchConfig, data: BenchData) -> Plan:
         raise UserError(f"label(s) {', '.join(repr(x) for x in twice)} given to more than one checkpoint: tables, "
                         f"figures and records tell checkpoints apart by label; give each its own")
     entry_ids: list[str | None] = []
-    failures = []
+    failures = list(data_failures or [])
     for spec in cfg.entries:
         path = Path(spec.path).expanduser()
         if not path.is_file():
             entry_ids.append(None)
-            failures.append({"checkpoint": entry_name(spec), "protocol": None,
+            failures.append({"checkpoint": entry_name(spec), "dataset": None, "protocol": None,
                              "reason": f"{path}: no such file (expected a checkpoint file)"})
             continue
         ident = json.dumps([spec.as_dict(), file_sha256(path)], sort_keys=True, default=str)
         entry_ids.append(hashlib.sha256(ident.encode()).hexdigest()[:16])
     live = tuple(i for i, e in enumerate(entry_ids) if e is not None)
     jobs, planned_out = [], []
-    for p in cfg.protocols:
-        proto = PROTOCOLS[p]
-        if proto.needs_labels and not data.labelled:
-            planned_out.append({"checkpoint": "all", "protocol": p,
-                                "reason": f"{p} needs class labels and a val split; {data.note}"})
+    for k, data in enumerate(datasets):
+        if data is None:
             continue
-        if proto.across_models:  # run over the models that load (a MOKD pair alone gives two)
-            jobs.append(Job(p, live, settings[p]))
-            continue
-        jobs += [Job(p, (i,), settings[p]) for i in live]
-    return Plan(cfg, data, jobs, entry_ids, planned_out, failures)
+        for p in cfg.protocols:
+            proto = PROTOCOLS[p]
+            if proto.needs_labels and not data.labelled:
+                planned_out.append({"checkpoint": "all", "dataset": data.name, "protocol": p,
+                                    "reason": f"{p} needs class labels and a val split; {data.note}"})
+                continue
+            if proto.single_label and data.labelled and data.multilabel:
+                planned_out.append({"checkpoint": "all", "dataset": data.name, "protocol": p,
+                                    "reason": f"{p} needs one class per image; {data.name} has multi-label images "
+                                              f"(its protocol is logreg, scored by {data.metric})"})
+                continue
+            if proto.across_models:  # run over the models that load (a MOKD pair alone gives two)
+                jobs.append(Job(p, live, k, settings[p]))
+                continue
+            jobs += [Job(p, (i,), k, settings[p]) for i in live]
+    return Plan(cfg, datasets, jobs, entry_ids, planned_out, failures, label_tags(cfg.entries))
 
 
 def config_fields() -> list[str]:

@@ -97,6 +97,13 @@ PUBLISHED = {
                "warmup_epochs": 10, "momentum": 0.9, "weight_decay": 0.0, "n_last_blocks": 4, "image_size": 224,
                "resize": 256},
 }
+# The transfer suite as ssl-transfer (Ericsson et al. 2021) runs it on 224 px inputs: many-shot L2 logistic
+# regression with lambda from 45 log-spaced values in [1e-6, 1e5], and few-shot 5-way episodes.
+PUBLISHED_TRANSFER = {
+    "logreg": {"lambdas": (1e-6, 1e5, 45), "image_size": 224, "precision": "fp32"},
+    "fewshot": {"ways": 5, "shots": [1, 5, 20], "queries": 15, "episodes": 600, "image_size": 224,
+                "precision": "fp32"},
+}
 NATIVE_KINDS = ("digits", "photos", "cifar10", "cifar100")  # data evaluated at the images' own size (no crop)
 
 
@@ -127,6 +134,8 @@ def deviations(task: str, settings: dict, data: dict | None = None, checkpoint: 
     """Where a record's settings differ from the published protocol (`PUBLISHED`), one sentence each; [] for a
     match, and for tasks without a published protocol (analyses)."""
     pub, s, out = PUBLISHED.get(task), settings or {}, []
+    if task in PUBLISHED_TRANSFER:
+        return _transfer_deviations(task, s)
     if pub is None:
         return out
     if task == "knn":
@@ -150,6 +159,27 @@ def deviations(task: str, settings: dict, data: dict | None = None, checkpoint: 
         if kind == "vit" and s.get("n_last_blocks") is not None and s["n_last_blocks"] != pub["n_last_blocks"]:
             out.append(f"CLS tokens of the last {s['n_last_blocks']} block(s) (published: {pub['n_last_blocks']})")
     out += _size_deviations(s, data or {}, pub)
+    if s.get("precision") not in (None, "fp32"):
+        out.append(f"features in {s['precision']} (published: fp32)")
+    return out
+
+
+def _transfer_deviations(task: str, s: dict) -> list[str]:
+    pub, out = PUBLISHED_TRANSFER[task], []
+    if task == "logreg" and s.get("lambdas") is not None:
+        lo, hi, n = pub["lambdas"]
+        lams = [float(x) for x in s["lambdas"]]
+        if len(lams) != n or abs(min(lams) - lo) > 1e-12 or abs(max(lams) - hi) > 1e-6 * hi:
+            out.append(f"lambda from {len(lams)} value(s) in [{_num(min(lams))}, {_num(max(lams))}] (published: {n} "
+                       f"log-spaced in [{_num(lo)}, {_num(hi)}])")
+    if task == "fewshot":
+        for key in ("ways", "queries", "episodes"):
+            if s.get(key) is not None and s[key] != pub[key]:
+                out.append(f"{key} {_num(s[key])} (published: {pub[key]})")
+        if s.get("shots") is not None and sorted(s["shots"]) != pub["shots"]:
+            out.append(f"shots {s['shots']} (published: {pub['shots']})")
+    if isinstance(s.get("image_size"), int) and s["image_size"] != pub["image_size"]:
+        out.append(f"images at {s['image_size']} px (published: {pub['image_size']})")
     if s.get("precision") not in (None, "fp32"):
         out.append(f"features in {s['precision']} (published: fp32)")
     return out

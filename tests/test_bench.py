@@ -95,7 +95,7 @@ def manifest_run(tmp_path_factory):
         {"path": "vit-s-300ep.pth.tar", "label": "MoCo v3 ViT"},
         {"path": str(files["solo"]), "label": "solo-learn R", "arch": "test_resnet"},
         {"path": "broken.pth", "label": "broken"},
-    ])
+    ], protocols=["knn", "linear", "rank", "mad", "cka"])
     out = root / "out"
     # the cache named on the command line: each test's own $MOKD_CACHE (isolated_cache) would start empty
     cache = ("--cache-dir", str(root / "cache"))
@@ -134,11 +134,11 @@ def test_manifest_end_to_end_report_figures_provenance(manifest_run):
         assert md.count(f"| {label} ") >= 5  # summary, per-protocol tables, provenance rows
     html = (out / "report.html").read_text()
     pngs = sorted((out / "figures").glob("*.png"))
-    assert {p.stem for p in pngs} == {"mad", "cka"}
+    assert {p.stem for p in pngs} == {"mad", "cka", "ranks_knn", "ranks_linear", "ranks_rankme", "ranks_rankme-centred"}
     for png in pngs:  # every figure embedded, nothing fetched from outside
         assert base64.b64encode(png.read_bytes()).decode() in html
     assert html.count("<img") == len(pngs) and "http://" not in html and "https://" not in html
-    rows = list(csv.DictReader(io.StringIO((out / "report.csv").read_text())))
+    rows = list(csv.DictReader(io.StringIO((out / "records.csv").read_text())))  # report.csv is long form
     assert len(rows) == len(recs)
     for row in rows:
         for col in ("seed", "device", "sha256", "format", "load", "version", "versions", "wall_s", "deviations"):
@@ -190,7 +190,7 @@ def test_unlabelled_folder_and_cli_checkpoints(tmp_path):
                    "--label", "ours", "--protocols", "knn,rank,cka", "--data", str(data), "--image-size", "32",
                    "--out", str(out))
     assert result.exit_code == 0, result.output
-    assert "not run: knn (knn needs class labels and a val split" in result.output
+    assert "not run: knn on unlabelled (knn needs class labels and a val split" in result.output
     recs = records_of(out)
     assert sorted((r["checkpoint"]["label"], r["task"]) for r in recs) == sorted(
         (m, t) for m in ("solo", "ours net1-teacher", "ours net2-teacher") for t in ("rank", "cka"))
@@ -323,7 +323,8 @@ def test_interrupted_bench_resumes_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.setitem(protocols.PROTOCOLS, "rank", real)
     second = bench(*args)
     assert second.exit_code == 0, second.output
-    assert "1 record(s) written, 1 job(s) already done (resumed), 1 feature set(s) extracted" in second.output
+    # the interrupted job had read its features (cached) before the interrupt: the rerun reads them back
+    assert "1 record(s) written, 1 job(s) already done (resumed), 0 feature set(s) extracted" in second.output
     after = stamps(tmp_path / "out")
     assert len(after) == 2 and all(after[name] == stamp for name, stamp in done.items())
 
@@ -359,6 +360,6 @@ def test_summary_reports_k_20_not_the_best_k_on_val():
                             "best_k": int(best_k)}}
 
     headers, rows = summary_table([rec("A", {"10": 71.0, "20": 70.0}), rec("B", {"10": 60.0, "200": 62.5})])
-    assert headers[3] == "k-NN top-1, k=20 (%)"
-    assert rows[0][3] == 70.0
-    assert rows[1][3] == "62.50 (best k=200)"
+    assert headers[4] == "k-NN top-1, k=20 (%)"
+    assert rows[0][4] == 70.0
+    assert rows[1][4] == "62.50 (best k=200)"
