@@ -126,7 +126,7 @@ def mad_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
     Each CHECKPOINT is a file, or PATH::TIMM_ARCH for a file that does not name its architecture (--arch applies
     to the others); --label names them, once per checkpoint.
     """
-    from mokd_analysis.mad import model_mad, save_mad_tables
+    from mokd_analysis.mad import loaded_mad, save_mad_tables
     from mokd_analysis.plots import plot_mad
 
     t0 = time.time()
@@ -135,15 +135,10 @@ def mad_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, allow_pa
     models = _load(list(checkpoints), labels, dict(model=model, branch=branch, arch=arch, arch_kwargs=arch_kwargs,
                                                    key=key, allow_partial=allow_partial))
     val = build_dataset(spec, "val")
-    pick = seeded_subset(len(val), max_images, seed)
+    images = val.subset(seeded_subset(len(val), max_images, seed))
     results = []
     for m in models:
-        size = resolve_image_size(spec, image_size, m.image_size)
-        fit_input_size(m.backbone, size)
-        ds = val.subset(pick)
-        ds.transform = spec_transform(spec, size)
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
-        r = model_mad(m.backbone, loader, dev, label=m.label, arch=m.checkpoint["name"])
+        r = loaded_mad(m, spec, images, image_size, batch_size, dev)
         r.run, r.mode = m.given_label or m.checkpoint["run"], m.checkpoint.get("mode")
         results.append(r)
     out_dir = Path(out)

@@ -105,6 +105,22 @@ def model_mad(model: nn.Module, loader, device: torch.device, **kw) -> MADResult
     return (vit_mad if is_vit(model) else cnn_mad)(model, loader, device, **kw)
 
 
+def loaded_mad(loaded, spec, images, image_size: int | None, batch_size: int, device: torch.device,
+               progress: bool = True) -> MADResult:
+    """MAD of one loaded model (mokd_eval.loader.LoadedModel) on `images` (an ImageDataset, e.g. a seeded pick of a
+    split) of data set `spec`, at the evaluation size (--image-size, else the data's own, else the model's) and
+    with the data set's evaluation transform. `mokd analyze mad` and the bench's `mad` both call this."""
+    from mokd_eval.features import fit_input_size, resolve_image_size, spec_transform
+
+    size = resolve_image_size(spec, image_size, loaded.image_size)
+    fit_input_size(loaded.backbone, size)
+    ds = images.subset(range(len(images)))
+    ds.transform = spec_transform(spec, size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+    return model_mad(loaded.backbone, loader, device, label=loaded.label, arch=loaded.checkpoint["name"],
+                     progress=progress)
+
+
 def _run(model: nn.Module, loader, device: torch.device, capture, progress: bool, label: str,
          current: dict | None = None) -> tuple[int, int]:
     """Forward every batch in float32 with the hooks on -> (number of images, input side in pixels)."""

@@ -187,21 +187,15 @@ def run_mad(inp: Inputs, s: dict) -> list[dict]:
     """Mean attention distance per layer and head (ViT) or residual block (CNN), mokd_analysis.mad, on a seeded
     pick of the label-free split's images at the features' size."""
     from mokd_analysis.images import seeded_subset
-    from mokd_analysis.mad import model_mad
-    from mokd_eval.features import eval_transform, fit_input_size, resolve_image_size
+    from mokd_analysis.mad import loaded_mad
 
     out = []
     split = inp.data.free_split
     full = inp.data.splits[split]
-    pick = seeded_subset(len(full), s["max_images"], inp.seed)
+    images = full.subset(seeded_subset(len(full), s["max_images"], inp.seed))
     for m in inp.models:
-        size = resolve_image_size(inp.data.spec, inp.image_size, m.loaded.image_size)
-        fit_input_size(m.loaded.backbone, size)
-        ds = full.subset(pick)
-        ds.transform = eval_transform(size, inp.data.spec.native_size is not None)
-        loader = torch.utils.data.DataLoader(ds, batch_size=s["batch_size"], shuffle=False)
-        r = model_mad(m.loaded.backbone, loader, inp.device, label=m.loaded.label, arch=m.loaded.checkpoint["name"],
-                      progress=False)
+        r = loaded_mad(m.loaded, inp.data.spec, images, inp.image_size, s["batch_size"], inp.device, progress=False)
+        size = r.image_size
         r.run, r.mode = m.loaded.label, m.loaded.checkpoint.get("mode")
         means = r.layer_means()
         metrics = {"headline": "mean", "mean": float(np.mean(means)), "layer_mean": means, "result": r.as_dict()}
