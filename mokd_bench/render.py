@@ -250,12 +250,14 @@ def cross_table(records: list[dict], m: Measure) -> tuple[Table, dict[str, dict[
 
 
 def knn_headline(record: dict) -> float | str | None:
-    """k = 20, DINO's published k, not the best k on val (choosing k on the evaluation split is tuning on it);
-    without a k = 20 result, the best k, named."""
-    m = record["metrics"]
-    if "20" in m["top1"]:
-        return m["top1"]["20"]
-    return f"{m['best_top1']:.2f} (best k={m['best_k']})" if m.get("best_top1") is not None else None
+    """mokd report's headline rule (mokd_eval.report.knn_headline): k = 20, DINO's published k; without a k = 20
+    result, the best k, named as such."""
+    from mokd_eval.report import knn_headline as rule
+
+    name, value = rule(record["metrics"])
+    if value is None or name.startswith("top1 k=20"):
+        return value
+    return f"{value:.2f} (best k={record['metrics']['best_k']}, not 20)"
 
 
 def knn_table(records: list[dict]) -> Table | None:

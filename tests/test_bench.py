@@ -362,4 +362,4 @@ def test_summary_reports_k_20_not_the_best_k_on_val():
     headers, rows = summary_table([rec("A", {"10": 71.0, "20": 70.0}), rec("B", {"10": 60.0, "200": 62.5})])
     assert headers[4] == "k-NN top-1, k=20 (%)"
     assert rows[0][4] == 70.0
-    assert rows[1][4] == "62.50 (best k=200)"
+    assert rows[1][4] == "62.50 (best k=200, not 20)"
