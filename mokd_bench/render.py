@@ -252,10 +252,10 @@ def cross_table(records: list[dict], m: Measure) -> tuple[Table, dict[str, dict[
 def knn_headline(record: dict) -> float | str | None:
     """mokd report's headline rule (mokd_eval.report.knn_headline): k = 20, DINO's published k; without a k = 20
     result, the best k, named as such."""
-    from mokd_eval.report import knn_headline as rule
+    from mokd_eval.report import PUBLISHED_K, knn_headline as rule
 
     name, value = rule(record["metrics"])
-    if value is None or name.startswith("top1 k=20"):
+    if value is None or name == f"top1 k={PUBLISHED_K}":
         return value
     return f"{value:.2f} (best k={record['metrics']['best_k']}, not 20)"
 
