@@ -21,9 +21,11 @@ output centred with the checkpoint's centre and sharpened at the run's final tea
 The online k-NN of the checkpoint's run is read from its log.jsonl when there.
 
 DINO's two collapses (Caron et al. 2021, Sec. 5.3) are outputs that are uniform for every input and outputs
-that one dimension dominates for every input; both leave the argmax the same across views only trivially
-(one prototype) or by chance (1/K). A teacher whose per-sample entropy is near log K but whose argmax is
-stable across views over many prototypes is flat, not collapsed.
+that one dimension dominates for every input; both leave one prototype (or none beyond chance) and an
+entropy gap near 0. A teacher near log K that still uses many prototypes, with a gap that is a good part of
+log K - H, is flat, not collapsed (mokd.health's rule). On the digits the two views' argmax agrees for only a
+few percent of images even for healthy teachers (docs/experiments/2026-12-07-vit-teacher-health.md), so read
+the prototypes, the gap and the NMI first.
 """
 
 from __future__ import annotations
