@@ -183,12 +183,14 @@ def run_health(run_dir: Path, log: list[dict] | None = None) -> dict:
     epochs = [r for r in (read_log(run_dir) if log is None else log) if r.get("type") == "epoch"]
     out = {}
     for n in NETS:
-        warned = [r["epoch"] for r in epochs
-                  if any(collapse_warning(head, h, hm, out_dim, CONSTANT_CURES.get(head))
-                         for head, h, hm in teacher_outputs(r, n))]
+        # What the trainer printed for each epoch: collapse warnings, and notes for flat teachers
+        said = [(r["epoch"], [collapse_warning(head, h, hm, out_dim, CONSTANT_CURES.get(head))
+                              for head, h, hm in teacher_outputs(r, n)]) for r in epochs]
         heads = {head: (h, hm) for head, h, hm in teacher_outputs(epochs[-1], n)}
         out[n] = {"entropy": epochs[-1][f"entropy_{n}"], "mean_entropy": epochs[-1][f"mean_entropy_{n}"],
-                  "heads": heads, "log_k": math.log(out_dim), "warned_epochs": warned}
+                  "heads": heads, "log_k": math.log(out_dim),
+                  "warned_epochs": [e for e, ws in said if any(w and w.startswith("warning:") for w in ws)],
+                  "flat_epochs": [e for e, ws in said if any(w and w.startswith("note:") for w in ws)]}
     return out
 
 
@@ -198,9 +200,10 @@ def health_line(name: str, seed: int, health: dict) -> str:
         h = health[n]
         flag = f"collapse warning at epoch(s) {','.join(map(str, h['warned_epochs']))}" if h["warned_epochs"] \
             else "no warning"
+        flat = f", flat-teacher note at epoch(s) {','.join(map(str, h['flat_epochs']))}" if h.get("flat_epochs") else ""
         others = "".join(f", {head} {hh:.2f} / {hm:.2f}" for head, (hh, hm) in list(h.get("heads", {}).items())[1:])
         parts.append(f"{n} H {h['entropy']:.2f} H(mean) {h['mean_entropy']:.2f} of log K {h['log_k']:.2f}{others}, "
-                     f"{flag}")
+                     f"{flag}{flat}")
     return f"[reproduce] health {name} seed {seed} (last epoch): " + "; ".join(parts)
 
 

@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from mokd.cli import cli
-from mokd.health import collapse_warning, health_metrics
+from mokd.health import FLAT_FRACTION, UNIFORM_FRACTION, collapse_warning, health_metrics
 from tests.tiny import TINY_OVERRIDES
 
 K, N = 64, 16
@@ -51,6 +51,47 @@ def test_healthy_one_hot_outputs_spread_over_dimensions():
     assert math.isclose(h["mean_entropy"].item(), math.log(N), rel_tol=1e-5)
     assert h["agreement"].item() == 1.0
     assert collapse_warning("net1", h["entropy"].item(), h["mean_entropy"].item(), K) is None
+
+
+def _flat(protos: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per-sample distributions at `fraction` of log K: a small bump on each sample's prototype. [N, K]"""
+    lo, hi = 0.0, 20.0
+    for _ in range(60):  # bisect the bump's height for the asked entropy
+        mid = (lo + hi) / 2
+        p = torch.softmax(mid * torch.eye(K)[protos], dim=-1)
+        h = -(p * p.log()).sum(-1).mean().item()
+        lo, hi = (mid, hi) if h > fraction * math.log(K) else (lo, mid)
+    return torch.softmax(lo * torch.eye(K)[protos], dim=-1)
+
+
+def _said(probs: torch.Tensor) -> str | None:
+    h = health_metrics(probs, torch.randn(probs.shape))
+    return collapse_warning("net2 (vit)", h["entropy"].item(), h["mean_entropy"].item(), K)
+
+
+def test_a_flat_teacher_that_still_depends_on_its_input_gets_a_note_not_a_collapse_warning():
+    flat = _flat(torch.arange(N) * 5 % K, 0.93)  # between the limits, like the digits ViT's teacher at 0.04
+    said = _said(flat)
+    assert said is not None and said.startswith("note: net2 (vit) has a flat teacher") and "not collapsed" in said
+    assert "collapsed to uniform" not in said and "loss.teacher_temp" in said
+    # as flat, but the same bump for every input: collapsed
+    same = _flat(torch.full((N,), 7), 0.93)
+    said = _said(same)
+    assert said is not None and said.startswith("warning:") and "collapsed to uniform outputs" in said
+
+
+def test_a_nearly_uniform_teacher_is_collapsed_even_when_its_outputs_differ():
+    nearly = _flat(torch.arange(N) * 5 % K, 0.985)  # above FLAT_FRACTION: targets hardly differ from uniform
+    assert FLAT_FRACTION * math.log(K) < health_metrics(nearly, nearly)["entropy"].item()
+    said = _said(nearly)
+    assert said is not None and said.startswith("warning:") and "collapsed to uniform outputs" in said
+
+
+def test_a_healthy_sharp_teacher_is_not_flagged():
+    sharp = torch.softmax(8.0 * torch.eye(K)[torch.arange(N) * 3 % K], dim=-1)
+    h = health_metrics(sharp, sharp.clone())
+    assert h["entropy"].item() < 0.5 * math.log(K) < UNIFORM_FRACTION * math.log(K) < h["mean_entropy"].item() + 1
+    assert _said(sharp) is None
 
 
 def test_batch_job_progress_health_log_and_summary(tmp_path):

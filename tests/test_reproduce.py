@@ -118,3 +118,13 @@ def test_budget_picks_the_epochs_that_fit_from_the_calibration(tmp_path):
     cuda = rp.device_settings("cuda", jobs=10)
     assert {"train.device=cuda", "optim.precision=bf16", "data.gpu_augment=true"} <= set(cuda)
     assert rp.device_settings(None, jobs=2) == ()
+
+
+def test_harness_counts_a_flat_teacher_as_a_note_and_a_flat_constant_one_as_collapsed(tmp_path):
+    rp = load_harness()
+    flat = {**HEALTHY, "entropy_net2": 3.87, "mean_entropy_net2": 4.10}  # 0.93 log 64, gap 0.23 of 0.29 left
+    flat_constant = {**HEALTHY, "entropy_net2": 3.87, "mean_entropy_net2": 3.90}  # gap 0.03 of 0.29
+    h = rp.run_health(fake_run(tmp_path / "r", [flat, flat_constant]))
+    assert h["net2"]["flat_epochs"] == [1] and h["net2"]["warned_epochs"] == [2]
+    line = rp.health_line("mokd", 0, h)
+    assert "collapse warning at epoch(s) 2" in line and "flat-teacher note at epoch(s) 1" in line
