@@ -510,11 +510,12 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def train(cfg: Config, resume_run: bool = False, overwrite: bool = False) -> Path:
+def train(cfg: Config, resume_run: bool = False, overwrite: bool = False, resume_from: Path | None = None) -> Path:
     """Train the pair described by `cfg`; returns the path of the final checkpoint.
 
     A folder that holds a run needs `resume_run` (continue from its newest readable checkpoint) or `overwrite`
-    (start over). On SIGTERM, SIGINT or SIGUSR1 the current step finishes, a resumable checkpoint is saved and
+    (start over). `resume_from` (implies resume_run) rolls the run back to that checkpoint first
+    (rundir.roll_back: the newer files are moved aside, so a later resume keeps to the rolled-back line). On SIGTERM, SIGINT or SIGUSR1 the current step finishes, a resumable checkpoint is saved and
     StoppedBySignal is raised.
     """
     dist_info = distributed.init_distributed(resolve_device(cfg.train.device).type)
@@ -525,7 +526,7 @@ def train(cfg: Config, resume_run: bool = False, overwrite: bool = False) -> Pat
             lock = _own_run_dir(out_dir, resume_run, overwrite)
         distributed.barrier()
         stop.install()
-        return _train(cfg, dist_info, resume_run, stop)
+        return _train(cfg, dist_info, resume_run or resume_from is not None, stop, resume_from)
     except OSError as e:
         if out_of_space(e, out_dir):
             raise UserError(no_space_message(Path(e.filename) if e.filename else out_dir / "log.jsonl")) from e
@@ -586,7 +587,8 @@ def _stopped(signum: int, path: Path, out_dir: Path, where: str) -> StoppedBySig
                                    f"command plus --resume)")
 
 
-def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop: StopRequest) -> Path:
+def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop: StopRequest,
+           resume_from: Path | None = None) -> Path:
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels once
@@ -604,8 +606,18 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop:
     start_epoch, start_batch, start_sums, metrics = 0, 0, None, {}
     last_good = "no checkpoint was written yet"
     resumed_from: Path | None = None
-    if resume_run:
+    if resume_from is not None:
+        ckpt = read_resumable(resume_from, state, cfg)  # every rank checks it before rank 0 moves a file
+        distributed.barrier()
+        if main:
+            aside, moved = rundir.roll_back(out_dir, resume_from, int(ckpt["epoch"]))
+            print(f"--resume-from: rolled {out_dir} back to {resume_from} ({rundir.describe(ckpt)})"
+                  + (f"; moved {', '.join(moved)} to {aside}" if moved else ""))
+        distributed.barrier()
+        found = (resume_from, ckpt, [])
+    elif resume_run:
         found = rundir.find_resume_checkpoint(out_dir, lambda p: read_resumable(p, state, cfg))
+    if resume_run:
         if found is None:
             if main:
                 print(f"--resume: no checkpoint in {out_dir} yet; starting from scratch")
