@@ -60,6 +60,8 @@ def check_train(name: str, config: str | None, precision: str, args, accum: int 
     from mokd import distributed
     from mokd.config import load_config
     from mokd.fast_augment import to_device
+    from torch._dynamo.eval_frame import OptimizedModule
+
     from mokd.trainer import build_loader, build_state, train_step
 
     class OneProcessDDP(distributed.DistInfo):
@@ -84,7 +86,7 @@ def check_train(name: str, config: str | None, precision: str, args, accum: int 
     model = state.model
     model.train()
     ddp = all(isinstance(state.ddp.get(n), torch.nn.parallel.DistributedDataParallel) for n in model.student)
-    compiled = any(isinstance(f, torch._dynamo.eval_frame.OptimizedModule) for f in model.student_forward.values())
+    compiled = any(isinstance(f, OptimizedModule) for f in model.student_forward.values())
     sync_bn = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.student.modules())
     has_bn = sync_bn or any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.student.modules())
     before = {n: [p.detach().clone() for p in model.student[n].parameters()] for n in model.student}

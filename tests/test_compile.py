@@ -9,6 +9,7 @@ update is about lr x sign(gradient), so a gradient within rounding of zero may f
 
 import pytest
 import torch
+from torch._dynamo.eval_frame import OptimizedModule
 
 from mokd import distributed
 from mokd.checkpoint import seed_everything
@@ -23,7 +24,7 @@ def one_step(compile_setting: str, batch: list[torch.Tensor]):
                              "train.fast_step=true", "optim.batch_size=8"])
     seed_everything(0)
     state = build_state(cfg, torch.device("cpu"), 10, distributed.DistInfo())
-    compiled = any(isinstance(f, torch._dynamo.eval_frame.OptimizedModule)
+    compiled = any(isinstance(f, OptimizedModule)
                    for f in state.model.student_forward.values())
     assert compiled == (compile_setting == "true")
     grads = {}
