@@ -64,3 +64,26 @@ def test_two_nodes_by_c10d_rendezvous_equal_one_node_of_two_processes(tmp_path):
     for ra, rb in zip(la, lb):
         for key in ("sm1", "ct2", "loss"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_accumulating_equal_one_process_on_whole_batches(tmp_path):
+    """DDP with optim.accum_steps=2 (no_sync in the first micro-batch, one all-reduce in the second) ends where
+    one process with whole batches does; two ViTs (no batch norm) and SGD, as tests/test_accum.py."""
+    common = [a for o in [*TINY_OVERRIDES, "data.subset=32", "net1.arch=test_vit",
+                          "net1.kwargs={img_size: 32, patch_size: 8}", "net1.small_stem=false",
+                          "net1.optimizer=sgd", "net2.optimizer=sgd"] for a in ("--set", o)] + [
+        "--epochs", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    one = subprocess.run([sys.executable, "-m", "mokd", "train", *common, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "mokd", "train", *common, "--set", "optim.accum_steps=2", "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "batch 16 = 2 process(es) x 2 accumulated micro-batches x 4" in two.stdout
+    a, b = load_file(tmp_path / "one" / "last.pth"), load_file(tmp_path / "two" / "last.pth")
+    assert a["step"] == b["step"] == 2
+    for k, v in a["model"].items():
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-5, rtol=1e-4), k
