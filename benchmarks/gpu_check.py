@@ -4,9 +4,11 @@
 
   train   a bf16 and an fp16 (GradScaler) step of the default pair (configs/default.yaml) and of R50 + ViT-S/16
           at 224 px (configs/mokd_r50_vits16.yaml), through build_state's distributed path: an NCCL process
-          group of one process, DistributedDataParallel students, SyncBatchNorm; the fast step (and, with
-          --compile, the fast step under torch.compile). Pass: finite losses, every student moved, the
-          fp16 scaler's scale finite.
+          group of one process, DistributedDataParallel students, SyncBatchNorm; the fast step under
+          train.compile as training sets it (--compile auto, the default: torch.compile on CUDA; false:
+          eager), and R50 + ViT-S/16 once more in bf16 with optim.accum_steps=2 (two micro-batches of the
+          batch, DDP's no_sync in the first). Pass: finite losses, every student moved, the fp16 scaler's
+          scale finite.
   knn     the torch fp32, certified fp16 and (faiss-gpu installed) FAISS GPU searches of a 100k x 384 bank.
           Pass: certified: neighbour sets identical to the fp32 torch search's, similarities within 1e-5 (the
           order may differ only where fp32 rounding cannot tell two apart); FAISS: identical lists on at
@@ -54,10 +56,12 @@ def init_one_process_group() -> None:
         dist.init_process_group("nccl", rank=0, world_size=1)
 
 
-def check_train(name: str, config: str | None, precision: str, args) -> tuple[bool, float, str]:
+def check_train(name: str, config: str | None, precision: str, args, accum: int = 1) -> tuple[bool, float, str]:
     from mokd import distributed
     from mokd.config import load_config
     from mokd.fast_augment import to_device
+    from torch._dynamo.eval_frame import OptimizedModule
+
     from mokd.trainer import build_loader, build_state, train_step
 
     class OneProcessDDP(distributed.DistInfo):
@@ -68,19 +72,21 @@ def check_train(name: str, config: str | None, precision: str, args) -> tuple[bo
             return True
 
     overrides = ["data.spec=digits", "data.num_workers=4", "train.device=cuda:0", f"optim.precision={precision}",
-                 f"train.compile={'true' if args.compile else 'false'}", "train.fast_step=true"]
+                 f"train.compile={args.compile}", "train.fast_step=true", f"optim.accum_steps={accum}"]
     if config is not None:
         overrides.append(f"optim.batch_size={args.batch_size}")
     cfg = load_config(config, overrides)
     device = torch.device("cuda", 0)
     torch.manual_seed(0)
     loader, _ = build_loader(cfg, distributed.DistInfo())
-    crops = to_device(next(iter(loader))[0], device)
+    batches = iter(loader)
+    micro = [to_device(next(batches)[0], device) for _ in range(accum)]
+    crops = micro[0] if accum == 1 else micro
     state = build_state(cfg, device, 1000, OneProcessDDP())
     model = state.model
     model.train()
-    ddp = all(isinstance(model.student_forward[n], torch.nn.parallel.DistributedDataParallel) or args.compile
-              for n in model.student)
+    ddp = all(isinstance(state.ddp.get(n), torch.nn.parallel.DistributedDataParallel) for n in model.student)
+    compiled = any(isinstance(f, OptimizedModule) for f in model.student_forward.values())
     sync_bn = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.student.modules())
     has_bn = sync_bn or any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.student.modules())
     before = {n: [p.detach().clone() for p in model.student[n].parameters()] for n in model.student}
@@ -91,14 +97,15 @@ def check_train(name: str, config: str | None, precision: str, args) -> tuple[bo
     for i in range(args.steps):
         losses = train_step(state, crops, args.warmup + i, freeze_last_layer=False, cfg=cfg)
     torch.cuda.synchronize()
-    rate = crops[0].shape[0] * args.steps / (time.perf_counter() - t0)
+    rate = cfg.optim.batch_size * args.steps / (time.perf_counter() - t0)
     finite = all(torch.isfinite(v).all().item() for v in losses.values())
     moved = all(any(not torch.equal(a, b.detach()) for a, b in zip(before[n], model.student[n].parameters()))
                 for n in model.student)
     scale_ok = precision != "fp16" or (state.scaler.is_enabled() and
                                        torch.isfinite(torch.tensor(state.scaler.get_scale())).item())
     ok = finite and moved and scale_ok and ddp and (sync_bn or not has_bn)
-    note = (f"batch {crops[0].shape[0]}, loss1 {losses['loss1'].item():.3f}, DDP {ddp}, SyncBN {sync_bn}"
+    note = (f"batch {cfg.optim.batch_size}" + (f" = {accum} x {micro[0][0].shape[0]}" if accum > 1 else "")
+            + f", loss1 {losses['loss1'].item():.3f}, DDP {ddp}, SyncBN {sync_bn}, compiled {compiled}"
             + (f", scale {state.scaler.get_scale():.0f}" if precision == "fp16" else "")
             + f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     return ok, rate, note
@@ -213,7 +220,7 @@ def check_torchrun(args) -> list[tuple[str, bool, float, str]]:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "mokd",
                    "train", "--data", "digits", "--epochs", "1", "--device", "cuda", "--out", str(Path(tmp) / "run"),
                    "--set", "train.progress=false", "--set", "data.subset=512", "--set", "optim.batch_size=64",
-                   "--set", "train.compile=false", *extra]
+                   "--set", f"train.compile={args.compile}", *extra]
             print("$ " + " ".join(cmd), flush=True)
             t0 = time.perf_counter()
             done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
@@ -229,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32, help="batch of the R50 + ViT-S/16 pair")
-    p.add_argument("--compile", action="store_true", help="train steps under torch.compile")
+    p.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
+                   help="train.compile for the train and torchrun checks; auto (training's default) compiles on CUDA")
     p.add_argument("--bank", type=int, default=100_000)
     p.add_argument("--queries", type=int, default=10_000)
     p.add_argument("--images", type=int, default=512)
@@ -259,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
             if "train" not in skip:
                 rows += guarded(name, lambda: [(name, *check_train(pair, config, precision, args))])
             torch.cuda.empty_cache()
+    if "train" not in skip:
+        pair = "R50 + ViT-S/16 224px"
+        name = f"train {pair} bf16 accum 2"
+        rows += guarded(name, lambda: [(name, *check_train(pair, PAIRS[pair], "bf16", args, accum=2))])
+        torch.cuda.empty_cache()
     if "knn" not in skip:
         rows += guarded("knn", lambda: check_knn(args))
     if "features" not in skip:

@@ -80,6 +80,11 @@ def cli():
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out exactly where it stopped (its newest readable checkpoint; "
                    "from scratch when there is none yet).")
+@click.option("--resume-from", "resume_from", type=click.Path(exists=True, dir_okay=False), default=None,
+              show_default="none",
+              help="Roll the run in --out back to this checkpoint (e.g. OUT/checkpoint_0040.pth) and continue from "
+                   "it: last.pth and newer numbered checkpoints move into OUT/rolled-back-TIME/, so a later --resume "
+                   "continues this line, not the abandoned one.")
 @click.option("--overwrite", is_flag=True,
               help="Start over in an --out that holds a run: its checkpoints, log and config are deleted.")
 @click.option("--print-config", "print_config", is_flag=True,
@@ -93,7 +98,7 @@ def cli():
 @device_option
 @click.option("--seed", type=int, default=None, help="Random seed (default: the config's).")
 @debug_option
-def train(config_file, overrides, resume, overwrite, print_config, skip_bad_images, data, class_list, out, epochs, batch_size,
+def train(config_file, overrides, resume, resume_from, overwrite, print_config, skip_bad_images, data, class_list, out, epochs, batch_size,
           device, seed):
     """Train a MOKD model pair (or, with loss.mode=independent, two plain DINO runs).
 
@@ -108,7 +113,10 @@ def train(config_file, overrides, resume, overwrite, print_config, skip_bad_imag
     from mokd.preemption import StoppedBySignal
     from mokd.trainer import train as run_training
 
-    if resume and config_file is None:
+    if resume_from is not None and overwrite:
+        raise UserError("--resume-from continues the run in --out from a checkpoint and --overwrite starts it over: "
+                        "give one of them")
+    if (resume or resume_from) and config_file is None:
         # Resuming continues the run as it was configured: its own resolved config, then any overrides.
         run_dir = Path(out) if out else Path(load_config(None).train.output_dir)
         if (run_dir / "config.yaml").is_file():
@@ -124,7 +132,8 @@ def train(config_file, overrides, resume, overwrite, print_config, skip_bad_imag
         click.echo(config_yaml(cfg), nl=False)
         return
     try:
-        run_training(cfg, resume_run=resume, overwrite=overwrite)
+        run_training(cfg, resume_run=resume or resume_from is not None, overwrite=overwrite,
+                     resume_from=Path(resume_from) if resume_from else None)
     except StoppedBySignal as e:
         click.echo(str(e), err=True)
         sys.exit(e.exit_code)

@@ -125,7 +125,10 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     epochs: int = 100
-    batch_size: int = 256  # global, over all ranks
+    batch_size: int = 256  # global, over all ranks and accumulation steps: one optimiser step sees this many images
+    # micro-batches per optimiser step (gradient accumulation): each process runs batch_size / (processes x
+    # accum_steps) images at a time; schedules, EMA, last-layer freeze and the centres count optimiser steps
+    accum_steps: int = 1
     warmup_epochs: int = 10  # shortened to epochs - 1 for runs shorter than the warm-up
     freeze_last_layer: int = 1  # epochs during which the heads' last layers stay frozen
     sgd_momentum: float = 0.9
@@ -388,7 +391,8 @@ def _validate_numbers(cfg: Config) -> None:
               "loss.warmup_teacher_temp_epochs", "optim.freeze_last_layer", "train.save_every", "train.knn_every"):
         at_least(k, 0)
     for k in ("augment.global_size", "augment.local_size", "head.hidden_dim", "head.bottleneck_dim",
-              "thead.dim", "thead.num_heads", "train.knn_k", "train.knn_max_train", "train.log_every"):
+              "thead.dim", "thead.num_heads", "train.knn_k", "train.knn_max_train", "train.log_every",
+              "optim.accum_steps"):
         at_least(k, 1)
     for k in ("loss.student_temp", "loss.teacher_temp", "loss.warmup_teacher_temp", "thead.mlp_ratio"):
         at_least(k, 0.0, strict=True)

@@ -2,9 +2,10 @@
 
 - A folder that holds a run (config.yaml, log.jsonl, last.pth, checkpoint_NNNN.pth) is continued with
   --resume or started over with --overwrite; anything else is refused before a file changes.
-- One process owns a folder at a time: it holds an exclusive lock on OUT/.lock, with its pid and host
-  written in. The kernel drops the lock when the process dies however it dies, so a lock file left by a
-  killed run is recognised as stale and taken over.
+- One process owns a folder at a time: it holds an exclusive POSIX record lock on OUT/.lock, with its pid
+  and host written in. The lock is the process's own (its forked loader workers do not hold it) and the
+  kernel drops it when the process dies however it dies, so a lock file left by a killed run is recognised
+  as stale and taken over.
 - The owner removes temporary files that a killed atomic write left behind.
 - A resume starts from the newest checkpoint that reads back: last.pth, or a numbered one when last.pth is
   damaged or older (a kill between the two writes).
@@ -122,26 +123,51 @@ def _owner_text(raw: str) -> str:
         return "owner unknown"
 
 
+# Run folders this process holds (POSIX locks do not exclude their own process: this does).
+_HELD: set[str] = set()
+WAIT_S = 5.0  # how long a start waits for a held lock to go before it says what holds it
+
+
 class RunLock:
-    """An exclusive lock on OUT/.lock for the life of this process (released by release() or by its death)."""
+    """An exclusive lock on OUT/.lock for the life of this process (released by release() or by its death).
+
+    A POSIX record lock (fcntl F_SETLK, via lockf), not flock: flock belongs to the open file description,
+    which forked DataLoader workers share, so workers orphaned by a kill -9 kept the folder locked after their
+    parent was gone. A record lock belongs to the process that took it; a fork does not inherit it, and the
+    kernel drops it when that process dies. The one catch: closing ANY descriptor of the lock file in the
+    owning process drops it, so nothing else here opens OUT/.lock while the lock is held.
+    """
 
     def __init__(self, out: Path):
         self.path, self.fd = out / LOCK, None
 
-    def acquire(self) -> str | None:
-        """Take the lock; returns a note when it took over a stale lock, raises UserError when it is held."""
+    def acquire(self, wait_s: float | None = None) -> str | None:
+        """Take the lock; returns a note when it took over a stale lock. A held lock is retried for `wait_s`
+        seconds (WAIT_S; a run that was just killed may still be going away), then UserError says what holds it."""
         import fcntl
 
+        key = os.path.realpath(self.path)
+        if key in _HELD:
+            raise UserError(f"{self.path.parent} is in use by another mokd train (pid {os.getpid()}, this process); "
+                            f"two runs cannot write one folder. Wait for it to end, stop it, or choose another --out")
+        deadline = time.monotonic() + (WAIT_S if wait_s is None else wait_s)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = _owner_text(os.pread(fd, 4096, 0).decode(errors="replace"))
-                os.close(fd)
-                raise UserError(f"{self.path.parent} is in use by another mokd train ({owner}); two runs cannot "
-                                f"write one folder. Wait for it to end, stop it, or choose another --out") from None
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                if e.errno in (errno.EACCES, errno.EAGAIN):
+                    raw, holder = os.pread(fd, 4096, 0).decode(errors="replace"), _lock_holder(fd)
+                    os.close(fd)  # (we hold no lock on it: closing drops nothing)
+                    if time.monotonic() < deadline:
+                        time.sleep(0.25)
+                        continue
+                    owner = _owner_text(raw)
+                    if holder and f"pid {holder} " not in owner + " ":
+                        owner += f"; the lock itself is held by pid {holder}"
+                    raise UserError(f"{self.path.parent} is in use by another mokd train ({owner}; still held after "
+                                    f"{WAIT_S if wait_s is None else wait_s:g} s); two runs cannot write one folder. "
+                                    f"Wait for it to end, stop it, or choose another --out") from None
                 if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     os.close(fd)
                     raise
@@ -156,6 +182,7 @@ class RunLock:
         previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         self._write_owner(fd)
         self.fd = fd
+        _HELD.add(key)
         if previous:
             return f"took over a stale lock ({_owner_text(previous)}; that process is gone)"
         return None
@@ -182,6 +209,7 @@ class RunLock:
             note = f"took over a stale lock ({_owner_text(previous)}; that process is gone)"
         self._write_owner(fd)
         self.fd = fd
+        _HELD.add(os.path.realpath(self.path))
         return note
 
     @staticmethod
@@ -195,6 +223,7 @@ class RunLock:
     def release(self) -> None:
         if self.fd is None:
             return
+        _HELD.discard(os.path.realpath(self.path))
         try:
             if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
                 self.path.unlink()
@@ -202,6 +231,19 @@ class RunLock:
             pass
         os.close(self.fd)
         self.fd = None
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid holding a POSIX lock on fd's file (F_GETLK), None when unknown (or on another NFS client)."""
+    import fcntl
+    import struct
+
+    try:  # struct flock on Linux: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t)
+        query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        l_type, _, _, _, pid = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    except (OSError, struct.error):
+        return None
+    return pid if l_type != fcntl.F_UNLCK and pid > 0 else None
 
 
 def _alive(pid: int) -> bool:
@@ -277,6 +319,31 @@ def find_resume_checkpoint(out: Path, read: Callable[[Path], dict]) -> tuple[Pat
     if failures:
         notes.insert(0, f"{failures[0]}; passing over it")
     return best[0], best[1], notes
+
+
+def roll_back(out: Path, source: Path, epoch: int) -> tuple[Path | None, list[str]]:
+    """--resume-from: make `source` (a checkpoint after `epoch` completed epochs) the run's newest state.
+
+    last.pth (unless it is `source`) and the numbered checkpoints past `epoch` move into OUT/rolled-back-TIME/
+    (kept, not deleted), and a copy of `source` becomes last.pth: a later plain resume, which picks the newest
+    checkpoint, continues the rolled-back run instead of the abandoned one. Returns (that folder, moved names).
+    """
+    from mokd.checkpoint import write_atomic
+
+    last = out / LAST
+    is_last = last.exists() and os.path.samefile(source, last)
+    newer = [p for p in numbered_checkpoints(out)
+             if int(p.stem.split("_")[-1]) > epoch and not os.path.samefile(p, source)]
+    if last.exists() and not is_last:
+        newer.append(last)
+    aside = out / time.strftime("rolled-back-%Y%m%d-%H%M%S") if newer else None
+    if aside is not None:
+        aside.mkdir(exist_ok=True)
+        for p in newer:
+            p.rename(aside / p.name)
+    if not is_last:
+        write_atomic(last, lambda tmp: shutil.copyfile(source, tmp), size_hint=source.stat().st_size)
+    return aside, [p.name for p in newer]
 
 
 def describe(ckpt: dict[str, Any]) -> str:

@@ -7,10 +7,11 @@ and, on SIGTERM/SIGINT/SIGUSR1, mid-epoch (mokd.preemption). No checkpoint with 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,19 +49,32 @@ class TrainState:
     scaler: torch.amp.GradScaler
     device: torch.device
     precision: str
-    steps_per_epoch: int
+    steps_per_epoch: int  # optimiser steps (each of optim.accum_steps micro-batches)
+    ddp: dict[str, nn.parallel.DistributedDataParallel] = field(default_factory=dict)  # the students' wrappers
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that can start its epoch's order at a given position (a mid-epoch resume)."""
+    """DistributedSampler that can start its epoch's order at a given position (a mid-epoch resume) and end it
+    after a whole number of optimiser steps (`take`: micro-batches of an unfinished accumulation cycle go)."""
 
     skip = 0  # samples of this rank's order to leave out, from the start
+    take: int | None = None  # samples of this rank's order an epoch uses (None: all)
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
+        return iter(list(super().__iter__())[:self.take][self.skip:])
 
     def __len__(self) -> int:
-        return self.num_samples - self.skip
+        return (self.num_samples if self.take is None else self.take) - self.skip
+
+
+def micro_batch_size(cfg: Config, world_size: int) -> int:
+    """Images per process and forward: optim.batch_size (global) / (processes x optim.accum_steps)."""
+    accum, batch = cfg.optim.accum_steps, cfg.optim.batch_size
+    if batch % (world_size * accum):
+        raise UserError(f"optim.batch_size {batch} is not divisible by {world_size} process(es) x optim.accum_steps "
+                        f"{accum} = {world_size * accum} (the batch size is global: each process runs batch_size / "
+                        f"(processes x accum_steps) images at a time)")
+    return batch // (world_size * accum)
 
 
 def build_loader(cfg: Config, dist_info: distributed.DistInfo
@@ -76,15 +90,15 @@ def build_loader(cfg: Config, dist_info: distributed.DistInfo
     else:
         dataset = FastSeededCrops(images, FastMultiCrop(cfg.augment, ship_uint8=cfg.data.gpu_augment), cfg.train.seed)
     dataset.skipped = skipped  # unreadable files left out (data.skip_bad_images), reported by train()
-    if cfg.optim.batch_size % dist_info.world_size:
-        raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {dist_info.world_size} "
-                        f"processes (the batch size is global)")
-    per_rank = cfg.optim.batch_size // dist_info.world_size
+    micro = micro_batch_size(cfg, dist_info.world_size)
     if len(dataset) < cfg.optim.batch_size:
         raise UserError(f"the data set has {len(dataset)} images, fewer than one batch of {cfg.optim.batch_size}")
     sampler = ResumableSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                shuffle=True, seed=cfg.train.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
+    per_step = micro * cfg.optim.accum_steps  # this rank's images in one optimiser step
+    sampler.take = sampler.num_samples // per_step * per_step
+    # len(loader) = optimiser steps per epoch x optim.accum_steps
+    loader = torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler, drop_last=True,
                                          num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
                                          generator=torch.Generator().manual_seed(cfg.train.seed),
                                          worker_init_fn=ignore_stop_signals)
@@ -93,6 +107,7 @@ def build_loader(cfg: Config, dist_info: distributed.DistInfo
 
 def build_state(cfg: Config, device: torch.device, steps_per_epoch: int, dist_info: distributed.DistInfo) -> TrainState:
     model = MOKDModel(cfg).to(device)
+    ddp = {}
     precision = resolve_precision(cfg.optim.precision, device)
     configure_attention(model, device, precision)
     for n in NETS:
@@ -105,7 +120,7 @@ def build_state(cfg: Config, device: torch.device, steps_per_epoch: int, dist_in
             if cfg.train.sync_bn and device.type == "cuda" and has_bn:
                 model.student[n] = nn.SyncBatchNorm.convert_sync_batchnorm(branch)
                 model.teacher[n] = nn.SyncBatchNorm.convert_sync_batchnorm(model.teacher[n])
-            model.student_forward[n] = nn.parallel.DistributedDataParallel(
+            ddp[n] = model.student_forward[n] = nn.parallel.DistributedDataParallel(
                 model.student[n], device_ids=[device.index] if device.type == "cuda" else None)
         else:
             model.student_forward[n] = model.student[n]
@@ -128,7 +143,7 @@ def build_state(cfg: Config, device: torch.device, steps_per_epoch: int, dist_in
         schedules[n] = build_schedules(settings, net_cfg, cfg.optim, steps_per_epoch)
     temp = teacher_temp_schedules(cfg, steps_per_epoch)
     return TrainState(model, optimizers, schedules, temp, grad_scaler(device, precision), device, precision,
-                      steps_per_epoch)
+                      steps_per_epoch, ddp)
 
 
 def clip_gradients(module: nn.Module, clip: float) -> None:
@@ -151,20 +166,56 @@ def last_layer_params(branch: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def train_step(state: TrainState, crops: list[torch.Tensor], step: int, freeze_last_layer: bool,
+def train_step(state: TrainState, crops: list, step: int, freeze_last_layer: bool,
                cfg: Config) -> dict[str, torch.Tensor]:
-    """One optimisation step of both models on one batch of crops; returns the named losses (8 terms + totals)."""
+    """One optimisation step of both models; returns the named losses (8 terms + totals).
+
+    crops: one batch (2 global views then local views, each [B, 3, S, S]), or a list of micro-batches (loader
+    batches, moved to the device one at a time: optim.accum_steps > 1). Over micro-batches the gradients add
+    up (each loss weighted 1/count), every micro-batch is centred with the step's starting centres, and the
+    centres, the optimisers and the teachers move once: one step on the whole batch, up to float rounding
+    (batch norm aside: its statistics are per micro-batch). The losses returned are then micro-batch means.
+    """
     model = state.model
+    micro = [crops] if isinstance(crops[0], torch.Tensor) else list(crops)
     for n in NETS:
         apply_schedules(state.optimizers[n], state.schedules[n], step)
-    with autocast(state.device, state.precision):
-        losses = model(crops, {k: float(v[step]) for k, v in state.teacher_temp.items()})
-    losses.update(model.total_losses(losses))
-    _check_finite(losses, step, step // state.steps_per_epoch)
-
-    for opt in state.optimizers.values():
-        opt.zero_grad(set_to_none=True)
-    state.scaler.scale(losses["loss1"] + losses["loss2"]).backward()
+    temps = {k: float(v[step]) for k, v in state.teacher_temp.items()}
+    accumulating = len(micro) > 1
+    if accumulating:
+        start_centres = {k: c.center.clone() for k, c in model.centers.items()}
+        moved = {k: torch.zeros_like(v) for k, v in start_centres.items()}
+        means: dict[str, torch.Tensor] = {}
+    for k, batch in enumerate(micro):
+        # Gradients are all-reduced once, in the last micro-batch's backward.
+        sync = contextlib.ExitStack()
+        if k < len(micro) - 1:
+            for wrapper in state.ddp.values():
+                sync.enter_context(wrapper.no_sync())
+        with sync:
+            if accumulating:
+                for name, c in model.centers.items():
+                    c.center.copy_(start_centres[name])
+            with autocast(state.device, state.precision):
+                losses = model(to_device(batch, state.device), temps)
+            losses.update(model.total_losses(losses))
+            _check_finite(losses, step, step // state.steps_per_epoch)
+            if k == 0:
+                for opt in state.optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+            total = losses["loss1"] + losses["loss2"]
+            state.scaler.scale(total / len(micro) if accumulating else total).backward()
+        if accumulating:
+            # m c0 + (1 - m) mean_b, averaged over equal micro-batches b, is the update by the whole batch's mean
+            for name, c in model.centers.items():
+                moved[name] += c.center / len(micro)
+            for name, v in {**losses, **model.health}.items():
+                means[name] = means.get(name, 0.0) + v.detach().float() / len(micro)
+    if accumulating:
+        for name, c in model.centers.items():
+            c.center.copy_(moved[name])
+        losses = {name: means[name] for name in losses}
+        model.health = {name: means[name] for name in model.health}
     for n in NETS:
         state.scaler.unscale_(state.optimizers[n])
         clip_gradients(model.student[n], getattr(cfg, n).clip_grad)
@@ -175,6 +226,16 @@ def train_step(state: TrainState, crops: list[torch.Tensor], step: int, freeze_l
     state.scaler.update()
     model.update_teachers({n: float(state.schedules[n].momentum[step]) for n in NETS})
     return losses
+
+
+def _steps(loader, accum: int):
+    """The loader's batches in groups of `accum` (one optimiser step each); a group of one is that batch."""
+    group = []
+    for crops, _ in loader:
+        group.append(crops)
+        if len(group) == accum:
+            yield group if accum > 1 else group[0]
+            group = []
 
 
 class EpochInterrupted(Exception):
@@ -198,9 +259,11 @@ def train_one_epoch(state: TrainState, loader, epoch: int, cfg: Config, log: Run
     # Batch jobs (stderr not a terminal) get no bar: a plain line every log_every steps instead, as DINO's.
     lines = distributed.is_main() and not sys.stderr.isatty()
     epoch_start, total_steps = time.perf_counter(), cfg.optim.epochs * state.steps_per_epoch
-    for it, (crops, _) in enumerate(progress, start=start):
+    accum = cfg.optim.accum_steps
+    for it, crops in enumerate(_steps(progress, accum), start=start):
         step = epoch * state.steps_per_epoch + it
-        crops = to_device(crops, device)  # data.gpu_augment: colour, blur and solarise happen here
+        if accum == 1:  # (micro-batches go to the device one at a time, in train_step)
+            crops = to_device(crops, device)  # data.gpu_augment: colour, blur and solarise happen here
         losses = train_step(state, crops, step, freeze_last_layer=epoch < cfg.optim.freeze_last_layer, cfg=cfg)
         values = {k: v.detach().float() for k, v in {**losses, **model.health}.items()}
         stacked = distributed.all_reduce_mean(torch.stack(list(values.values())))
@@ -208,7 +271,7 @@ def train_one_epoch(state: TrainState, loader, epoch: int, cfg: Config, log: Run
         record["loss"] = record["loss1"] + record["loss2"]
         for k, v in record.items():
             sums[k] = sums.get(k, 0.0) + v
-        window_images += crops[0].shape[0] * distributed.world_size()
+        window_images += cfg.optim.batch_size
         if (it + 1) % cfg.train.log_every == 0 or it + 1 == state.steps_per_epoch:
             elapsed = time.perf_counter() - window_start
             log.write({"type": "step", "epoch": epoch, "step": step, **record,
@@ -231,6 +294,14 @@ def train_one_epoch(state: TrainState, loader, epoch: int, cfg: Config, log: Run
         if stop is not None and it + 1 < state.steps_per_epoch and stop.requested(device):
             raise EpochInterrupted(it + 1, sums)
     return {k: v / state.steps_per_epoch for k, v in sums.items()}
+
+
+def _accum_text(cfg: Config, dist_info: distributed.DistInfo) -> str:
+    if cfg.optim.accum_steps == 1:
+        return ""
+    micro = micro_batch_size(cfg, dist_info.world_size)
+    return (f" (batch {cfg.optim.batch_size} = {dist_info.world_size} process(es) x {cfg.optim.accum_steps} "
+            f"accumulated micro-batches x {micro})")
 
 
 def _hms(seconds: float) -> str:
@@ -439,11 +510,12 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def train(cfg: Config, resume_run: bool = False, overwrite: bool = False) -> Path:
+def train(cfg: Config, resume_run: bool = False, overwrite: bool = False, resume_from: Path | None = None) -> Path:
     """Train the pair described by `cfg`; returns the path of the final checkpoint.
 
     A folder that holds a run needs `resume_run` (continue from its newest readable checkpoint) or `overwrite`
-    (start over). On SIGTERM, SIGINT or SIGUSR1 the current step finishes, a resumable checkpoint is saved and
+    (start over). `resume_from` (implies resume_run) rolls the run back to that checkpoint first
+    (rundir.roll_back: the newer files are moved aside, so a later resume keeps to the rolled-back line). On SIGTERM, SIGINT or SIGUSR1 the current step finishes, a resumable checkpoint is saved and
     StoppedBySignal is raised.
     """
     dist_info = distributed.init_distributed(resolve_device(cfg.train.device).type)
@@ -454,7 +526,7 @@ def train(cfg: Config, resume_run: bool = False, overwrite: bool = False) -> Pat
             lock = _own_run_dir(out_dir, resume_run, overwrite)
         distributed.barrier()
         stop.install()
-        return _train(cfg, dist_info, resume_run, stop)
+        return _train(cfg, dist_info, resume_run or resume_from is not None, stop, resume_from)
     except OSError as e:
         if out_of_space(e, out_dir):
             raise UserError(no_space_message(Path(e.filename) if e.filename else out_dir / "log.jsonl")) from e
@@ -515,7 +587,8 @@ def _stopped(signum: int, path: Path, out_dir: Path, where: str) -> StoppedBySig
                                    f"command plus --resume)")
 
 
-def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop: StopRequest) -> Path:
+def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop: StopRequest,
+           resume_from: Path | None = None) -> Path:
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels once
@@ -526,15 +599,25 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop:
     knn_on = cfg.train.knn_every > 0
     if knn_on:  # the monitor's labels index one class list: check now, not after the first epoch
         check_same_classes(dataset.dataset, build_dataset(parse_data_spec(cfg.data.spec, cfg.data.class_list), "val"))
-    state = build_state(cfg, device, len(loader), dist_info)
+    state = build_state(cfg, device, len(loader) // cfg.optim.accum_steps, dist_info)
     spe = state.steps_per_epoch
     log = RunLog(out_dir / "log.jsonl", enabled=main, loggers=cfg.train.loggers)
     last = out_dir / rundir.LAST
     start_epoch, start_batch, start_sums, metrics = 0, 0, None, {}
     last_good = "no checkpoint was written yet"
     resumed_from: Path | None = None
-    if resume_run:
+    if resume_from is not None:
+        ckpt = read_resumable(resume_from, state, cfg)  # every rank checks it before rank 0 moves a file
+        distributed.barrier()
+        if main:
+            aside, moved = rundir.roll_back(out_dir, resume_from, int(ckpt["epoch"]))
+            print(f"--resume-from: rolled {out_dir} back to {resume_from} ({rundir.describe(ckpt)})"
+                  + (f"; moved {', '.join(moved)} to {aside}" if moved else ""))
+        distributed.barrier()
+        found = (resume_from, ckpt, [])
+    elif resume_run:
         found = rundir.find_resume_checkpoint(out_dir, lambda p: read_resumable(p, state, cfg))
+    if resume_run:
         if found is None:
             if main:
                 print(f"--resume: no checkpoint in {out_dir} yet; starting from scratch")
@@ -559,7 +642,7 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop:
         nets = [f"{model_name(c.arch, c.kwargs, c.small_stem, c.name)} (backbone {size(s.backbone):.3g}M + heads "
                 f"{size(s) - size(s.backbone):.3g}M)" for c, s in branches]
         print(f"mokd train: {' + '.join(nets)}, "
-              f"mode {cfg.loss.mode}, {len(dataset)} images, {spe} steps/epoch, "
+              f"mode {cfg.loss.mode}, {len(dataset)} images, {spe} steps/epoch{_accum_text(cfg, dist_info)}, "
               f"{cfg.optim.epochs} epochs, {device} {state.precision}, {dist_info.world_size} process(es) -> {out_dir}")
         if dataset.skipped:
             print(f"left out {len(dataset.skipped)} unreadable image file(s) (data.skip_bad_images), e.g. "
@@ -579,7 +662,8 @@ def _train(cfg: Config, dist_info: distributed.DistInfo, resume_run: bool, stop:
                 seed_everything((cfg.train.seed * 1_000_003 + dist_info.rank) * 10_007 + epoch)
             dataset.set_epoch(epoch)
             loader.sampler.set_epoch(epoch)
-            loader.sampler.skip = start_batch * loader.batch_size if mid else 0
+            # partial_epoch counts optimiser steps: a cycle cut short is redone from its first micro-batch
+            loader.sampler.skip = start_batch * loader.batch_size * cfg.optim.accum_steps if mid else 0
             t0 = time.perf_counter()
             try:
                 epoch_means = train_one_epoch(state, loader, epoch, cfg, log, start=start_batch if mid else 0,

@@ -474,3 +474,82 @@ def test_7_e_no_message_of_the_trainer_or_loader_changes_letter_case():
                     assert inner.func.attr not in ("upper", "lower", "capitalize", "title", "swapcase"), \
                         f"{module.__name__} line {node.lineno}: {ast.unparse(node.exc)[:120]}"
     assert raises > 40  # the walk found the raises
+
+
+def _children(pid):
+    try:
+        return open(f"/proc/{pid}/task/{pid}/children").read().split()
+    except OSError:
+        return []
+
+
+@pytest.mark.slow
+def test_2_d_kill_9_with_loader_workers_then_an_immediate_resume_five_times(tmp_path):
+    """The issue's fault: a run killed with kill -9 while its 2 loader workers live, resumed at once. The
+    workers (orphaned for a few seconds) must not hold the run's lock: every one of 5 resumes starts."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "mokd", *tiny_args(out, "data.subset=16", "data.num_workers=2", "optim.epochs=8"),
+            "--device", "cpu", "--resume"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    step = -1
+    for attempt in range(5):
+        log = open(tmp_path / f"out{attempt}.txt", "w")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and proc.poll() is None:  # the first checkpoint this start writes
+                try:
+                    if load_file(out / "last.pth")["step"] > step:
+                        break
+                except Exception:  # not there yet (the atomic rename makes it whole when it is)
+                    pass
+                time.sleep(0.05)
+            assert proc.poll() is None, (tmp_path / f"out{attempt}.txt").read_text()
+            while time.monotonic() < deadline and not _children(proc.pid):  # the next epoch's workers
+                time.sleep(0.01)
+            assert _children(proc.pid), "no loader workers to orphan"
+        finally:
+            proc.kill()  # SIGKILL: no handler runs, the workers are orphaned
+            proc.wait()
+            log.close()
+        text = (tmp_path / f"out{attempt}.txt").read_text()
+        assert "in use by another mokd train" not in text, text
+        if attempt:
+            assert "resumed from" in text and "took over a stale lock" in text, text
+        step = load_file(out / "last.pth")["step"]
+    assert step >= 4
+    res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stdout + res.stderr
+    assert load_file(out / "last.pth")["epoch"] == 8 and leftovers(out) == []
+
+
+@pytest.mark.slow
+def test_2_e_resume_from_rolls_back_and_a_later_resume_keeps_to_it(tmp_path):
+    """docs/monitoring.md's rollback: copying an old checkpoint over last.pth is undone by --resume (it takes
+    the newer numbered ones); --resume-from moves them aside, and every later --resume continues from it."""
+    out = tmp_path / "run"
+    res = run(tiny_args(out, "data.subset=16", "train.save_every=1") + ["--epochs", "3"])
+    assert res.exit_code == 0, res.output
+    first = load_file(out / "checkpoint_0001.pth")
+    res = run(["train", "--out", str(out), "--resume-from", str(out / "checkpoint_0001.pth"), "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    assert f"rolled {out} back to {out / 'checkpoint_0001.pth'} (after epoch 1); moved checkpoint_0003.pth, " \
+           f"checkpoint_0002.pth, last.pth to {out}/rolled-back-" in res.output
+    aside = next(out.glob("rolled-back-*"))
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint_0002.pth", "checkpoint_0003.pth", "last.pth"]
+    assert load_file(aside / "last.pth")["epoch"] == 3
+    rolled = load_file(out / "last.pth")
+    assert rolled["epoch"] == 1 and all(torch.equal(v, rolled["model"][k]) for k, v in first["model"].items())
+    # A plain --resume now continues the rolled-back run: from epoch 1, not from the abandoned epoch 3.
+    res = run(["train", "--out", str(out), "--resume", "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    assert f"resumed from {out / 'last.pth'} (after epoch 1)" in res.output
+    assert load_file(out / "last.pth")["epoch"] == 2
+    steps = [json.loads(ln)["step"] for ln in open(out / "log.jsonl") if '"type": "step"' in ln]
+    assert steps == sorted(steps) and max(steps) == 1  # the abandoned epoch 3's records are gone
+    res = run(["train", "--out", str(out), "--resume-from", str(out / "last.pth"), "--overwrite"])
+    assert res.exit_code != 0 and "give one of them" in res.output
