@@ -17,7 +17,8 @@ walked from strong to weak regularisation, each fit warm-started from the previo
 solution is found in a few steps and each next one is close); and the mAP path is binary logistic regression
 with C, where ssl-transfer's old scikit-learn "multinomial" on two classes amounts to a binary fit with 2C.
 
-The solver is torch's L-BFGS (strong Wolfe line search) in float32 with float64 loss sums, stopping at tol / 2;
+The solver is torch's L-BFGS (strong Wolfe line search) in float32 with float64 loss sums, stopping at tol / 2
+(or at the float32 rounding level of the gradient, 2e-6 times the features' RMS, if that is higher);
 the gradient is then recomputed in float64 and, if above tol, the fit continues in float64. So `grad_norm` is
 always the float64 figure. As SciPy (and so scikit-learn), a fit also counts as converged when float64
 L-BFGS can no longer lower the objective (relative change under ~1e-14, the `ftol` stop); `stop` says which.
@@ -42,7 +43,8 @@ DEFAULT_TOL = 1e-6  # scikit-learn's criterion, tighter than its default 1e-4 (d
 DEFAULT_MAX_ITER = 10000
 HISTORY = 10  # L-BFGS memory, SciPy's default maxcor
 FLOAT32_MARGIN = 0.5  # the float32 phase stops at tol * this, so the float64 check rarely has work left
-FLOAT32_CHANGE = 1e-10  # or when the objective / N or a step changes less than this (float32 has stalled)
+FLOAT32_CHANGE = 1e-9  # or when the objective / N or a step changes less than this (float32 has stalled)
+FLOAT32_FLOOR = 2e-6  # times the features' RMS: about the float32 rounding of the gradient; float64 goes below
 SOLVER = "torch L-BFGS (memory 10, strong Wolfe), float32 with float64 sums, float64 gradient check"
 
 
@@ -119,8 +121,9 @@ def fit_logreg(x: torch.Tensor, targets: torch.Tensor, lam: float, *, multilabel
     iterations = evaluations = 0
     if x.dtype != torch.float64:
         t = targets.to(x.dtype) if multilabel else targets
-        weight, bias, it, ev = _lbfgs(xc64.to(x.dtype), t, lam, weight, bias, multilabel, tol * FLOAT32_MARGIN,
-                                      max_iter, FLOAT32_CHANGE)
+        floor = FLOAT32_FLOOR * float(xc64.square().mean().sqrt())
+        weight, bias, it, ev = _lbfgs(xc64.to(x.dtype), t, lam, weight, bias, multilabel,
+                                      max(tol * FLOAT32_MARGIN, floor), max_iter, FLOAT32_CHANGE)
         iterations, evaluations = it, ev
     t64 = targets.double() if multilabel else targets
     weight, bias = weight.double(), bias.double()

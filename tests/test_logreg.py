@@ -50,6 +50,7 @@ class sklearn_fit:
         return self.classes_[(d > 0).astype(int) if d.ndim == 1 else d.argmax(1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric", ["top1", "mean_per_class"])
 def test_the_probe_picks_scikit_learns_lambda_and_accuracy(metric):
     (xa, ya), (xv, yv), (xt, yt) = split()
@@ -106,6 +107,7 @@ def multilabel(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, targets
 
 
+@pytest.mark.slow
 def test_map11_is_scikit_learns_one_vs_rest():
     x, t = multilabel(600, 2)
     (xa, ta), (xv, tv), (xt, tt) = (x[:250], t[:250]), (x[250:400], t[250:400]), (x[400:], t[400:])
