@@ -2,8 +2,9 @@
 
 The default pair (configs/default.yaml: ResNet-10 + ViT-Tiny, BatchNorm heads) at 32 px, fp32, one step from
 the same weights on the same batch. Tolerance (docs/training.md says the same): every loss term within
-rel 1e-4; every student gradient within 1e-3 of its tensor's largest eager value (inductor fuses and reorders
-float sums); after the optimiser step every weight within 1e-6 + 2 x the step's largest lr (AdamW's first
+rel 1e-4; every student gradient within 1e-3 of its tensor's largest eager value plus 1e-5 of its model's
+largest (inductor fuses and reorders float sums; a bias before a BatchNorm has a gradient that is zero but
+for rounding); after the optimiser step every weight within 1e-6 + 2 x the step's largest lr (AdamW's first
 update is about lr x sign(gradient), so a gradient within rounding of zero may flip it).
 """
 
@@ -54,8 +55,9 @@ def test_the_compiled_fast_step_equals_the_eager_one():
     for k, v in eager[0].items():
         assert compiled[0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
     assert eager[1].keys() == compiled[1].keys() and len(eager[1]) > 0
+    largest = {n: max(v.abs().max() for k, v in eager[1].items() if k.startswith(n)) for n in ("net1", "net2")}
     for k, v in eager[1].items():
-        assert (compiled[1][k] - v).abs().max() <= 1e-3 * v.abs().max() + 1e-8, k
+        assert (compiled[1][k] - v).abs().max() <= 1e-3 * v.abs().max() + 1e-5 * largest[k[:4]], k
     tol = 1e-6 + 2 * eager[3]
     for k, v in eager[2].items():
         if v.is_floating_point():
