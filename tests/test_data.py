@@ -1,5 +1,4 @@
 import json
-import pickle
 import sys
 
 import numpy as np
@@ -15,6 +14,7 @@ from mokd.config import AugmentConfig
 from mokd.data import build_dataset, build_photos, parse_data_spec
 from mokd.errors import UserError
 from tests.tiny import TINY_OVERRIDES
+from tests.transfer_layouts import write_cifar10
 
 
 def test_digits_is_the_embedded_default():
@@ -41,14 +41,7 @@ def test_image_folder_with_class_list_and_bad_layouts(tmp_path):
 
 
 def test_cifar10_archive_folder(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    folder = write_cifar10(tmp_path) / "cifar-10-batches-py"
     train = build_dataset(parse_data_spec(f"cifar10:{tmp_path}"), "train")
     val = build_dataset(parse_data_spec(f"cifar10:{folder}"), "val")
     assert len(train) == 20 and len(val) == 4 and train.classes[3] == "c3" and train[0][0].size == (32, 32)

@@ -14,10 +14,7 @@ from PIL import Image
 
 from mokd.checkpoint import load_file
 from mokd.cli import cli
-from tests.tiny import TINY_OVERRIDES
-
-TIMING_KEYS = {"img_per_s", "peak_mem_mb"}
-
+from tests.tiny import TINY_OVERRIDES, read_log
 
 def tiny_args(out, *extra):
     args = [a for o in TINY_OVERRIDES for a in ("--set", o)]
@@ -183,10 +180,6 @@ def test_2_c_resuming_non_finite_weights_is_refused_naming_the_clean_checkpoint(
     assert res.exit_code == 0, res.output
     assert "holds non-finite values" in res.output and "passing over it for checkpoint_0001.pth" in res.output
     assert (out / "last.pth").read_bytes() == clean
-
-
-def read_log(path):
-    return [{k: v for k, v in json.loads(ln).items() if k not in TIMING_KEYS} for ln in open(path)]
 
 
 @pytest.mark.slow

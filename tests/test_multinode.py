@@ -1,7 +1,6 @@
 """Multi-node training, tested on one machine: two torchrun agents (two "nodes" of one process each) meet by
 c10d rendezvous on 127.0.0.1 and train the tiny pair over gloo; they end where one node of 2 processes does."""
 
-import json
 import os
 import socket
 import subprocess
@@ -11,19 +10,12 @@ import pytest
 import torch
 
 from mokd.checkpoint import load_file
-from tests.tiny import TINY_OVERRIDES
-
-TIMING_KEYS = {"img_per_s", "peak_mem_mb"}
-
+from tests.tiny import TINY_OVERRIDES, assert_same_run
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def read_log(path):
-    return [{k: v for k, v in json.loads(ln).items() if k not in TIMING_KEYS} for ln in open(path)]
 
 
 @pytest.mark.slow
@@ -55,15 +47,8 @@ def test_two_nodes_by_c10d_rendezvous_equal_one_node_of_two_processes(tmp_path):
     assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert sum("2 process(es)" in o for o in outputs) == 1  # rank 0 speaks, on one of the nodes
 
-    a, b = load_file(tmp_path / "single" / "last.pth"), load_file(tmp_path / "multi" / "last.pth")
-    assert a["step"] == b["step"] == 2
-    for k, v in a["model"].items():  # the same ranks, data shards and all-reduces: equal up to float rounding
-        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-6, rtol=1e-5), k
-    la, lb = read_log(tmp_path / "single" / "log.jsonl"), read_log(tmp_path / "multi" / "log.jsonl")
-    assert [r["step"] for r in la] == [r["step"] for r in lb]
-    for ra, rb in zip(la, lb):
-        for key in ("sm1", "ct2", "loss"):
-            assert ra[key] == pytest.approx(rb[key], rel=1e-5)
+    # the same ranks, data shards and all-reduces: equal up to float rounding
+    assert_same_run(tmp_path / "single", tmp_path / "multi", atol=1e-6, rtol=1e-5, log_rtol=1e-5, step=2)
 
 
 @pytest.mark.slow

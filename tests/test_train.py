@@ -1,6 +1,5 @@
 """The trainer end to end on CPU: learning, exact resume, 2-process gloo == 1 process, the CLI, bad input."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,18 +8,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests.tiny import TINY_OVERRIDES
+from tests.tiny import TINY_OVERRIDES, assert_same_run, read_log
 from mokd import distributed
 from mokd.cli import cli
 from mokd.checkpoint import load_file
 from mokd.trainer import build_loader, build_state, train
-
-TIMING_KEYS = {"img_per_s", "peak_mem_mb"}
-
-
-def read_log(path):
-    return [{k: v for k, v in json.loads(ln).items() if k not in TIMING_KEYS} for ln in open(path)]
-
 
 def test_a_few_steps_on_a_fixed_batch_lower_the_loss(tiny_cfg):
     # The T-Heads' weight-norm gains train (the release's default); under this test's fixed SGD step of 0.05
@@ -148,14 +140,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
                           "-m", "mokd", "train", *common, "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = load_file(tmp_path / "one" / "last.pth"), load_file(tmp_path / "two" / "last.pth")
-    for k, v in a["model"].items():
-        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-5, rtol=1e-4), k
-    la, lb = read_log(tmp_path / "one" / "log.jsonl"), read_log(tmp_path / "two" / "log.jsonl")
-    assert [r["step"] for r in la] == [r["step"] for r in lb]
-    for ra, rb in zip(la, lb):
-        for key in ("sm1", "ct2", "loss"):
-            assert ra[key] == pytest.approx(rb[key], rel=1e-4)
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5, rtol=1e-4, log_rtol=1e-4)
 
 
 def test_resume_through_the_cli_uses_the_runs_own_config(tmp_path):

@@ -15,7 +15,7 @@ from mokd.cli import cli
 from mokd.data import build_dataset, holdout_split, parse_data_spec
 from mokd.errors import UserError
 from mokd.transfer_data import CALTECH_TRAIN_PER_CLASS, TRANSFER_SETS, VOC_CLASSES
-from tests.transfer_layouts import COLOURS, EXPECTED, WRITERS, voc_expected, write_layout
+from tests.transfer_layouts import COLOURS, EXPECTED, WRITERS, voc_expected, write_cifar10, write_layout
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_holdout_seeded_20_percent(layouts, tmp_path, name):
     if name == "digits":
         spec = parse_data_spec("digits")
     elif name == "cifar10":
-        spec = _write_cifar10(tmp_path)
+        spec = parse_data_spec(f"cifar10:{write_cifar10(tmp_path)}")
     else:
         spec = parse_data_spec(f"{name}:{layouts[name]}")
     train = build_dataset(spec, "train")
@@ -128,20 +128,6 @@ def test_holdout_seeded_20_percent(layouts, tmp_path, name):
     np.random.seed(0)
     np.random.shuffle(idx)
     assert val == sorted(idx[:int(np.floor(0.2 * n))])
-
-
-def _write_cifar10(tmp_path):
-    import pickle
-
-    d = tmp_path / "cifar-10-batches-py"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(d / f, "wb") as fh:
-            pickle.dump({"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, fh)
-    with open(d / "batches.meta", "wb") as fh:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, fh)
-    return parse_data_spec(f"cifar10:{tmp_path}")
 
 
 def test_caltech_draw_is_seeded_without_replacement(layouts, tmp_path):

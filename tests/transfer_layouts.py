@@ -253,3 +253,18 @@ def voc_expected(part: str) -> dict[str, set[str]]:
 WRITERS = {"stl10": _stl10, "food101": _food101, "sun397": _sun397, "cars": _cars, "aircraft": _aircraft,
            "dtd": _dtd, "pets": _pets, "caltech101": _caltech101, "flowers102": _flowers102, "eurosat": _eurosat,
            "voc2007": _voc2007}
+
+
+def write_cifar10(root: Path) -> Path:
+    """CIFAR-10's python archive folder under `root` (4 images per batch file, labels 0-3); returns `root`."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return root
