@@ -1,11 +1,14 @@
 """Frozen-backbone features: the evaluation transform, sharded extraction, and an on-disk cache.
 
 Modes (what one image becomes):
-  cls      CNN: the pooled pre-logits output; ViT: the CLS token after the final norm (`backbone(x)`)
-  lastn    ViT: CLS tokens of the last n blocks, each through the final norm, concatenated (DINO linear eval)
-  avgpool  ViT: CLS token and the mean of the patch tokens of the last block, concatenated (DINO, ViT-B)
+  cls      CNN: the pooled pre-logits output; ViT: its own embedding (`backbone(x)`): the CLS token after the
+           final norm (DINO's, MoCo v3's), or for an average-pooled ViT the mean patch token through its fc_norm
+  lastn    ViT: that embedding taken at each of the last n blocks, concatenated (DINO linear eval: n CLS tokens)
+  avgpool  ViT: the embedding and the mean of the patch tokens of the last block, concatenated (DINO, ViT-B)
   lastn_avgpool  ViT: the lastn features and the mean patch token of the last block (DINO's n > 1 with avgpool)
-CNNs give their pooled output in every mode (as DINO's linear evaluation does for ResNets).
+CNNs give their pooled output in every mode (as DINO's linear evaluation does for ResNets). A block's embedding
+is the model's own head (`forward_head(pre_logits=True)`) applied to that block's normed tokens, so the last
+block's is `backbone(x)` exactly, whatever the pooling; a CLS token the model does not pool is never read.
 
 Labels are class indices [N] int64, or multi-hot vectors [N, C] uint8 for multi-label sets (VOC2007), alike in
 memory, in the gather and in the cache.
@@ -48,7 +51,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("cls", "lastn", "avgpool", "lastn_avgpool")
 LASTN_MODES = ("lastn", "lastn_avgpool")  # the modes that take CLS tokens of n_last_blocks blocks
 DEFAULT_CACHE = Path("~/.cache/mokd/features")
-CACHE_VERSION = 2  # 2: the key holds the labels, files' ctime and the resize ratio
+CACHE_VERSION = 3  # 2: the key holds the labels, files' ctime and the resize ratio; 3: a ViT's lastn/avgpool
+# features are its own embedding per block (an average-pooled ViT's were its unused CLS tokens)
 SHARD_BYTES = 1 << 30  # fp32 features per cache shard by default
 SHARD_ROWS_ENV = "MOKD_SHARD_ROWS"
 INDEX = "index.json"
@@ -123,13 +127,16 @@ def forward_features(backbone: nn.Module, x: torch.Tensor, mode: str = "cls", n_
     if mode == "cls" or not is_vit(backbone):
         return backbone(x)
     n = n_last_blocks if mode in LASTN_MODES else 1
-    # With return_prefix_tokens, each intermediate is (patch tokens [B, N, C], prefix tokens [B, P, C]).
+    # With return_prefix_tokens, each intermediate is (patch tokens [B, N, C], prefix tokens [B, P, C]), or bare
+    # patch tokens for a model without prefix tokens.
     inter = backbone.forward_intermediates(x, indices=n, norm=True, return_prefix_tokens=True,
-                                           intermediates_only=True, output_fmt="NLC")
-    cls = [prefix[:, 0] for _, prefix in inter]
+                                           intermediates_only=True, output_fmt="NLC", stop_early=True)
+    inter = [o if isinstance(o, tuple) else (o, None) for o in inter]
+    embeds = [backbone.forward_head(tokens if prefix is None else torch.cat([prefix, tokens], dim=1), pre_logits=True)
+              for tokens, prefix in inter]
     if mode == "lastn":
-        return torch.cat(cls, dim=-1)
-    return torch.cat([*cls, inter[-1][0].mean(dim=1)], dim=-1)
+        return torch.cat(embeds, dim=-1)
+    return torch.cat([*embeds, inter[-1][0].mean(dim=1)], dim=-1)
 
 
 def effective_mode(backbone: nn.Module, mode: str) -> str:

@@ -33,8 +33,8 @@ from mokd.errors import UserError
 from mokd.models.backbones import global_dim, is_vit
 from mokd_eval.common import (checkpoint_options, data_record, echo, feature_options, load_eval_data,
                               load_models_cli, precision_for, setup_run)
-from mokd_eval.features import ShardedFeatures, features_for, fit_input_size, resolve_image_size, \
-    spec_transform, take_rows
+from mokd_eval.features import ShardedFeatures, features_for, fit_input_size, forward_features, \
+    resolve_image_size, spec_transform, take_rows
 from mokd_eval.records import write_record
 from mokd_eval.report import markdown_table
 from mokd_eval.supervised import (default_workers, eval_loader, evaluate, fit, scaled_lr, topk_correct,
@@ -78,25 +78,19 @@ def effective_blocks(backbone: nn.Module, n_last_blocks: int) -> int:
 
 def probe_features(backbone: nn.Module, x: torch.Tensor, n_last_blocks: int = 4,
                    avgpool: bool = False) -> torch.Tensor:
-    """x [B, 3, H, W] -> features [B, D] for the linear layer.
-
-    ViT: CLS tokens of the last n blocks, each through the final norm, concatenated (D = n*C), plus the mean
-    patch token of the last block when `avgpool` (D = (n+1)*C), as in DINO's eval_linear. CNN: pooled output.
+    """x [B, 3, H, W] -> features [B, D] for the linear layer: mokd_eval.features.forward_features in the probe's
+    mode. ViT: its embedding (the CLS token through the final norm, DINO's) at each of the last n blocks,
+    concatenated (D = n*C), plus the mean patch token of the last block when `avgpool` (D = (n+1)*C), as in DINO's
+    eval_linear. CNN: pooled output.
     """
     if not is_vit(backbone):
         return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
-    n = effective_blocks(backbone, n_last_blocks)
-    out = backbone.forward_intermediates(x, indices=n, return_prefix_tokens=True, norm=True, output_fmt="NLC",
-                                         intermediates_only=True, stop_early=True)
-    # each entry: (patch tokens [B, N, C], prefix tokens [B, P, C]), or bare patch tokens for models without
-    # prefix tokens, whose "CLS" is then the mean token through the model's own pooled-feature norm
-    out = [o if isinstance(o, tuple) else (o, None) for o in out]
-    fc_norm = getattr(backbone, "fc_norm", nn.Identity())
-    cls = [prefix[:, 0] if prefix is not None and prefix.shape[1] else fc_norm(tokens.mean(1))
-           for tokens, prefix in out]
-    if avgpool:
-        cls.append(out[-1][0].mean(dim=1))
-    return torch.cat(cls, dim=-1)
+    return forward_features(backbone, x, probe_mode(avgpool), effective_blocks(backbone, n_last_blocks))
+
+
+def probe_mode(avgpool: bool) -> str:
+    """The feature mode (mokd_eval.features) of the probe; CNNs give their pooled output in every mode."""
+    return "lastn_avgpool" if avgpool else "lastn"
 
 
 def probe_dim(backbone: nn.Module, n_last_blocks: int = 4, avgpool: bool = False) -> int:
@@ -342,13 +336,7 @@ def _parse_floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
 def fast_features(m, spec, split: str, dataset, *, n_last_blocks: int, avgpool: bool, **kw):
     """Cached eval-transform features [N, D] in the probe's layout (see `probe_features`), via features_for."""
     n = effective_blocks(m.backbone, n_last_blocks)
-    if not is_vit(m.backbone):
-        mode = "cls"
-    elif avgpool:
-        mode = "lastn_avgpool" if n > 1 else "avgpool"
-    else:
-        mode = "lastn"
-    return features_for(m, spec, split, dataset=dataset, mode=mode, n_last_blocks=n, **kw)
+    return features_for(m, spec, split, dataset=dataset, mode=probe_mode(avgpool), n_last_blocks=n, **kw)
 
 
 @click.command("linear")

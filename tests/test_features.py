@@ -57,6 +57,26 @@ def test_modes_on_a_vit():
                                    torch.cat([tokens[-2][:, 0], tokens[-1][:, 0], tokens[-1][:, 1:].mean(1)], dim=-1))
 
 
+def test_modes_on_an_average_pooled_vit_read_its_embedding_not_its_cls_token():
+    """A ViT that pools its patch tokens (timm global_pool="avg") keeps a CLS token that its embedding never
+    reads: every mode takes the model's own pooled feature per block (its mean patch token through fc_norm, or
+    through the final norm when fc_norm is off), and a ViT without a CLS token works too."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32)
+    for kwargs in ({"global_pool": "avg"}, {"global_pool": "avg", "class_token": False},
+                   {"global_pool": "avg", "fc_norm": False}):
+        vit = create_backbone("test_vit", {**VIT32["kwargs"], **kwargs}).eval()
+        p = vit.num_prefix_tokens
+        with torch.no_grad():
+            tokens = [t[:, p:] for t in manual_vit_tokens(vit, x)]  # after vit.norm, the identity under fc_norm
+            embed = [vit.fc_norm(t.mean(1)) for t in tokens]
+            torch.testing.assert_close(forward_features(vit, x, "cls"), vit(x))
+            torch.testing.assert_close(forward_features(vit, x, "lastn", n_last_blocks=1), vit(x))
+            torch.testing.assert_close(forward_features(vit, x, "lastn", n_last_blocks=2), torch.cat(embed[-2:], -1))
+            torch.testing.assert_close(forward_features(vit, x, "lastn_avgpool", n_last_blocks=2),
+                                       torch.cat([*embed[-2:], tokens[-1].mean(1)], dim=-1))
+
+
 def test_cnn_gives_pooled_output_in_every_mode():
     torch.manual_seed(0)
     cnn = create_backbone("test_resnet").eval()
