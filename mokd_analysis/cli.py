@@ -567,7 +567,8 @@ def attention_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, al
             panels.append((m.label, "rollout", maps["rollout"].numpy()))
             panels += [(m.label, f"head {h + 1}", maps["heads"][:, h].numpy()) for h in range(maps["heads"].shape[1])]
             info = {"kind": "vit", "heads": int(maps["heads"].shape[1]), "grid": list(maps["rollout"].shape[1:]),
-                    "num_prefix_tokens": int(getattr(backbone, "num_prefix_tokens", 1))}
+                    "num_prefix_tokens": int(getattr(backbone, "num_prefix_tokens", 1)),
+                    "cls_is_embedding": getattr(backbone, "global_pool", "token") == "token"}
         else:
             maps = cnn_norm_map(backbone, x)
             panels.append((m.label, "feature norm", maps["norm"].numpy()))
@@ -584,6 +585,9 @@ def attention_cmd(checkpoints, labels, model, branch, arch, arch_kwargs, key, al
     for m, s_ in zip(models, summary):
         echo(f"{s_['label']} ({s_['name']}, {s_['kind']}, {s_['image_size']} px): map grid {s_['grid']}"
              + (f", {s_['heads']} heads, {s_['num_prefix_tokens']} prefix token(s)" if s_["kind"] == "vit" else ""))
+        if s_["kind"] == "vit" and not s_["cls_is_embedding"]:
+            echo(f"note: {s_['label']} pools its patch tokens (timm global_pool={m.backbone.global_pool!r}): its CLS "
+                 f"token is not its embedding, so these maps show where that token looks, not what the embedding reads")
         write_record(out_dir, task="attention", checkpoint=m.checkpoint,
                      data={"spec": str(spec) if spec else None, "images": names, "num_images": len(ds)},
                      settings={"image_size": s_["image_size"], "seed": seed},

@@ -100,6 +100,18 @@ def test_attention_of_a_register_vit_on_image_files(files, tmp_path):
     assert np.load(out / "attention.npz")["images"].shape[0] == 3
 
 
+def test_attention_of_an_average_pooled_vit_says_its_cls_token_is_not_its_embedding(tmp_path):
+    torch.manual_seed(7)
+    gap = tmp_path / "vit_gap.pth"
+    torch.save(create_backbone("test_vit", {"img_size": 32, "patch_size": 8, "global_pool": "avg"}).state_dict(), gap)
+    img = _pngs(tmp_path / "imgs", 1) / "img0.png"
+    out = tmp_path / "att"
+    res = _invoke("analyze", "attention", f"{gap}::test_vit", "--arch-kwargs",
+                  "img_size=32,patch_size=8,global_pool=avg", "--images", img, "--image-size", 32, "--out", out)
+    assert "its CLS token is not its embedding" in res.output
+    assert json.loads(next(out.glob("attention__*.json")).read_text())["metrics"]["cls_is_embedding"] is False
+
+
 @pytest.mark.slow
 def test_attention_of_a_pair_defaults_to_images_of_the_data(files, tmp_path):
     out = tmp_path / "att"
