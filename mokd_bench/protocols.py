@@ -76,13 +76,14 @@ def _check_linear(s: dict) -> None:
 
 
 def _linear_features(backbone, s: dict) -> tuple[str, int]:
-    """(mode, n_last_blocks) of the linear probe's features: ViT CLS tokens of the last blocks, CNN pooled."""
-    from mokd_eval.linear import effective_blocks
+    """(mode, n_last_blocks) of the linear probe's features: a ViT's embedding at each of its last blocks, CNN
+    pooled."""
+    from mokd_eval.linear import effective_blocks, probe_mode
 
     n = effective_blocks(backbone, s["n_last_blocks"])
     if not is_vit(backbone):
         return "cls", n
-    return (("lastn_avgpool" if n > 1 else "avgpool") if s["avgpool"] else "lastn"), n
+    return probe_mode(s["avgpool"], n), n
 
 
 def run_linear(inp: Inputs, s: dict) -> list[dict]:

@@ -33,7 +33,7 @@ from mokd_bench.protocols import PROTOCOLS, Inputs, ModelInputs
 from mokd_eval.common import precision_for, setup_run
 from mokd.models.backbones import is_vit
 from mokd_eval.features import LASTN_MODES, effective_mode, features_for
-from mokd_eval.linear import effective_blocks
+from mokd_eval.linear import effective_blocks, probe_mode
 from mokd_eval.records import scan_records, write_record
 from mokd_eval.spec import load_spec
 from mokd_eval.supervised import default_workers
@@ -142,7 +142,7 @@ class BenchRun:
                 return memo[key]
             if mode == "cls" and lastn and cls_in_lastn(m.backbone):
                 n = effective_blocks(m.backbone, lastn[0])
-                wide = features(split, ("lastn_avgpool" if n > 1 else "avgpool") if lastn[1] else "lastn", n)
+                wide = features(split, probe_mode(lastn[1], n), n)
                 c = int(m.backbone.num_features)
                 memo[key] = replace(wide, bank=wide.features[:, (n - 1) * c:n * c].contiguous(), mode="cls")
                 return memo[key]

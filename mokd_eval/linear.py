@@ -85,12 +85,14 @@ def probe_features(backbone: nn.Module, x: torch.Tensor, n_last_blocks: int = 4,
     """
     if not is_vit(backbone):
         return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
-    return forward_features(backbone, x, probe_mode(avgpool), effective_blocks(backbone, n_last_blocks))
+    n = effective_blocks(backbone, n_last_blocks)
+    return forward_features(backbone, x, probe_mode(avgpool, n), n)
 
 
-def probe_mode(avgpool: bool) -> str:
-    """The feature mode (mokd_eval.features) of the probe; CNNs give their pooled output in every mode."""
-    return "lastn_avgpool" if avgpool else "lastn"
+def probe_mode(avgpool: bool, n: int) -> str:
+    """The feature mode (mokd_eval.features) of the probe over n blocks (the name the feature cache files it
+    under); CNNs give their pooled output in every mode."""
+    return ("lastn_avgpool" if n > 1 else "avgpool") if avgpool else "lastn"
 
 
 def probe_dim(backbone: nn.Module, n_last_blocks: int = 4, avgpool: bool = False) -> int:
@@ -336,7 +338,7 @@ def _parse_floats(_ctx, _param, value: str | None) -> tuple[float, ...] | None:
 def fast_features(m, spec, split: str, dataset, *, n_last_blocks: int, avgpool: bool, **kw):
     """Cached eval-transform features [N, D] in the probe's layout (see `probe_features`), via features_for."""
     n = effective_blocks(m.backbone, n_last_blocks)
-    return features_for(m, spec, split, dataset=dataset, mode=probe_mode(avgpool), n_last_blocks=n, **kw)
+    return features_for(m, spec, split, dataset=dataset, mode=probe_mode(avgpool, n), n_last_blocks=n, **kw)
 
 
 @click.command("linear")
