@@ -23,7 +23,7 @@ from mokd.naming import data_name
 from mokd_eval.common import _cifar_stem_flag, _pos_resample_flag, echo, echo_load_report, load_eval_data, loader_options, \
     pos_resample_option, precision_for, setup_run
 from mokd_analysis.images import seeded_subset
-from mokd_eval.features import eval_transform, features_for, fit_input_size, resolve_image_size, spec_transform
+from mokd_eval.features import eval_transform, features_for, fit_input_size, spec_transform
 from mokd_eval.knn import knn_predict
 from mokd_eval.records import write_record
 from mokd_eval.report import markdown_table

@@ -49,7 +49,7 @@ from mokd.errors import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("cls", "lastn", "avgpool", "lastn_avgpool")
-LASTN_MODES = ("lastn", "lastn_avgpool")  # the modes that take CLS tokens of n_last_blocks blocks
+LASTN_MODES = ("lastn", "lastn_avgpool")  # the modes that take the embeddings of n_last_blocks blocks
 DEFAULT_CACHE = Path("~/.cache/mokd/features")
 CACHE_VERSION = 3  # 2: the key holds the labels, files' ctime and the resize ratio; 3: a ViT's lastn/avgpool
 # features are its own embedding per block (an average-pooled ViT's were its unused CLS tokens)

@@ -16,6 +16,7 @@ from mokd.checkpoint import load_file
 from mokd.cli import cli
 from tests.tiny import TINY_OVERRIDES, read_log
 
+
 def tiny_args(out, *extra):
     args = [a for o in TINY_OVERRIDES for a in ("--set", o)]
     for e in extra:

@@ -12,6 +12,7 @@ import torch
 from mokd.checkpoint import load_file
 from tests.tiny import TINY_OVERRIDES, assert_same_run
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

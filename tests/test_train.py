@@ -14,6 +14,7 @@ from mokd.cli import cli
 from mokd.checkpoint import load_file
 from mokd.trainer import build_loader, build_state, train
 
+
 def test_a_few_steps_on_a_fixed_batch_lower_the_loss(tiny_cfg):
     # The T-Heads' weight-norm gains train (the release's default); under this test's fixed SGD step of 0.05
     # the CNN's gain makes its loss swing, so it is frozen here as DINO freezes an MLP head's.
